@@ -1,0 +1,54 @@
+"""Real face data: loading, preprocessing, augmentation and reproducible splits.
+
+``load_faces`` reads ORL, scikit-learn's Olivetti cache, Yale A, Extended Yale B (cropped) and
+ImageFolder trees into a :class:`FaceSet`; ``augment`` and ``occlude`` work on whole torch
+batches; ``split_open_set`` / ``split_closed_set`` make seeded splits that keep
+pixel-identical images on one side and record themselves by source path.
+"""
+
+from fedface.common.data.faceset import FaceSet, SkippedFile
+from fedface.common.data.sources import (
+    IMAGE_EXTENSIONS,
+    LAYOUTS,
+    YALE_A_CONDITIONS,
+    Layout,
+    detect_layout,
+    load_faces,
+)
+from fedface.common.data.splits import (
+    SPLIT_FORMAT,
+    Split,
+    split_closed_set,
+    split_gallery_probe,
+    split_open_set,
+)
+from fedface.common.data.transforms import (
+    OCCLUSION_PLACEMENTS,
+    AugmentConfig,
+    augment,
+    occlude,
+    occlusion_boxes,
+    to_tensor,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "OCCLUSION_PLACEMENTS",
+    "SPLIT_FORMAT",
+    "YALE_A_CONDITIONS",
+    "AugmentConfig",
+    "FaceSet",
+    "Layout",
+    "SkippedFile",
+    "Split",
+    "augment",
+    "detect_layout",
+    "load_faces",
+    "occlude",
+    "occlusion_boxes",
+    "split_closed_set",
+    "split_gallery_probe",
+    "split_open_set",
+    "to_tensor",
+]

@@ -1,0 +1,153 @@
+"""The GRU face encoder: a face image read as sequences, to an L2-normalised embedding.
+
+A 2-D face is read by one or more recurrent *passes*: ``rows`` (top to bottom, each step one
+image row), ``columns`` (left to right, each step one column) and ``patches`` (non-overlapping
+square patches in raster order, each step one flattened patch). Each pass is a GRU; its outputs
+over time are pooled (mean, max, mean+max or the last state) and the pooled features of all
+passes are concatenated, projected to the embedding and L2-normalised.
+
+Reading the same face two ways (rows, then columns) is the ReNet idea (Visin et al., 2015): a
+row GRU alone sees vertical structure only through its hidden state, a column GRU adds the
+horizontal one. Mean+max pooling keeps both the average appearance and the strongest local
+evidence; mean pooling alone was clearly worse in our probes (docs/models.md).
+
+Every layer here is trainable under Opacus DP-SGD: there is no BatchNorm (per-sample gradients
+are undefined with batch statistics); normalisation is LayerNorm, and inputs are standardised
+per image with no parameters. ``nn.GRU`` itself is swapped for a DP-capable GRU with the same
+maths and parameter names by :func:`fedface.common.models.prepare_for_dp`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Pass = Literal["rows", "columns", "patches"]
+Pooling = Literal["mean", "max", "meanmax", "last"]
+
+_EPS = 1e-5
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-image zero mean and unit variance (no parameters; lighting-invariant input)."""
+    flat = x.flatten(1)
+    mean = flat.mean(dim=1).view(-1, 1, 1, 1)
+    std = flat.std(dim=1, unbiased=False).view(-1, 1, 1, 1)
+    return (x - mean) / (std + _EPS)
+
+
+def _to_sequence(x: torch.Tensor, how: Pass, patch_size: int) -> torch.Tensor:
+    """(N, 1, H, W) -> (N, T, F) for one reading of the image."""
+    img = x[:, 0]
+    if how == "rows":
+        return img
+    if how == "columns":
+        return img.transpose(1, 2)
+    n, h, w = img.shape
+    p = patch_size
+    patches = img.unfold(1, p, p).unfold(2, p, p)  # (N, H/p, W/p, p, p)
+    return patches.reshape(n, (h // p) * (w // p), p * p)
+
+
+class GRUFaceEncoder(nn.Module):
+    """A face image to an L2-normalised embedding through GRU passes.
+
+    Parameters
+    ----------
+    image_size
+        (height, width) of the input faces, in pixels. Default (64, 64).
+    passes
+        Readings of the image, each a GRU: any of ``rows``, ``columns``, ``patches``.
+    hidden_size
+        GRU hidden units per direction.
+    num_layers
+        Stacked GRU layers per pass.
+    bidirectional
+        Read each sequence both ways.
+    pooling
+        How a pass's outputs over time become one vector: ``mean``, ``max``, ``meanmax``
+        (both, concatenated) or ``last`` (final hidden state(s)).
+    patch_size
+        Side of the square patches for the ``patches`` pass; must divide both image sides.
+    embedding_dim
+        Size of the output embedding (default 128).
+    dropout
+        Dropout on the pooled features during training (0 disables).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: tuple[int, int] = (64, 64),
+        passes: Sequence[Pass] = ("rows", "columns"),
+        hidden_size: int = 128,
+        num_layers: int = 1,
+        bidirectional: bool = True,
+        pooling: Pooling = "meanmax",
+        patch_size: int = 8,
+        embedding_dim: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not passes:
+            raise ValueError("passes must name at least one of rows, columns, patches")
+        h, w = image_size
+        if "patches" in passes and (h % patch_size or w % patch_size):
+            raise ValueError(f"patch_size {patch_size} must divide the image size {h}x{w}")
+        self.image_size = (h, w)
+        self.passes: tuple[Pass, ...] = tuple(passes)
+        self.pooling: Pooling = pooling
+        self.patch_size = patch_size
+        self.embedding_dim = embedding_dim
+        in_sizes = {"rows": w, "columns": h, "patches": patch_size * patch_size}
+        self.rnns = nn.ModuleDict(
+            {
+                p: nn.GRU(
+                    in_sizes[p],
+                    hidden_size,
+                    num_layers=num_layers,
+                    batch_first=True,
+                    bidirectional=bidirectional,
+                )
+                for p in self.passes
+            }
+        )
+        directions = 2 if bidirectional else 1
+        per_pass = hidden_size * directions * (2 if pooling == "meanmax" else 1)
+        features = per_pass * len(self.passes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.norm_in = nn.LayerNorm(features)
+        self.project = nn.Linear(features, embedding_dim)
+        self.norm_out = nn.LayerNorm(embedding_dim)
+
+    def _pool(self, out: torch.Tensor, h_n: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "mean":
+            return out.mean(dim=1)
+        if self.pooling == "max":
+            return out.amax(dim=1)
+        if self.pooling == "meanmax":
+            return torch.cat([out.mean(dim=1), out.amax(dim=1)], dim=1)
+        # last: the top layer's final state in each direction
+        rnn_dirs = h_n.shape[0]
+        top = h_n[-2:] if rnn_dirs >= 2 and out.shape[-1] == 2 * h_n.shape[-1] else h_n[-1:]
+        return top.transpose(0, 1).reshape(out.shape[0], -1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Un-normalised embedding (before the L2 normalisation)."""
+        x = standardize(x)
+        pooled = []
+        for name in self.passes:
+            seq = _to_sequence(x, name, self.patch_size)
+            out, h_n = self.rnns[name](seq)
+            pooled.append(self._pool(out, h_n))
+        z = torch.cat(pooled, dim=1)
+        z = self.dropout(self.norm_in(z))
+        return self.norm_out(self.project(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a batch of faces (N, 1, H, W) in [0, 1] to (N, embedding_dim), unit length."""
+        return F.normalize(self.features(x), dim=1)

@@ -1,0 +1,45 @@
+"""Shared test fixtures: where the real face data lives.
+
+Tests run on real faces from ``../shared/data`` (or ``$FEDFACE_TEST_DATA``). A missing data
+directory is an error, not a skip: a suite that silently skips its real-data tests proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    env = os.environ.get("FEDFACE_TEST_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _data_root()
+    if not (root / "orl").is_dir():
+        pytest.fail(
+            f"real face data not found at {root}: set FEDFACE_TEST_DATA to a directory holding "
+            "orl/, yalefaces/ and extended_yaleb/ (see ../shared/data/README.md)"
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def orl_root(data_root: Path) -> Path:
+    return data_root / "orl"
+
+
+@pytest.fixture(scope="session")
+def yale_a_root(data_root: Path) -> Path:
+    return data_root / "yalefaces"
+
+
+@pytest.fixture(scope="session")
+def yaleb_root(data_root: Path) -> Path:
+    return data_root / "extended_yaleb"
