@@ -21,6 +21,7 @@ from fedface.common.data.splits import (
     split_closed_set,
     split_gallery_probe,
     split_open_set,
+    split_open_set_folds,
 )
 from fedface.common.data.transforms import (
     OCCLUSION_PLACEMENTS,
@@ -50,5 +51,6 @@ __all__ = [
     "split_closed_set",
     "split_gallery_probe",
     "split_open_set",
+    "split_open_set_folds",
     "to_tensor",
 ]

@@ -36,6 +36,7 @@ __all__ = [
     "split_closed_set",
     "split_gallery_probe",
     "split_open_set",
+    "split_open_set_folds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -442,6 +443,36 @@ def split_open_set(faces: FaceSet, *, test_identities: int, seed: int) -> Split:
     train, test = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     _warn_straddling(faces.groups, train, test)
     return Split("open-set", seed, {"test_identities": int(test_identities)}, train, test)
+
+
+def split_open_set_folds(faces: FaceSet, *, folds: int, seed: int) -> list[Split]:
+    """Identity-disjoint K-fold splits: every identity is held out in exactly one fold.
+
+    The identities are shuffled with ``seed`` and dealt into ``folds`` near-equal groups;
+    fold k tests on group k and trains on the rest (ORL with ``folds=4``: 30 train / 10 test
+    identities per fold, covering all 40 once). Averaging over folds removes most of the
+    luck of which identities happen to be held out.
+
+    Raises
+    ------
+    SplitError
+        If ``folds`` is not in 2..K for the K identities present.
+    """
+    seed = _check_seed(seed)
+    present = np.unique(faces.labels)
+    if not 2 <= folds <= present.size:
+        raise SplitError(
+            f"open-set folds need 2 <= folds <= {present.size} (the identities present), got {folds}"
+        )
+    order = np.random.default_rng(seed).permutation(present)
+    splits = []
+    for k, chosen in enumerate(np.array_split(order, folds)):
+        is_test = np.isin(faces.labels, chosen)
+        train, test = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+        _warn_straddling(faces.groups, train, test)
+        params = {"folds": int(folds), "fold": k, "test_identities": int(chosen.size)}
+        splits.append(Split("open-set", seed, params, train, test))
+    return splits
 
 
 def split_closed_set(faces: FaceSet, *, train_per_identity: int, seed: int) -> Split:

@@ -1,0 +1,60 @@
+"""Models: the GRU face encoder, the margin head and the expression head.
+
+Build them from typed configs with :func:`build_encoder` and :func:`build_margin_head`;
+:func:`prepare_for_dp` returns the encoder as fedface hands it to Opacus for DP-SGD.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedface.common.config import HeadConfig, ModelConfig
+from fedface.common.models.encoder import GRUFaceEncoder, standardize
+from fedface.common.models.heads import ExpressionHead, MarginHead
+
+
+def build_encoder(cfg: ModelConfig, *, image_size: tuple[int, int]) -> GRUFaceEncoder:
+    """The GRU face encoder described by ``cfg`` for faces of ``image_size`` (H, W)."""
+    return GRUFaceEncoder(
+        image_size=image_size,
+        passes=cfg.passes,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        bidirectional=cfg.bidirectional,
+        pooling=cfg.pooling,
+        patch_size=cfg.patch_size,
+        embedding_dim=cfg.embedding_dim,
+        dropout=cfg.dropout,
+    )
+
+
+def build_margin_head(cfg: HeadConfig, *, embedding_dim: int, num_classes: int) -> MarginHead:
+    """The identity margin head (class centres) described by ``cfg``."""
+    m1, m2, m3 = cfg.margins()
+    return MarginHead(embedding_dim, num_classes, scale=cfg.scale, m1=m1, m2=m2, m3=m3)
+
+
+def prepare_for_dp(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that Opacus can train with DP-SGD, with the same weights.
+
+    ``nn.GRU`` (a fused kernel whose per-sample gradients Opacus cannot hook) is replaced by a
+    GRU with the same maths and parameter values; every other layer in fedface's models is
+    already supported. The result passes ``ModuleValidator.validate(strict=True)``.
+    """
+    fixed = ModuleValidator.fix(copy.deepcopy(module))
+    ModuleValidator.validate(fixed, strict=True)
+    return fixed
+
+
+__all__ = [
+    "ExpressionHead",
+    "GRUFaceEncoder",
+    "MarginHead",
+    "build_encoder",
+    "build_margin_head",
+    "prepare_for_dp",
+    "standardize",
+]

@@ -1,0 +1,16 @@
+"""`fedface bench ...`: benchmarks that print figures (the last stdout line is one JSON object)."""
+
+from __future__ import annotations
+
+import typer
+
+from fedface.simulations.bench.baseline import baseline
+
+bench_app = typer.Typer(
+    help="Benchmarks: each prints its figures, the last line of stdout one JSON object.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+bench_app.command()(baseline)
+
+__all__ = ["bench_app"]

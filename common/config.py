@@ -1,0 +1,240 @@
+"""Typed configuration: pydantic models read from kebab-case TOML.
+
+Every model forbids unknown keys (a typo fails loudly with the key's name) and is frozen. TOML
+keys are kebab-case (``hidden-size``); Python fields are snake_case (``hidden_size``). Configs
+hold paths, never key material or images.
+
+A config file may hold any subset of the sections; missing ones take their defaults. CLI flags
+override file values through :meth:`TrainConfig.with_overrides`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedface.common.errors import ConfigError
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=_kebab,
+        populate_by_name=True,
+    )
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """Kebab-case, TOML-serialisable form (None values dropped: TOML has no null)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class DataConfig(_Section):
+    """Where the faces are and how they are prepared."""
+
+    root: Path = Field(default=Path("../shared/data/orl"), description="face data directory")
+    layout: Literal["auto", "orl", "olivetti", "yale-a", "extended-yale-b", "image-folder"] = "auto"
+    image_size: tuple[int, int] = Field(default=(64, 64), description="(height, width) in pixels")
+    on_error: Literal["skip", "fail"] = "fail"
+
+    @model_validator(mode="after")
+    def _check_size(self) -> DataConfig:
+        h, w = self.image_size
+        if h < 8 or w < 8:
+            raise ValueError(f"data.image-size must be at least 8x8, got {h}x{w}")
+        return self
+
+
+class SplitConfig(_Section):
+    """How the images are divided into training and test parts."""
+
+    kind: Literal["closed-set", "open-set"] = "closed-set"
+    train_per_identity: int = Field(default=5, ge=1, description="closed set: training images per identity")
+    test_identities: int = Field(default=10, ge=1, description="open set: identities held out for testing")
+    seed: int = Field(default=0, ge=0)
+
+
+class ModelConfig(_Section):
+    """The GRU face encoder (see fedface.common.models.GRUFaceEncoder)."""
+
+    passes: tuple[Literal["rows", "columns", "patches"], ...] = ("rows", "columns")
+    hidden_size: int = Field(default=128, ge=1)
+    num_layers: int = Field(default=1, ge=1, le=8)
+    bidirectional: bool = True
+    pooling: Literal["mean", "max", "meanmax", "last"] = "meanmax"
+    patch_size: int = Field(default=8, ge=1)
+    embedding_dim: int = Field(default=128, ge=2)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check_passes(self) -> ModelConfig:
+        if not self.passes:
+            raise ValueError("model.passes must name at least one of rows, columns, patches")
+        if len(set(self.passes)) != len(self.passes):
+            raise ValueError(f"model.passes has a repeated entry: {list(self.passes)}")
+        return self
+
+
+class HeadConfig(_Section):
+    """The identity margin head: ``cos(m1*theta + m2) - m3``, scaled by ``scale``.
+
+    ``kind = "cosface"`` uses ``margin`` as m3, ``"arcface"`` as m2; ``"combined"`` takes
+    ``m1``, ``m2``, ``m3`` as given.
+    """
+
+    kind: Literal["cosface", "arcface", "combined"] = "cosface"
+    scale: float = Field(default=30.0, gt=0)
+    margin: float = Field(default=0.35, ge=0, lt=1.6)
+    m1: float = Field(default=1.0, gt=0)
+    m2: float = Field(default=0.0, ge=0)
+    m3: float = Field(default=0.0, ge=0)
+
+    def margins(self) -> tuple[float, float, float]:
+        """The (m1, m2, m3) this head trains with."""
+        if self.kind == "cosface":
+            return (1.0, 0.0, self.margin)
+        if self.kind == "arcface":
+            return (1.0, self.margin, 0.0)
+        return (self.m1, self.m2, self.m3)
+
+
+class AugmentSection(_Section):
+    """Training-time augmentation (fields of fedface.common.data.AugmentConfig)."""
+
+    flip_p: float = Field(default=0.5, ge=0, le=1)
+    max_rotate_deg: float = Field(default=10.0, ge=0, le=180)
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    max_translate: float = Field(default=0.08, ge=0, lt=0.5)
+    brightness: float = Field(default=0.2, ge=0, le=1)
+    contrast: float = Field(default=0.2, ge=0, lt=1)
+    occlusion_p: float = Field(default=0.5, ge=0, le=1)
+    occlusion_min: float = Field(default=0.15, gt=0, le=1)
+    occlusion_max: float = Field(default=0.4, gt=0, le=1)
+    band_p: float = Field(default=0.3, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> AugmentSection:
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"augment.scale-range must be 0 < low <= high, got [{lo}, {hi}]")
+        if self.occlusion_min > self.occlusion_max:
+            raise ValueError(
+                f"augment.occlusion-min ({self.occlusion_min}) must not exceed augment.occlusion-max ({self.occlusion_max})"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    """The optimisation of one training run."""
+
+    task: Literal["identity", "expression"] = "identity"
+    epochs: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_fraction: float = Field(default=0.15, gt=0, lt=1, description="one-cycle warm-up share")
+    seed: int = Field(default=0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 keeps torch's default")
+    eval_every: int = Field(default=5, ge=1, description="evaluate on the test part every N epochs (and at the end)")
+
+
+class EvaluationConfig(_Section):
+    """How test metrics are computed."""
+
+    flip_tta: bool = Field(default=True, description="average the embeddings of a face and its mirror image")
+    n_folds: int = Field(default=10, ge=2)
+    occlusion_box: int = Field(default=20, ge=1, description="side of the blanked square, pixels at image-size")
+    occlusion_placements: int = Field(default=5, ge=1, le=5)
+    gallery_per_identity: int = Field(default=1, ge=1, description="open-set identification: gallery images per identity")
+
+
+class TrainConfig(_Section):
+    """Everything `fedface train` needs; the resolved form is saved in each run directory."""
+
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    head: HeadConfig = HeadConfig()
+    augment: AugmentSection = AugmentSection()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> TrainConfig:
+        h, w = self.data.image_size
+        p = self.model.patch_size
+        if "patches" in self.model.passes and (h % p or w % p):
+            raise ValueError(f"model.patch-size {p} must divide data.image-size {h}x{w}")
+        if self.evaluation.occlusion_box > min(h, w):
+            raise ValueError(
+                f"evaluation.occlusion-box {self.evaluation.occlusion_box} exceeds data.image-size {h}x{w}"
+            )
+        return self
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        """Read a TOML config file; raise ConfigError naming the file and every problem."""
+        return cls.from_mapping(_read_toml(Path(path)), source=str(path))
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], *, source: str = "<config>") -> TrainConfig:
+        """Validate a kebab-case mapping (parsed TOML)."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with dotted kebab-case keys replaced (``{"training.epochs": 5}``), revalidated."""
+        raw = self.to_toml_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, _, key = dotted.partition(".")
+            raw.setdefault(section, {})[key] = value
+        return TrainConfig.from_mapping(raw, source="command-line flags")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """All of pydantic's problems on one line: ``key: message; key: message (source)``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; keys are kebab-case)"
+        parts.append(f"{loc}: {msg}")
+    return f"{'; '.join(parts)} ({source})"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass the path of an existing TOML file")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+__all__ = [
+    "AugmentSection",
+    "DataConfig",
+    "EvaluationConfig",
+    "HeadConfig",
+    "ModelConfig",
+    "SplitConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "format_validation_error",
+]

@@ -1,0 +1,33 @@
+"""Helpers shared by the benchmarks: resource figures and packaged scenario configs."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+from importlib import resources
+from pathlib import Path
+
+from fedface.common.config import TrainConfig
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def scenario_config(name: str) -> TrainConfig:
+    """A config shipped in ``fedface/simulations/scenarios/``."""
+    ref = resources.files("fedface.simulations").joinpath("scenarios", name)
+    with resources.as_file(ref) as path:
+        return TrainConfig.from_toml(Path(path))
+
+
+def mean(values: list[float]) -> float:
+    """Arithmetic mean (NaN-free input)."""
+    return float(statistics.fmean(values))
+
+
+__all__ = ["mean", "peak_rss_mb", "scenario_config"]

@@ -1,0 +1,336 @@
+"""Centralized training (one machine, no federation, no privacy): the baseline every federated
+and private result is compared with.
+
+:func:`train_run` loads the faces a config names, splits them, trains the GRU encoder with its
+head, evaluates on the held-out part and, given a run directory, writes the resolved config,
+the split, the metrics and the checkpoint there (each atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedface.common.checkpoint import Checkpoint
+from fedface.common.config import TrainConfig
+from fedface.common.data import FaceSet, Split, load_faces, split_closed_set, split_open_set, to_tensor
+from fedface.common.data.transforms import AugmentConfig
+from fedface.common.errors import ConfigError, RunDirError, SplitError
+from fedface.common.evaluation import evaluate_closed_set, evaluate_expression, evaluate_open_set
+from fedface.common.io import atomic_write_json, atomic_write_toml
+from fedface.common.models import ExpressionHead, build_encoder, build_margin_head
+from fedface.common.training import EpochStats, select_device, shuffled_batches, train_epoch
+
+logger = logging.getLogger(__name__)
+
+#: Yale A conditions that are facial expressions (the others are lighting and glasses).
+EXPRESSIONS: tuple[str, ...] = ("happy", "normal", "sad", "sleepy", "surprised", "wink")
+
+
+@dataclass
+class TaskData:
+    """The faces of one run, divided for its task."""
+
+    faces: FaceSet
+    split: Split
+    train: FaceSet
+    test: FaceSet
+    train_labels: np.ndarray  # class index per training image (identity or expression)
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+def expression_labels(faces: FaceSet) -> tuple[FaceSet, np.ndarray]:
+    conditions = faces.attributes.get("condition")
+    if conditions is None:
+        raise ConfigError(
+            f"training.task = 'expression' needs faces labelled with expressions (Yale A layout); "
+            f"{faces.layout or 'this'} data at the configured data.root has none"
+        )
+    keep = np.array([c in EXPRESSIONS for c in conditions])
+    subset = faces.subset(np.flatnonzero(keep))
+    labels = np.array([EXPRESSIONS.index(c) for c in subset.attributes["condition"]], dtype=np.int64)
+    return subset, labels
+
+
+def prepare_task_data(
+    cfg: TrainConfig, faces: FaceSet | None = None, *, split: Split | None = None, split_path: Path | None = None
+) -> TaskData:
+    """Load (unless given) and split the faces for ``cfg``'s task.
+
+    A given ``split`` (indices into the task's faces), or the saved split at ``split_path``,
+    replaces the one ``cfg.split`` would draw; its kind then decides the protocol.
+    """
+    if faces is None:
+        faces = load_faces(
+            cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error
+        )
+    if faces.skipped:
+        logger.warning("skipped %d unreadable image(s); see the log above for paths and reasons", len(faces.skipped))
+    if cfg.training.task == "expression":
+        faces, class_labels = expression_labels(faces)
+        if cfg.split.kind != "open-set":
+            raise ConfigError("training.task = 'expression' holds subjects out: set split.kind = 'open-set'")
+    else:
+        class_labels = faces.labels
+    if split is None and split_path is not None:
+        split = Split.load(split_path, faces)
+    if split is not None:
+        cfg = cfg.with_overrides({"split.kind": split.kind})
+    elif cfg.split.kind == "open-set":
+        if cfg.split.test_identities >= faces.num_identities:
+            raise SplitError(
+                f"split.test-identities = {cfg.split.test_identities} leaves no training identity "
+                f"among {faces.num_identities}: lower it"
+            )
+        split = split_open_set(faces, test_identities=cfg.split.test_identities, seed=cfg.split.seed)
+    else:
+        split = split_closed_set(faces, train_per_identity=cfg.split.train_per_identity, seed=cfg.split.seed)
+    train, test = faces.subset(split.train), faces.subset(split.test)
+    train_labels, test_labels = class_labels[split.train], class_labels[split.test]
+    if cfg.training.task == "expression":
+        names = EXPRESSIONS
+    elif cfg.split.kind == "open-set":
+        train = train.relabel()
+        train_labels = train.labels
+        names = train.identity_names
+    else:
+        names = faces.identity_names
+    return TaskData(faces, split, train, test, train_labels, test_labels, tuple(names))
+
+
+@dataclass
+class RunResult:
+    """What a training run produced."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_dir: Path | None = None
+    encoder: nn.Module | None = None
+    head: nn.Module | None = None
+    wall_s: float = 0.0
+
+
+def evaluate_task(
+    cfg: TrainConfig, data: TaskData, encoder: nn.Module, head: nn.Module, device: torch.device, *, with_occlusion: bool = True
+) -> dict[str, float]:
+    """Test metrics of a trained encoder (and head, for expressions) on ``data``'s test part."""
+    if cfg.training.task == "expression":
+        return evaluate_expression(
+            encoder, head, data.test.images, data.test_labels, cfg.evaluation, device=device, with_occlusion=with_occlusion
+        )
+    if cfg.split.kind == "open-set":
+        return evaluate_open_set(encoder, data.test, cfg.evaluation, device=device, with_occlusion=with_occlusion)
+    return evaluate_closed_set(encoder, data.train, data.test, cfg.evaluation, device=device, with_occlusion=with_occlusion)
+
+
+def _prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"run directory {out_dir} is a file: choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise RunDirError(f"run directory {out_dir} already holds a run: choose a new --out or pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train_run(
+    cfg: TrainConfig,
+    *,
+    out_dir: Path | None = None,
+    overwrite: bool = False,
+    faces: FaceSet | None = None,
+    split: Split | None = None,
+    on_epoch: Callable[[EpochStats, dict[str, float] | None], None] | None = None,
+) -> RunResult:
+    """Train and evaluate one centralized model as ``cfg`` says.
+
+    Parameters
+    ----------
+    out_dir
+        Run directory to write ``config.toml``, ``split.json``, ``metrics.json`` and
+        ``checkpoint.pt`` into; None writes nothing.
+    faces
+        Already loaded faces (skips loading ``cfg.data.root``), e.g. for a benchmark that
+        trains several models on one data set.
+    split
+        A split of ``faces`` to use instead of the one ``cfg.split`` describes (e.g. one
+        fold of :func:`~fedface.common.data.split_open_set_folds`); its kind sets the protocol.
+    on_epoch
+        Called after each epoch with its statistics and, on evaluation epochs, the metrics.
+    """
+    t_start = time.perf_counter()
+    if out_dir is not None:
+        _prepare_run_dir(out_dir, overwrite)
+    if cfg.training.threads > 0:
+        torch.set_num_threads(cfg.training.threads)
+    device = select_device(cfg.training.device)
+    data = prepare_task_data(cfg, faces, split=split)
+    if split is not None:
+        cfg = cfg.with_overrides({"split.kind": split.kind})
+    if out_dir is not None:
+        atomic_write_toml(out_dir / "config.toml", cfg.to_toml_dict())
+        data.split.save(out_dir / "split.json", data.faces)
+    logger.info(
+        "task %s, %s split: %d training images of %d classes, %d test images, device %s",
+        cfg.training.task,
+        cfg.split.kind,
+        len(data.train),
+        len(data.class_names),
+        len(data.test),
+        device,
+    )
+
+    torch.manual_seed(cfg.training.seed)
+    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size).to(device)
+    num_classes = len(data.class_names)
+    head: nn.Module
+    if cfg.training.task == "expression":
+        head = ExpressionHead(cfg.model.embedding_dim, num_classes)
+    else:
+        head = build_margin_head(cfg.head, embedding_dim=cfg.model.embedding_dim, num_classes=num_classes)
+    head = head.to(device)
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.training.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=cfg.training.lr,
+        total_steps=cfg.training.epochs * steps_per_epoch,
+        pct_start=cfg.training.warmup_fraction,
+    )
+    aug = AugmentConfig(**dict(cfg.augment))
+    generator = torch.Generator().manual_seed(cfg.training.seed)
+    images = to_tensor(data.train.images).to(device)
+    labels = torch.from_numpy(data.train_labels).to(device)
+
+    history: list[dict[str, float]] = []
+    metrics: dict[str, float] = {}
+    for epoch in range(1, cfg.training.epochs + 1):
+        stats = train_epoch(
+            encoder=encoder,
+            head=head,
+            images=images,
+            labels=labels,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            batches=shuffled_batches(len(images), cfg.training.batch_size, generator),
+            augment_cfg=aug,
+            generator=generator,
+            device=device,
+            epoch=epoch,
+        )
+        row: dict[str, float] = {
+            "epoch": epoch,
+            "loss": stats.loss,
+            "train_acc": stats.train_accuracy,
+            "lr": stats.lr,
+            "epoch_s": stats.seconds,
+            "images_per_s": stats.images_per_s,
+        }
+        last = epoch == cfg.training.epochs
+        evaluated: dict[str, float] | None = None
+        if last or epoch % cfg.training.eval_every == 0:
+            evaluated = evaluate_task(cfg, data, encoder, head, device, with_occlusion=last)
+            row.update({f"test_{k}": v for k, v in evaluated.items()})
+            if last:
+                metrics = evaluated
+        history.append(row)
+        if out_dir is not None:
+            atomic_write_json(out_dir / "metrics.json", {"task": cfg.training.task, "history": history, "final": metrics})
+        if on_epoch is not None:
+            on_epoch(stats, evaluated)
+
+    wall_s = time.perf_counter() - t_start
+    if out_dir is not None:
+        summary: dict[str, Any] = {
+            "task": cfg.training.task,
+            "split": cfg.split.kind,
+            "device": str(device),
+            "wall_s": wall_s,
+            "train_images": len(data.train),
+            "classes": num_classes,
+            "history": history,
+            "final": metrics,
+        }
+        atomic_write_json(out_dir / "metrics.json", summary)
+        Checkpoint(
+            config=cfg,
+            task=cfg.training.task,
+            epoch=cfg.training.epochs,
+            num_classes=num_classes,
+            encoder_state={k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+            head_state={k: v.detach().cpu() for k, v in head.state_dict().items()},
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            class_names=data.class_names if cfg.training.task == "expression" else (),
+        ).save(out_dir / "checkpoint.pt")
+    return RunResult(metrics=metrics, history=history, run_dir=out_dir, encoder=encoder, head=head, wall_s=wall_s)
+
+
+__all__ = ["EXPRESSIONS", "RunResult", "TaskData", "evaluate_task", "prepare_task_data", "train_run"]
+
+
+def evaluate_checkpoint(
+    checkpoint_path: Path,
+    *,
+    data: Path | None = None,
+    layout: str | None = None,
+    split_path: Path | None = None,
+    device_name: str = "auto",
+) -> dict[str, Any]:
+    """Metrics of a saved model on a data set.
+
+    With neither ``data`` nor ``split_path``, re-evaluates on the run's own test part (the
+    data root in the checkpoint's config and the ``split.json`` beside the checkpoint).
+    With ``data`` only, every image there is a test image of unseen identities (identity
+    task: open-set verification and identification) or of unseen subjects (expression task).
+    With ``split_path``, the test part of that saved split of ``data`` is used.
+    """
+    from fedface.common.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_path)
+    cfg = ckpt.config
+    overrides: dict[str, object] = {"training.device": device_name}
+    if data is not None:
+        overrides["data.root"] = str(data)
+        overrides["data.layout"] = layout or "auto"
+    cfg = cfg.with_overrides(overrides)
+    if data is None and split_path is None:
+        split_path = checkpoint_path.parent / "split.json"
+        if not split_path.is_file():
+            raise SplitError(
+                f"no split.json beside {checkpoint_path}: pass --data DIR to evaluate on other faces, or --split FILE"
+            )
+    device = select_device(cfg.training.device)
+    faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
+    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+    encoder.load_state_dict(ckpt.encoder_state)
+    encoder.to(device)
+    head: nn.Module
+    if ckpt.task == "expression":
+        head = ExpressionHead(cfg.model.embedding_dim, ckpt.num_classes)
+    else:
+        head = build_margin_head(cfg.head, embedding_dim=cfg.model.embedding_dim, num_classes=ckpt.num_classes)
+    head.load_state_dict(ckpt.head_state)
+    head.to(device)
+
+    if split_path is not None:
+        data_task = prepare_task_data(cfg, faces, split_path=split_path)
+        kind = data_task.split.kind
+        metrics = evaluate_task(cfg.with_overrides({"split.kind": kind}), data_task, encoder, head, device)
+        return {"protocol": f"test part of the {kind} split {split_path}", **metrics}
+    if ckpt.task == "expression":
+        expr_faces, labels = expression_labels(faces)
+        return {"protocol": "all images, unseen subjects", **evaluate_expression(
+            encoder, head, expr_faces.images, labels, cfg.evaluation, device=device
+        )}
+    return {"protocol": "all images, unseen identities", **evaluate_open_set(encoder, faces, cfg.evaluation, device=device)}
+

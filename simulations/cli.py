@@ -1,0 +1,57 @@
+"""The `fedface` command: assembles each side's commands into one Typer app."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Optional
+
+import typer
+
+from fedface.simulations.bench import bench_app
+from fedface.simulations.commands.evaluate import evaluate
+from fedface.simulations.commands.train import train
+
+app = typer.Typer(
+    name="fedface",
+    help="Privacy-preserving federated face recognition: GRU face encoders, DP-SGD, Flower.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold keys and embeddings
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+
+
+def _version() -> str:
+    try:
+        return version("fedface")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"fedface {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Privacy-preserving federated face recognition."""
+
+
+app.command()(train)
+app.command()(evaluate)
+app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]
