@@ -68,9 +68,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {p} not found: pass the checkpoint.pt of a run directory")
     try:
         raw = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {p} is unreadable ({reason}): it is corrupt or not a torch file") from None
+    except pickle.UnpicklingError:
+        # weights_only=True refuses anything but tensors and plain containers: a corrupt file,
+        # or one holding arbitrary Python objects, which fedface never loads.
+        raise CheckpointError(
+            f"checkpoint {p} is unreadable: corrupt, or not a fedface checkpoint (only tensors and plain data are loaded)"
+        ) from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {p} is unreadable ({type(exc).__name__}): it is corrupt or truncated; use another checkpoint"
+        ) from None
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not a fedface checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     try:

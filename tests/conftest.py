@@ -43,3 +43,12 @@ def yale_a_root(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def yaleb_root(data_root: Path) -> Path:
     return data_root / "extended_yaleb"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """One torch thread: the suite runs on 2-core machines beside other work; oversubscribed
+    OpenMP threads there cost far more than they gain on the small tensors tests use."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -85,7 +85,7 @@ def _train_with_progress(cfg: TrainConfig, run_dir: Path, overwrite: bool, *, sh
     from fedface.simulations.centralized import train_run
 
     key, label = HEADLINE["expression" if cfg.training.task == "expression" else cfg.split.kind]
-    with Progress(
+    progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -94,18 +94,26 @@ def _train_with_progress(cfg: TrainConfig, run_dir: Path, overwrite: bool, *, sh
         console=err_console,
         disable=not show,
         transient=False,
-    ) as progress:
-        bar = progress.add_task("", total=cfg.training.epochs)
-        last_metric = ""
+    )
+    bar = progress.add_task("", total=cfg.training.epochs)
+    last_metric = ""
 
-        def on_epoch(stats: EpochStats, metrics: dict[str, float] | None) -> None:
-            nonlocal last_metric
-            if metrics is not None and key in metrics:
-                last_metric = f"  test {label} {metrics[key]:.3f}"
-            progress.update(
-                bar,
-                advance=1,
-                description=f"loss {stats.loss:.3f}  {stats.images_per_s:.0f} img/s{last_metric}",
-            )
+    def on_epoch(stats: EpochStats, metrics: dict[str, float] | None) -> None:
+        # The bar appears with the first finished epoch, after data loading and set-up, so
+        # that an early error is not printed under an empty bar.
+        nonlocal last_metric
+        if not progress.live.is_started:
+            progress.start()
+        if metrics is not None and key in metrics:
+            last_metric = f"  test {label} {metrics[key]:.3f}"
+        progress.update(
+            bar,
+            advance=1,
+            description=f"loss {stats.loss:.3f}  {stats.images_per_s:.0f} img/s{last_metric}",
+        )
 
+    try:
         return train_run(cfg, out_dir=run_dir, overwrite=overwrite, on_epoch=on_epoch)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
