@@ -8,6 +8,7 @@ It is read with ``torch.load(weights_only=True)``: no code is unpickled from a c
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} not found: pass the checkpoint.pt of a run directory")
     try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about legacy pickle files before refusing them; the refusal is ours to report.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # weights_only=True refuses anything but tensors and plain containers: a corrupt file,
         # or one holding arbitrary Python objects, which fedface never loads.

@@ -72,6 +72,7 @@ class ModelConfig(_Section):
     patch_size: int = Field(default=8, ge=1)
     embedding_dim: int = Field(default=128, ge=2)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    downsample: int = Field(default=1, ge=1, le=8, description="average-pool the input by this factor first")
 
     @model_validator(mode="after")
     def _check_passes(self) -> ModelConfig:
@@ -170,9 +171,15 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _check_cross(self) -> TrainConfig:
         h, w = self.data.image_size
+        d = self.model.downsample
+        if h % d or w % d:
+            raise ValueError(f"model.downsample {d} must divide data.image-size {h}x{w}")
         p = self.model.patch_size
-        if "patches" in self.model.passes and (h % p or w % p):
-            raise ValueError(f"model.patch-size {p} must divide data.image-size {h}x{w}")
+        if "patches" in self.model.passes and ((h // d) % p or (w // d) % p):
+            raise ValueError(
+                f"model.patch-size {p} must divide the image size read by the encoder, {h // d}x{w // d} "
+                f"(data.image-size {h}x{w} / model.downsample {d})"
+            )
         if self.evaluation.occlusion_box > min(h, w):
             raise ValueError(
                 f"evaluation.occlusion-box {self.evaluation.occlusion_box} exceeds data.image-size {h}x{w}"

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedface.common.config import HeadConfig, ModelConfig
 from fedface.common.models.encoder import GRUFaceEncoder, standardize
-from fedface.common.models.heads import ExpressionHead, MarginHead
+from fedface.common.models.heads import CosineClassifier, ExpressionHead, MarginHead
 
 
 def build_encoder(cfg: ModelConfig, *, image_size: tuple[int, int]) -> GRUFaceEncoder:
@@ -28,6 +28,7 @@ def build_encoder(cfg: ModelConfig, *, image_size: tuple[int, int]) -> GRUFaceEn
         patch_size=cfg.patch_size,
         embedding_dim=cfg.embedding_dim,
         dropout=cfg.dropout,
+        downsample=cfg.downsample,
     )
 
 
@@ -45,11 +46,14 @@ def prepare_for_dp(module: nn.Module) -> nn.Module:
     already supported. The result passes ``ModuleValidator.validate(strict=True)``.
     """
     fixed = ModuleValidator.fix(copy.deepcopy(module))
+    # DP-SGD trains the copy; Opacus' validator also insists on training mode.
+    fixed.train()
     ModuleValidator.validate(fixed, strict=True)
     return fixed
 
 
 __all__ = [
+    "CosineClassifier",
     "ExpressionHead",
     "GRUFaceEncoder",
     "MarginHead",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Pass = Literal["rows", "columns", "patches", "grid"]
+Pass = Literal["rows", "columns", "patches"]
 Pooling = Literal["mean", "max", "meanmax", "last"]
 
 _EPS = 1e-5
@@ -98,7 +98,7 @@ class GRUFaceEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if not passes:
-            raise ValueError("passes must name at least one of rows, columns, patches, grid")
+            raise ValueError("passes must name at least one of rows, columns, patches")
         if downsample < 1 or image_size[0] % downsample or image_size[1] % downsample:
             raise ValueError(f"downsample {downsample} must be >= 1 and divide the image size {image_size}")
         self.downsample = downsample
@@ -110,18 +110,13 @@ class GRUFaceEncoder(nn.Module):
         self.pooling: Pooling = pooling
         self.patch_size = patch_size
         self.embedding_dim = embedding_dim
-        if "grid" in passes and (h % patch_size or w % patch_size):
-            raise ValueError(f"patch_size {patch_size} must divide the image size {h}x{w}")
         directions = 2 if bidirectional else 1
-        in_sizes = {"rows": w, "columns": h, "patches": patch_size * patch_size, "grid": patch_size * patch_size}
+        in_sizes = {"rows": w, "columns": h, "patches": patch_size * patch_size}
 
         def gru(n_in: int) -> nn.GRU:
             return nn.GRU(n_in, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=bidirectional)
 
         self.rnns = nn.ModuleDict({p: gru(in_sizes[p]) for p in self.passes})
-        # The grid pass is ReNet's: a horizontal sweep over each row of patches, then a vertical
-        # sweep over each column of the horizontal sweep's feature map.
-        self.grid_vertical = gru(hidden_size * directions) if "grid" in self.passes else None
         per_pass = hidden_size * directions * (2 if pooling == "meanmax" else 1)
         features = per_pass * len(self.passes)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -141,23 +136,6 @@ class GRUFaceEncoder(nn.Module):
         top = h_n[-2:] if rnn_dirs >= 2 and out.shape[-1] == 2 * h_n.shape[-1] else h_n[-1:]
         return top.transpose(0, 1).reshape(out.shape[0], -1)
 
-    def _grid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ReNet sweep: (N, 1, H, W) -> outputs over all grid positions (N, Gh*Gw, F), last states."""
-        assert self.grid_vertical is not None
-        p = self.patch_size
-        img = x[:, 0]
-        n = img.shape[0]
-        grid = img.unfold(1, p, p).unfold(2, p, p)  # (N, Gh, Gw, p, p)
-        gh, gw = grid.shape[1], grid.shape[2]
-        rows = grid.reshape(n * gh, gw, p * p)  # each patch row is a sequence along the width
-        horiz, _ = self.rnns["grid"](rows)  # (N*Gh, Gw, F)
-        f = horiz.shape[-1]
-        cols = horiz.reshape(n, gh, gw, f).transpose(1, 2).reshape(n * gw, gh, f)
-        vert, h_n = self.grid_vertical(cols)  # (N*Gw, Gh, F)
-        out = vert.reshape(n, gw * gh, vert.shape[-1])
-        last = h_n.reshape(h_n.shape[0], n, gw, -1).mean(dim=2)
-        return out, last
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Un-normalised embedding (before the L2 normalisation)."""
         if self.downsample > 1:
@@ -165,10 +143,7 @@ class GRUFaceEncoder(nn.Module):
         x = standardize(x)
         pooled = []
         for name in self.passes:
-            if name == "grid":
-                out, h_n = self._grid(x)
-            else:
-                out, h_n = self.rnns[name](_to_sequence(x, name, self.patch_size))
+            out, h_n = self.rnns[name](_to_sequence(x, name, self.patch_size))
             pooled.append(self._pool(out, h_n))
         z = torch.cat(pooled, dim=1)
         z = self.dropout(self.norm_in(z))

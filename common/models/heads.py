@@ -19,6 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class CosineClassifier(nn.Module):
+    """Class centres: the cosine similarity of each embedding to each centre.
+
+    The only parameters of a margin head live here, in a module whose forward takes the
+    embeddings alone, so that per-sample gradients (Opacus) see exactly the computation that
+    depends on the parameters; the margin, which needs the labels, is applied outside it.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, num_classes) cosines."""
+        return F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
+
+
 class MarginHead(nn.Module):
     """Class centres with an additive/angular margin (CosFace, ArcFace, combined).
 
@@ -48,8 +66,7 @@ class MarginHead(nn.Module):
         super().__init__()
         self.scale = scale
         self.m1, self.m2, self.m3 = m1, m2, m3
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        nn.init.normal_(self.weight, std=0.01)
+        self.centres = CosineClassifier(embedding_dim, num_classes)
 
     @classmethod
     def cosface(cls, embedding_dim: int, num_classes: int, *, scale: float = 30.0, margin: float = 0.35) -> MarginHead:
@@ -63,7 +80,12 @@ class MarginHead(nn.Module):
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of each (unit) embedding to each class centre."""
-        return F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1))
+        return self.centres(embeddings)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The class centres (num_classes, embedding_dim), unnormalised."""
+        return self.centres.weight
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Margin logits for training (labels given) or plain scaled cosines (labels None)."""
