@@ -16,7 +16,11 @@ for expressions) on the same splits. The last stdout line is one JSON object.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -25,7 +29,7 @@ import torch
 import typer
 
 from fedface.common.config import EvaluationConfig, TrainConfig
-from fedface.common.data import FaceSet, load_faces, split_closed_set, split_open_set_folds, to_tensor
+from fedface.common.data import FaceSet, Split, load_faces, split_closed_set, split_open_set_folds, to_tensor
 from fedface.common.data.transforms import occlude, occlusion_boxes
 from fedface.common.eigenfaces import Eigenfaces, eigenfaces_expression
 from fedface.common.metrics import identify, verify
@@ -65,63 +69,72 @@ def _eigen_open(train: FaceSet, test: FaceSet, ev: EvaluationConfig) -> dict[str
     }
 
 
-def _bench_closed(cfg: TrainConfig, orl: FaceSet) -> tuple[dict[str, float], dict[str, float]]:
+def _closed_job(cfg: TrainConfig, orl: FaceSet) -> dict[str, Any]:
     c = cfg.with_overrides({"split.kind": "closed-set", "split.train-per-identity": 5})
-    run = train_run(c, faces=orl)
     split = split_closed_set(orl, train_per_identity=5, seed=c.split.seed)
+    run = train_run(c, faces=orl, split=split)
     gru = {
         "closed_rank1": run.metrics["rank1"],
         "closed_rank5": run.metrics["rank5"],
         "occluded_rank1": run.metrics["occluded_rank1"],
         "closed_train_s": run.wall_s,
     }
-    eig = _eigen_closed(orl.subset(split.train), orl.subset(split.test), c.evaluation)
-    return gru, eig
+    return {"gru": gru, "eigenfaces": _eigen_closed(orl.subset(split.train), orl.subset(split.test), c.evaluation)}
 
 
-def _bench_open(cfg: TrainConfig, orl: FaceSet, folds: int) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
-    rows: list[dict[str, Any]] = []
-    splits = split_open_set_folds(orl, folds=folds, seed=cfg.split.seed)
-    for k, split in enumerate(splits):
-        run = train_run(cfg, faces=orl, split=split)
-        m = run.metrics
-        gru = {
-            "open_verif_acc": m["verif_acc"],
-            "open_verif_auc": m["verif_auc"],
-            "open_eer": m["verif_eer"],
-            "open_tar_far1e-2": m["tar_far1e-2"],
-            "open_tar_far1e-3": m["tar_far1e-3"],
-            "open_rank1": m["rank1"],
-            "occluded_open_verif_acc": m["occluded_verif_acc"],
-            "open_train_s": run.wall_s,
-        }
-        eig = _eigen_open(orl.subset(split.train), orl.subset(split.test), cfg.evaluation)
-        rows.append({"fold": k, "test_identities": int(split.params["test_identities"]), "gru": gru, "eigenfaces": eig})
-        err_console.print(
-            f"open set, fold {k + 1}/{len(splits)}: GRU verification acc {gru['open_verif_acc']:.3f} "
-            f"AUC {gru['open_verif_auc']:.3f}; Eigenfaces {eig['open_verif_acc']:.3f} / {eig['open_verif_auc']:.3f}"
-        )
-    gru_mean = {key: mean([r["gru"][key] for r in rows]) for key in rows[0]["gru"]}
-    eig_mean = {key: mean([r["eigenfaces"][key] for r in rows]) for key in rows[0]["eigenfaces"]}
-    return gru_mean, eig_mean, rows
+def _open_job(cfg: TrainConfig, orl: FaceSet, split: Split) -> dict[str, Any]:
+    run = train_run(cfg, faces=orl, split=split)
+    m = run.metrics
+    gru = {
+        "open_verif_acc": m["verif_acc"],
+        "open_verif_auc": m["verif_auc"],
+        "open_eer": m["verif_eer"],
+        "open_tar_far1e-2": m["tar_far1e-2"],
+        "open_tar_far1e-3": m["tar_far1e-3"],
+        "open_rank1": m["rank1"],
+        "occluded_open_verif_acc": m["occluded_verif_acc"],
+        "open_train_s": run.wall_s,
+    }
+    eig = _eigen_open(orl.subset(split.train), orl.subset(split.test), cfg.evaluation)
+    return {"fold": int(split.params["fold"]), "test_identities": int(split.params["test_identities"]), "gru": gru, "eigenfaces": eig}
 
 
-def _bench_expression(cfg: TrainConfig, yale: FaceSet, folds: int) -> tuple[dict[str, float], dict[str, float]]:
+def _expression_job(cfg: TrainConfig, yale: FaceSet, split: Split) -> dict[str, Any]:
     faces, labels = expression_labels(yale)
-    c = cfg.with_overrides({"training.task": "expression", "split.kind": "open-set"})
-    gru_acc: list[float] = []
-    gru_occ: list[float] = []
-    eig_acc: list[float] = []
-    for split in split_open_set_folds(faces, folds=folds, seed=cfg.split.seed):
-        run = train_run(c, faces=yale, split=split)
-        gru_acc.append(run.metrics["expression_acc"])
-        gru_occ.append(run.metrics["occluded_expression_acc"])
-        pred = eigenfaces_expression(faces.images[split.train], labels[split.train], faces.images[split.test])
-        eig_acc.append(float(np.mean(pred == labels[split.test])))
-    return (
-        {"expression_acc": mean(gru_acc), "occluded_expression_acc": mean(gru_occ)},
-        {"expression_acc": mean(eig_acc)},
-    )
+    run = train_run(cfg, faces=yale, split=split)
+    pred = eigenfaces_expression(faces.images[split.train], labels[split.train], faces.images[split.test])
+    return {
+        "gru": {"expression_acc": run.metrics["expression_acc"], "occluded_expression_acc": run.metrics["occluded_expression_acc"]},
+        "eigenfaces": {"expression_acc": float(np.mean(pred == labels[split.test]))},
+    }
+
+
+_JOBS: dict[str, Callable[..., dict[str, Any]]] = {
+    "closed": _closed_job,
+    "open": _open_job,
+    "expression": _expression_job,
+}
+
+
+def _run_job(kind: str, threads: int, *args: Any) -> tuple[str, dict[str, Any]]:
+    """One training job; top-level so that worker processes can run it."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return kind, _JOBS[kind](*args)
+
+
+def _run_all(jobs: list[tuple[Any, ...]], workers: int, threads: int) -> list[tuple[str, dict[str, Any]]]:
+    """Run the jobs inline (workers == 1) or in that many spawned processes, in job order."""
+    if workers <= 1:
+        return [_run_job(kind, threads, *args) for kind, *args in jobs]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_run_job, kind, threads, *args) for kind, *args in jobs]
+        return [f.result() for f in futures]
+
+
+def _mean_of(rows: list[dict[str, Any]], side: str) -> dict[str, float]:
+    return {key: mean([r[side][key] for r in rows]) for key in rows[0][side]}
 
 
 def _default_data(name: str) -> Path:
@@ -131,20 +144,32 @@ def _default_data(name: str) -> Path:
 def baseline(
     orl: Annotated[Path, typer.Option(help="ORL/AT&T faces (sN/M.pgm) or any layout fedface reads.")] = _default_data("orl"),
     yale: Annotated[Path, typer.Option(help="Yale A faces (expression labels).")] = _default_data("yalefaces"),
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Model/training config (default: the packaged scenarios/baseline.toml).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Model/training config of the ORL runs (default: the packaged scenarios/baseline.toml).")] = None,
+    expression_config: Annotated[Optional[Path], typer.Option(help="Config of the Yale A expression runs (default: the packaged scenarios/yale_expression.toml).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs per model (default from the config).")] = None,
     folds: Annotated[int, typer.Option(help="Identity folds of the open-set benchmark (4 on ORL: 30 train / 10 test identities each).")] = 4,
     expression_folds: Annotated[int, typer.Option(help="Subject folds of the Yale A expression benchmark.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of splits and training.")] = 0,
-    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    jobs_n: Annotated[int, typer.Option("--jobs", "-j", help="Training jobs run at once, each in its own process (default: the CPU count; 1 runs all in this process).")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch in each job (0: 1 thread per job when jobs run in parallel, torch's default otherwise).")] = 0,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail.")] = 0,
 ) -> None:
     """Centralized GRU encoder vs Eigenfaces on ORL (closed set, open set, occlusion) and Yale A expressions."""
     setup_logging(verbose, quiet=not verbose)
     t0 = time.perf_counter()
+    if jobs_n <= 0:
+        jobs_n = os.cpu_count() or 1
+    if threads <= 0 and jobs_n > 1:
+        threads = 1
     with user_errors():
         cfg = TrainConfig.from_toml(config) if config is not None else scenario_config("baseline.toml")
         cfg = cfg.with_overrides(
+            {"training.epochs": epochs, "training.seed": seed, "split.seed": seed, "training.threads": threads}
+        )
+        expr_cfg = (
+            TrainConfig.from_toml(expression_config) if expression_config is not None else scenario_config("yale_expression.toml")
+        )
+        expr_cfg = expr_cfg.with_overrides(
             {"training.epochs": epochs, "training.seed": seed, "split.seed": seed, "training.threads": threads}
         )
         if threads > 0:
@@ -153,27 +178,52 @@ def baseline(
         orl_faces = load_faces(orl, size=size)
         yale_faces = load_faces(yale, size=size)
         err_console.print(f"ORL: {len(orl_faces)} images of {orl_faces.num_identities} identities; training {cfg.training.epochs} epochs per model")
-        closed_gru, closed_eig = _bench_closed(cfg, orl_faces)
+        jobs: list[tuple[Any, ...]] = [("closed", cfg, orl_faces)]
+        jobs += [("open", cfg, orl_faces, split) for split in split_open_set_folds(orl_faces, folds=folds, seed=seed)]
+        expr_faces, _ = expression_labels(yale_faces)
+        jobs += [
+            ("expression", expr_cfg, yale_faces, split)
+            for split in split_open_set_folds(expr_faces, folds=expression_folds, seed=seed)
+        ]
+        workers = max(1, min(jobs_n, len(jobs)))
+        err_console.print(f"{len(jobs)} training jobs in {workers} process(es)")
+        done = _run_all(jobs, workers, threads)
+    closed = [r for kind, r in done if kind == "closed"][0]
+    open_rows = [r for kind, r in done if kind == "open"]
+    expr_rows = [r for kind, r in done if kind == "expression"]
+    closed_gru, closed_eig = closed["gru"], closed["eigenfaces"]
+    open_gru, open_eig = _mean_of(open_rows, "gru"), _mean_of(open_rows, "eigenfaces")
+    expr_gru, expr_eig = _mean_of(expr_rows, "gru"), _mean_of(expr_rows, "eigenfaces")
+    err_console.print(
+        f"closed set: GRU rank-1 {closed_gru['closed_rank1']:.3f} (occluded {closed_gru['occluded_rank1']:.3f}); "
+        f"Eigenfaces {closed_eig['closed_rank1']:.3f} ({closed_eig['occluded_rank1']:.3f})"
+    )
+    for r in open_rows:
         err_console.print(
-            f"closed set: GRU rank-1 {closed_gru['closed_rank1']:.3f} (occluded {closed_gru['occluded_rank1']:.3f}); "
-            f"Eigenfaces {closed_eig['closed_rank1']:.3f} ({closed_eig['occluded_rank1']:.3f})"
+            f"open set, fold {r['fold'] + 1}/{len(open_rows)}: GRU verification acc {r['gru']['open_verif_acc']:.3f} "
+            f"AUC {r['gru']['open_verif_auc']:.3f}; Eigenfaces {r['eigenfaces']['open_verif_acc']:.3f} / "
+            f"{r['eigenfaces']['open_verif_auc']:.3f}"
         )
-        open_gru, open_eig, fold_rows = _bench_open(cfg, orl_faces, folds)
-        expr_gru, expr_eig = _bench_expression(cfg, yale_faces, expression_folds)
-        err_console.print(
-            f"expressions (Yale A, subjects held out): GRU {expr_gru['expression_acc']:.3f}; Eigenfaces + LR {expr_eig['expression_acc']:.3f}"
-        )
+    err_console.print(
+        f"open set, mean of {len(open_rows)} folds: GRU {open_gru['open_verif_acc']:.3f} / {open_gru['open_verif_auc']:.3f}; "
+        f"Eigenfaces {open_eig['open_verif_acc']:.3f} / {open_eig['open_verif_auc']:.3f}"
+    )
+    err_console.print(
+        f"expressions (Yale A, subjects held out): GRU {expr_gru['expression_acc']:.3f}; Eigenfaces + LR {expr_eig['expression_acc']:.3f}"
+    )
     result: dict[str, Any] = {
         "bench": "baseline",
         **closed_gru,
         **open_gru,
         **expr_gru,
         "eigenfaces": {**closed_eig, **open_eig, **expr_eig},
-        "open_folds": fold_rows,
+        "open_folds": open_rows,
         "epochs": cfg.training.epochs,
+        "expression_epochs": expr_cfg.training.epochs,
         "seed": seed,
         "device": "cuda" if torch.cuda.is_available() and cfg.training.device != "cpu" else "cpu",
-        "torch_threads": torch.get_num_threads(),
+        "workers": workers,
+        "torch_threads": threads if threads > 0 else torch.get_num_threads(),
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
     }
