@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 from fedface.common.data.faceset import FaceSet
 from fedface.common.errors import ConfigError, SplitError
+from fedface.common.io import atomic_write_text
 
 __all__ = [
     "SPLIT_FORMAT",
@@ -206,17 +206,9 @@ class Split:
             If the directory is missing or not writable; no partial file is left behind.
         """
         path = Path(path)
-        text = json.dumps(self.to_json(faces), indent=1) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"directory {path.parent} does not exist")
+        atomic_write_text(path, json.dumps(self.to_json(faces), indent=1) + "\n")
         logger.debug(
             "saved %s split (%d train, %d test) to %s",
             self.kind,
