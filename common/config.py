@@ -1,5 +1,8 @@
 """Typed configuration: pydantic models read from kebab-case TOML.
 
+The defaults are the measured baseline (``simulations/scenarios/baseline.toml`` spells them
+out; docs/models.md says how they were chosen).
+
 Every model forbids unknown keys (a typo fails loudly with the key's name) and is frozen. TOML
 keys are kebab-case (``hidden-size``); Python fields are snake_case (``hidden_size``). Configs
 hold paths, never key material or images.
@@ -72,7 +75,7 @@ class ModelConfig(_Section):
     patch_size: int = Field(default=8, ge=1)
     embedding_dim: int = Field(default=128, ge=2)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    downsample: int = Field(default=1, ge=1, le=8, description="average-pool the input by this factor first")
+    downsample: int = Field(default=2, ge=1, le=8, description="average-pool the input by this factor first")
 
     @model_validator(mode="after")
     def _check_passes(self) -> ModelConfig:
@@ -91,8 +94,8 @@ class HeadConfig(_Section):
     """
 
     kind: Literal["cosface", "arcface", "combined"] = "cosface"
-    scale: float = Field(default=30.0, gt=0)
-    margin: float = Field(default=0.35, ge=0, lt=1.6)
+    scale: float = Field(default=20.0, gt=0)
+    margin: float = Field(default=0.45, ge=0, lt=1.6)
     m1: float = Field(default=1.0, gt=0)
     m2: float = Field(default=0.0, ge=0)
     m3: float = Field(default=0.0, ge=0)
@@ -136,7 +139,7 @@ class TrainingConfig(_Section):
     """The optimisation of one training run."""
 
     task: Literal["identity", "expression"] = "identity"
-    epochs: int = Field(default=40, ge=1)
+    epochs: int = Field(default=300, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=5e-4, ge=0)

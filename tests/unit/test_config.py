@@ -118,7 +118,9 @@ def test_from_mapping_out_of_bounds_value_rejected_naming_key(raw: dict[str, Any
 
 
 def test_patches_pass_patch_size_not_dividing_image_size_rejected() -> None:
-    message = _config_error({"data": {"image-size": [30, 30]}, "model": {"passes": ["patches"], "patch-size": 8}})
+    message = _config_error(
+        {"data": {"image-size": [30, 30]}, "model": {"passes": ["patches"], "patch-size": 8, "downsample": 1}}
+    )
 
     assert "model.patch-size 8 must divide the image size read by the encoder, 30x30" in message
 

@@ -507,6 +507,7 @@ def test_build_encoder_maps_model_config_fields(faces: torch.Tensor) -> None:
         patch_size=4,
         embedding_dim=DIM,
         dropout=0.1,
+        downsample=2,
     )
 
     # Act
@@ -518,7 +519,9 @@ def test_build_encoder_maps_model_config_fields(faces: torch.Tensor) -> None:
     assert encoder.patch_size == 4
     gru = encoder.rnns["patches"]
     assert (gru.input_size, gru.hidden_size, gru.num_layers, gru.bidirectional) == (16, 6, 2, False)
-    assert encoder.rnns["columns"].input_size == SIZE[0]
+    assert encoder.downsample == 2
+    # columns of the image read at half size
+    assert encoder.rnns["columns"].input_size == SIZE[0] // 2
     assert isinstance(encoder.dropout, nn.Dropout)
     assert encoder.dropout.p == pytest.approx(0.1)
     assert encoder.eval()(faces).shape == (faces.shape[0], DIM)
