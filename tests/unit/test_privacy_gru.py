@@ -1,0 +1,68 @@
+"""PerSampleGRU: nn.GRU's outputs, and per-sample gradients equal to a per-example loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fedface.common.data import load_faces, to_tensor
+from fedface.common.privacy import PerSampleGRU
+
+CASES = [(1, False), (1, True), (2, True)]
+
+
+@pytest.fixture(scope="module")
+def face_rows(orl_root: Path) -> torch.Tensor:
+    faces = load_faces(orl_root, size=(16, 16))
+    # 5 real faces read as sequences of 16 rows of 16 pixels, float64 for an exact comparison
+    return to_tensor(faces.images[::80][:5])[:, 0].double()
+
+
+@pytest.mark.parametrize(("layers", "bidirectional"), CASES)
+def test_per_sample_gru_matches_nn_gru_outputs_and_state_dict(face_rows: torch.Tensor, layers: int, bidirectional: bool) -> None:
+    torch.manual_seed(0)
+    reference = nn.GRU(16, 6, num_layers=layers, batch_first=True, bidirectional=bidirectional).double()
+
+    gru = PerSampleGRU.from_gru(reference)
+    out, h_n = gru(face_rows)
+
+    ref_out, ref_h = reference(face_rows)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h_n, ref_h, atol=1e-12, rtol=0)
+    assert gru.state_dict().keys() == reference.state_dict().keys()
+    reference.load_state_dict(gru.state_dict())  # and back: same names, same shapes
+
+
+@pytest.mark.parametrize(("layers", "bidirectional"), CASES)
+def test_per_sample_gru_grad_samples_equal_per_example_backward(face_rows: torch.Tensor, layers: int, bidirectional: bool) -> None:
+    torch.manual_seed(1)
+    gru = PerSampleGRU(16, 6, layers, bidirectional=bidirectional).double()
+    weights = torch.randn(6 * (2 if bidirectional else 1), dtype=torch.float64)
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        out, h_n = gru(x)
+        return (out.amax(dim=1) * weights).sum() + (out.mean(dim=1) ** 2).sum() + h_n.sum()
+
+    gru.record(True)
+    grads = torch.autograd.grad(loss_of(face_rows), gru.probes)
+    gru.compute_grad_samples(list(grads))
+    gru.record(False)
+
+    for i in range(face_rows.shape[0]):
+        gru.zero_grad(set_to_none=True)
+        loss_of(face_rows[i : i + 1]).backward()
+        for name, p in gru.named_parameters():
+            assert p.grad_sample.shape == (face_rows.shape[0], *p.shape), name
+            torch.testing.assert_close(p.grad_sample[i], p.grad, atol=1e-10, rtol=0, msg=name)
+
+
+def test_per_sample_gru_wrong_number_of_probe_grads_raises() -> None:
+    gru = PerSampleGRU(4, 3)
+    gru.record(True)
+    gru(torch.randn(2, 5, 4))
+
+    with pytest.raises(ValueError, match="expected 2 probe gradients, got 1"):
+        gru.compute_grad_samples([torch.zeros(2, 5, 9)])
