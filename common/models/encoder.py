@@ -53,6 +53,26 @@ def _to_sequence(x: torch.Tensor, how: Pass, patch_size: int) -> torch.Tensor:
     return patches.reshape(n, (h // p) * (w // p), p * p)
 
 
+class EmbeddingNeck(nn.Module):
+    """Pooled sequence features to a unit-length embedding: LayerNorm, dropout, linear, LayerNorm.
+
+    A module of its own so that the part of the encoder after the GRUs can be differentiated
+    per sample separately from them (fedface's DP-SGD does so).
+    """
+
+    def __init__(self, features: int, embedding_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(features)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.project = nn.Linear(features, embedding_dim)
+        self.norm_out = nn.LayerNorm(embedding_dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, features) -> (N, embedding_dim), L2-normalised."""
+        z = self.dropout(self.norm_in(pooled))
+        return F.normalize(self.norm_out(self.project(z)), dim=1)
+
+
 class GRUFaceEncoder(nn.Module):
     """A face image to an L2-normalised embedding through GRU passes.
 
@@ -119,10 +139,7 @@ class GRUFaceEncoder(nn.Module):
         self.rnns = nn.ModuleDict({p: gru(in_sizes[p]) for p in self.passes})
         per_pass = hidden_size * directions * (2 if pooling == "meanmax" else 1)
         features = per_pass * len(self.passes)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.norm_in = nn.LayerNorm(features)
-        self.project = nn.Linear(features, embedding_dim)
-        self.norm_out = nn.LayerNorm(embedding_dim)
+        self.neck = EmbeddingNeck(features, embedding_dim, dropout)
 
     def _pool(self, out: torch.Tensor, h_n: torch.Tensor) -> torch.Tensor:
         if self.pooling == "mean":
@@ -136,8 +153,8 @@ class GRUFaceEncoder(nn.Module):
         top = h_n[-2:] if rnn_dirs >= 2 and out.shape[-1] == 2 * h_n.shape[-1] else h_n[-1:]
         return top.transpose(0, 1).reshape(out.shape[0], -1)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Un-normalised embedding (before the L2 normalisation)."""
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The GRU passes' pooled outputs, concatenated: (N, 1, H, W) -> (N, features)."""
         if self.downsample > 1:
             x = F.avg_pool2d(x, self.downsample)
         x = standardize(x)
@@ -145,10 +162,8 @@ class GRUFaceEncoder(nn.Module):
         for name in self.passes:
             out, h_n = self.rnns[name](_to_sequence(x, name, self.patch_size))
             pooled.append(self._pool(out, h_n))
-        z = torch.cat(pooled, dim=1)
-        z = self.dropout(self.norm_in(z))
-        return self.norm_out(self.project(z))
+        return torch.cat(pooled, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a batch of faces (N, 1, H, W) in [0, 1] to (N, embedding_dim), unit length."""
-        return F.normalize(self.features(x), dim=1)
+        return self.neck(self.pooled(x))

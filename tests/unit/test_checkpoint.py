@@ -99,7 +99,7 @@ def test_loaded_encoder_state_loads_into_a_fresh_encoder(checkpoint: Checkpoint,
 
     # Assert
     assert not result.missing_keys and not result.unexpected_keys
-    assert torch.equal(encoder.project.weight, checkpoint.encoder_state["project.weight"])
+    assert torch.equal(encoder.neck.project.weight, checkpoint.encoder_state["neck.project.weight"])
 
 
 def test_save_writes_format_marker(saved: Path) -> None:

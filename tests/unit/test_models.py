@@ -522,6 +522,6 @@ def test_build_encoder_maps_model_config_fields(faces: torch.Tensor) -> None:
     assert encoder.downsample == 2
     # columns of the image read at half size
     assert encoder.rnns["columns"].input_size == SIZE[0] // 2
-    assert isinstance(encoder.dropout, nn.Dropout)
-    assert encoder.dropout.p == pytest.approx(0.1)
+    assert isinstance(encoder.neck.dropout, nn.Dropout)
+    assert encoder.neck.dropout.p == pytest.approx(0.1)
     assert encoder.eval()(faces).shape == (faces.shape[0], DIM)

@@ -66,3 +66,36 @@ def test_per_sample_gru_wrong_number_of_probe_grads_raises() -> None:
 
     with pytest.raises(ValueError, match="expected 2 probe gradients, got 1"):
         gru.compute_grad_samples([torch.zeros(2, 5, 9)])
+
+
+@pytest.mark.parametrize("head_kind", ["cosface", "arcface", "expression"])
+def test_compute_grad_samples_equal_per_example_backward_for_encoder_and_head(orl_root: Path, head_kind: str) -> None:
+    import torch.nn.functional as F
+
+    from fedface.common.models import ExpressionHead, GRUFaceEncoder, MarginHead
+    from fedface.common.privacy.per_sample import compute_grad_samples, to_per_sample
+
+    faces = load_faces(orl_root, size=(16, 16))
+    x = to_tensor(faces.images[:40:8]).double()  # 5 real faces of identities s1..s5 (10 images each)
+    y = torch.tensor([0, 0, 1, 1, 2])
+    torch.manual_seed(2)
+    encoder = to_per_sample(GRUFaceEncoder(image_size=(16, 16), hidden_size=6, embedding_dim=8, downsample=1).double())
+    head: nn.Module = {
+        "cosface": lambda: MarginHead.cosface(8, 3, scale=8.0),
+        "arcface": lambda: MarginHead.arcface(8, 3, scale=8.0),
+        "expression": lambda: ExpressionHead(8, 3),
+    }[head_kind]().double()
+
+    losses = compute_grad_samples(encoder, head, x, y)
+
+    params = list(encoder.named_parameters()) + list(head.named_parameters())
+    for i in range(5):
+        encoder.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
+        emb = encoder(x[i : i + 1])
+        logits = head(emb, y[i : i + 1]) if isinstance(head, MarginHead) else head(emb)
+        loss = F.cross_entropy(logits, y[i : i + 1])
+        loss.backward()
+        assert losses[i].item() == pytest.approx(loss.item(), abs=1e-10)
+        for name, p in params:
+            torch.testing.assert_close(p.grad_sample[i], p.grad, atol=1e-10, rtol=0, msg=name)
