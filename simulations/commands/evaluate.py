@@ -22,6 +22,8 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
 ) -> None:
     """Evaluate a trained encoder: verification, identification and expression metrics, clean and occluded."""
+    if output_format not in ("text", "json"):
+        raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
     setup_logging(verbose, quiet)
     with user_errors():
         from fedface.simulations.centralized import evaluate_checkpoint

@@ -55,6 +55,8 @@ def train(
     Writes a run directory with the resolved config, the split, per-epoch metrics
     (metrics.json) and the checkpoint (checkpoint.pt), each written atomically.
     """
+    if output_format not in ("text", "json"):
+        raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
     setup_logging(verbose, quiet)
     with user_errors():
         overrides: dict[str, object] = {

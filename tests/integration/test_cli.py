@@ -171,3 +171,11 @@ def test_train_corrupt_image_fails_by_default_naming_the_file(tmp_path: Path, or
 
     assert result.exit_code == 5
     assert result.stderr.strip().startswith(f"CorruptImageError: cannot read image {broken}")
+
+
+@pytest.mark.parametrize("command", [["train"], ["evaluate", "checkpoint.pt"]])
+def test_unknown_output_format_is_a_usage_error(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--format", "yaml"])
+
+    assert result.exit_code == 2
+    assert "expected text or json, got 'yaml'" in result.stderr
