@@ -78,28 +78,27 @@ def prepare_task_data(
         logger.warning("skipped %d unreadable image(s); see the log above for paths and reasons", len(faces.skipped))
     if cfg.training.task == "expression":
         faces, class_labels = expression_labels(faces)
-        if cfg.split.kind != "open-set":
-            raise ConfigError("training.task = 'expression' holds subjects out: set split.kind = 'open-set'")
     else:
         class_labels = faces.labels
     if split is None and split_path is not None:
         split = Split.load(split_path, faces)
-    if split is not None:
-        cfg = cfg.with_overrides({"split.kind": split.kind})
-    elif cfg.split.kind == "open-set":
+    kind = split.kind if split is not None else cfg.split.kind
+    if cfg.training.task == "expression" and kind != "open-set":
+        raise ConfigError("training.task = 'expression' holds subjects out: set split.kind = 'open-set'")
+    if split is None and kind == "open-set":
         if cfg.split.test_identities >= faces.num_identities:
             raise SplitError(
                 f"split.test-identities = {cfg.split.test_identities} leaves no training identity "
                 f"among {faces.num_identities}: lower it"
             )
         split = split_open_set(faces, test_identities=cfg.split.test_identities, seed=cfg.split.seed)
-    else:
+    elif split is None:
         split = split_closed_set(faces, train_per_identity=cfg.split.train_per_identity, seed=cfg.split.seed)
     train, test = faces.subset(split.train), faces.subset(split.test)
     train_labels, test_labels = class_labels[split.train], class_labels[split.test]
     if cfg.training.task == "expression":
         names = EXPRESSIONS
-    elif cfg.split.kind == "open-set":
+    elif split.kind == "open-set":
         train = train.relabel()
         train_labels = train.labels
         names = train.identity_names
@@ -123,12 +122,13 @@ class RunResult:
 def evaluate_task(
     cfg: TrainConfig, data: TaskData, encoder: nn.Module, head: nn.Module, device: torch.device, *, with_occlusion: bool = True
 ) -> dict[str, float]:
-    """Test metrics of a trained encoder (and head, for expressions) on ``data``'s test part."""
+    """Test metrics of a trained encoder (and head, for expressions) on ``data``'s test part,
+    by the protocol of the split actually used (``data.split.kind``)."""
     if cfg.training.task == "expression":
         return evaluate_expression(
             encoder, head, data.test.images, data.test_labels, cfg.evaluation, device=device, with_occlusion=with_occlusion
         )
-    if cfg.split.kind == "open-set":
+    if data.split.kind == "open-set":
         return evaluate_open_set(encoder, data.test, cfg.evaluation, device=device, with_occlusion=with_occlusion)
     return evaluate_closed_set(encoder, data.train, data.test, cfg.evaluation, device=device, with_occlusion=with_occlusion)
 
@@ -324,9 +324,8 @@ def evaluate_checkpoint(
 
     if split_path is not None:
         data_task = prepare_task_data(cfg, faces, split_path=split_path)
-        kind = data_task.split.kind
-        metrics = evaluate_task(cfg.with_overrides({"split.kind": kind}), data_task, encoder, head, device)
-        return {"protocol": f"test part of the {kind} split {split_path}", **metrics}
+        metrics = evaluate_task(cfg, data_task, encoder, head, device)
+        return {"protocol": f"test part of the {data_task.split.kind} split {split_path}", **metrics}
     if ckpt.task == "expression":
         expr_faces, labels = expression_labels(faces)
         return {"protocol": "all images, unseen subjects", **evaluate_expression(

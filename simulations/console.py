@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -21,8 +21,6 @@ from fedface.common.config import format_validation_error
 from fedface.common.errors import FedFaceError
 
 err_console = Console(stderr=True)
-
-T = TypeVar("T")
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
@@ -60,10 +58,4 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def run_guarded(fn: Callable[[], T]) -> T:
-    """Call ``fn`` inside :func:`user_errors`."""
-    with user_errors():
-        return fn()
-
-
-__all__ = ["err_console", "print_json", "run_guarded", "setup_logging", "user_errors"]
+__all__ = ["err_console", "print_json", "setup_logging", "user_errors"]

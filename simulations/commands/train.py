@@ -20,6 +20,11 @@ HEADLINE = {
 }
 
 
+def headline(cfg: TrainConfig) -> tuple[str, str]:
+    """The metric key and label shown for a run of this task and split."""
+    return HEADLINE["expression" if cfg.training.task == "expression" else cfg.split.kind]
+
+
 def load_config(config: Path | None, overrides: dict[str, object]) -> TrainConfig:
     """The config file (or defaults) with flags applied on top."""
     base = TrainConfig.from_toml(config) if config is not None else TrainConfig()
@@ -77,7 +82,7 @@ def train(
         cfg = load_config(config, overrides)
         run_dir = out if out is not None else default_run_dir("train")
         run = _train_with_progress(cfg, run_dir, overwrite, show=not quiet)
-    key, label = HEADLINE["expression" if cfg.training.task == "expression" else cfg.split.kind]
+    key, label = headline(cfg)
     err_console.print(f"[bold]{label}[/] {run.metrics.get(key, float('nan')):.4f}  run directory: {run_dir}")
     if output_format == "json":
         print_json({"run_dir": str(run_dir), "wall_s": run.wall_s, **run.metrics})
@@ -86,7 +91,7 @@ def train(
 def _train_with_progress(cfg: TrainConfig, run_dir: Path, overwrite: bool, *, show: bool):  # type: ignore[no-untyped-def]
     from fedface.simulations.centralized import train_run
 
-    key, label = HEADLINE["expression" if cfg.training.task == "expression" else cfg.split.kind]
+    key, label = headline(cfg)
     progress = Progress(
         TextColumn("[bold]train"),
         BarColumn(),
