@@ -154,6 +154,9 @@ class EvaluationConfig(_Section):
     """How test metrics are computed."""
 
     flip_tta: bool = Field(default=True, description="average the embeddings of a face and its mirror image")
+    shift_tta: int = Field(
+        default=3, ge=0, le=16, description="also average copies shifted by this many pixels up/down/left/right (0: off)"
+    )
     n_folds: int = Field(default=10, ge=2)
     occlusion_box: int = Field(default=20, ge=1, description="side of the blanked square, pixels at image-size")
     occlusion_placements: int = Field(default=5, ge=1, le=5)

@@ -74,7 +74,7 @@ def evaluate_open_set(
     """
     images = to_tensor(faces.images)
     labels = faces.labels
-    emb = embed(encoder, images, device=device, flip_tta=cfg.flip_tta)
+    emb = embed(encoder, images, device=device, flip_tta=cfg.flip_tta, shift_tta=cfg.shift_tta)
     out = _verification(emb, labels, cfg)
     gallery, probes = split_gallery_probe(
         labels, gallery_per_identity=cfg.gallery_per_identity, seed=seed, groups=faces.groups
@@ -83,7 +83,7 @@ def evaluate_open_set(
     occ_verif: list[dict[str, float]] = []
     occ_ident: list[dict[str, float]] = []
     for view in _occluded_views(images, cfg) if with_occlusion else []:
-        occ = embed(encoder, view, device=device, flip_tta=cfg.flip_tta)
+        occ = embed(encoder, view, device=device, flip_tta=cfg.flip_tta, shift_tta=cfg.shift_tta)
         occ_verif.append(_verification(emb, labels, cfg, probe=occ))
         occ_ident.append(identify(emb[gallery], labels[gallery], occ[probes], labels[probes]))
     if occ_verif:
@@ -104,12 +104,12 @@ def evaluate_closed_set(
     with_occlusion: bool = True,
 ) -> dict[str, float]:
     """Identification of probe faces against a gallery of the same people, clean and occluded."""
-    g_emb = embed(encoder, to_tensor(gallery.images), device=device, flip_tta=cfg.flip_tta)
+    g_emb = embed(encoder, to_tensor(gallery.images), device=device, flip_tta=cfg.flip_tta, shift_tta=cfg.shift_tta)
     p_images = to_tensor(probes.images)
-    p_emb = embed(encoder, p_images, device=device, flip_tta=cfg.flip_tta)
+    p_emb = embed(encoder, p_images, device=device, flip_tta=cfg.flip_tta, shift_tta=cfg.shift_tta)
     out = identify(g_emb, gallery.labels, p_emb, probes.labels)
     occ = [
-        identify(g_emb, gallery.labels, embed(encoder, view, device=device, flip_tta=cfg.flip_tta), probes.labels)
+        identify(g_emb, gallery.labels, embed(encoder, view, device=device, flip_tta=cfg.flip_tta, shift_tta=cfg.shift_tta), probes.labels)
         for view in (_occluded_views(p_images, cfg) if with_occlusion else [])
     ]
     if occ:
@@ -131,11 +131,11 @@ def evaluate_expression(
 ) -> dict[str, float]:
     """Expression accuracy of encoder + expression head, clean and occluded."""
     x = to_tensor(images)
-    pred = predict(encoder, head, x, device=device, flip_tta=cfg.flip_tta)
+    pred = predict(encoder, head, x, device=device, flip_tta=cfg.flip_tta, shift_tta=cfg.shift_tta)
     out = {"expression_acc": float(np.mean(pred == labels))}
     if with_occlusion:
         occ = [
-            float(np.mean(predict(encoder, head, v, device=device, flip_tta=cfg.flip_tta) == labels))
+            float(np.mean(predict(encoder, head, v, device=device, flip_tta=cfg.flip_tta, shift_tta=cfg.shift_tta) == labels))
             for v in _occluded_views(x, cfg)
         ]
         out["occluded_expression_acc"] = float(np.mean(occ))

@@ -135,6 +135,27 @@ def train_epoch(
     return stats
 
 
+def shift_image(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images (N, C, H, W) moved by (dy, dx) pixels, the uncovered border replicating the edge."""
+    p = max(abs(dy), abs(dx))
+    if p == 0:
+        return x
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def tta_views(x: torch.Tensor, *, flip_tta: bool, shift_tta: int) -> list[torch.Tensor]:
+    """The test-time views of a batch: itself, its shifts by ``shift_tta`` px up/down/left/right, and their mirrors."""
+    views = [x]
+    if shift_tta > 0:
+        s = shift_tta
+        views += [shift_image(x, dy, dx) for dy, dx in ((s, 0), (-s, 0), (0, s), (0, -s))]
+    if flip_tta:
+        views += [v.flip(-1) for v in views]
+    return views
+
+
 @torch.no_grad()
 def embed(
     encoder: nn.Module,
@@ -143,20 +164,24 @@ def embed(
     device: torch.device,
     batch_size: int = 256,
     flip_tta: bool = True,
+    shift_tta: int = 0,
 ) -> np.ndarray:
     """Unit-length embeddings (N, D) of images (N, 1, H, W), in evaluation mode.
 
-    With ``flip_tta`` each face's embedding is the normalised sum of its own and its mirror
-    image's embedding (standard test-time augmentation in face recognition).
+    Test-time augmentation: a face's embedding is the normalised sum of the embeddings of its
+    views, its mirror image with ``flip_tta`` (standard in face recognition) and, with
+    ``shift_tta`` > 0, copies moved by that many pixels up, down, left and right (and their
+    mirrors): small misalignments of the crop then matter less (docs/models.md).
     """
     was_training = encoder.training
     encoder.eval()
     out = []
     for start in range(0, len(images), batch_size):
         xb = images[start : start + batch_size].to(device)
-        e = encoder(xb)
-        if flip_tta:
-            e = F.normalize(e + encoder(xb.flip(-1)), dim=1)
+        views = tta_views(xb, flip_tta=flip_tta, shift_tta=shift_tta)
+        e = encoder(views[0])
+        if len(views) > 1:
+            e = F.normalize(sum((encoder(v) for v in views[1:]), e), dim=1)
         out.append(e.float().cpu())
     encoder.train(was_training)
     if not out:
@@ -173,9 +198,12 @@ def predict(
     device: torch.device,
     batch_size: int = 256,
     flip_tta: bool = True,
+    shift_tta: int = 0,
 ) -> np.ndarray:
-    """Predicted class indices from ``head`` on the (optionally flip-averaged) embeddings."""
-    emb = torch.from_numpy(embed(encoder, images, device=device, batch_size=batch_size, flip_tta=flip_tta))
+    """Predicted class indices from ``head`` on the (test-time augmented, see :func:`embed`) embeddings."""
+    emb = torch.from_numpy(
+        embed(encoder, images, device=device, batch_size=batch_size, flip_tta=flip_tta, shift_tta=shift_tta)
+    )
     was_training = head.training
     head.eval()
     logits = head_logits(head, emb.to(device), None)
@@ -189,6 +217,8 @@ __all__ = [
     "head_logits",
     "predict",
     "select_device",
+    "shift_image",
     "shuffled_batches",
     "train_epoch",
+    "tta_views",
 ]

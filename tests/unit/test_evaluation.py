@@ -58,7 +58,7 @@ def yale(yale_a_root: Path) -> FaceSet:
 
 @pytest.fixture
 def cfg() -> EvaluationConfig:
-    return EvaluationConfig(flip_tta=False, occlusion_box=10, occlusion_placements=5, n_folds=5)
+    return EvaluationConfig(flip_tta=False, shift_tta=0, occlusion_box=10, occlusion_placements=5, n_folds=5)
 
 
 # --- closed set --------------------------------------------------------------------------------
@@ -128,8 +128,8 @@ def test_evaluate_closed_set_flip_tta_on_mirror_symmetric_faces_changes_nothing(
 ) -> None:
     # Arrange: normalize(e(x) + e(flip x)) == e(x) when flip x == x
     gallery, probes = (_mirror_symmetric(fs) for fs in gallery_probes)
-    on = EvaluationConfig(flip_tta=True, occlusion_box=10)
-    off = EvaluationConfig(flip_tta=False, occlusion_box=10)
+    on = EvaluationConfig(flip_tta=True, shift_tta=0, occlusion_box=10)
+    off = EvaluationConfig(flip_tta=False, shift_tta=0, occlusion_box=10)
 
     # Act
     a = evaluate_closed_set(PixelEncoder(), gallery, probes, on, device=CPU, with_occlusion=False)
@@ -201,3 +201,16 @@ def test_evaluate_expression_without_occlusion_omits_occluded_key(yale: FaceSet,
     out = evaluate_expression(PixelEncoder(), head, images, labels, cfg, device=CPU, with_occlusion=False)
 
     assert set(out) == {"expression_acc", "test_images"}
+
+
+def test_evaluate_closed_set_uses_shift_tta_from_the_config(gallery_probes: tuple[FaceSet, FaceSet]) -> None:
+    # Arrange: pixel embeddings of shift-averaged faces are blurrier, so the figures move
+    gallery, probes = gallery_probes
+    plain = EvaluationConfig(flip_tta=False, shift_tta=0, occlusion_box=10)
+    shifted = EvaluationConfig(flip_tta=False, shift_tta=3, occlusion_box=10)
+    # Act
+    a = evaluate_closed_set(PixelEncoder(), gallery, probes, plain, device=CPU)
+    b = evaluate_closed_set(PixelEncoder(), gallery, probes, shifted, device=CPU)
+
+    # Assert
+    assert a != b

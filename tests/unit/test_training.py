@@ -20,8 +20,10 @@ from fedface.common.training import (
     head_logits,
     predict,
     select_device,
+    shift_image,
     shuffled_batches,
     train_epoch,
+    tta_views,
 )
 
 CPU = torch.device("cpu")
@@ -248,6 +250,51 @@ def test_embed_flip_tta_is_normalised_sum_with_mirror_image(orl_four: tuple[torc
         expected = F.normalize(encoder(x) + encoder(x.flip(-1)), dim=1).numpy()
     np.testing.assert_allclose(emb, expected, atol=1e-6)
     assert not np.allclose(emb, embed(encoder, x, device=CPU, flip_tta=False), atol=1e-3)
+
+
+def test_shift_image_moves_content_and_replicates_the_uncovered_edge() -> None:
+    # Arrange
+    x = torch.arange(25, dtype=torch.float32).view(1, 1, 5, 5)
+
+    # Act
+    down = shift_image(x, 2, 0)
+    left = shift_image(x, 0, -1)
+
+    # Assert
+    assert torch.equal(down[..., 2:, :], x[..., :-2, :])
+    assert torch.equal(down[..., 0, :], x[..., 0, :]) and torch.equal(down[..., 1, :], x[..., 0, :])
+    assert torch.equal(left[..., :, :-1], x[..., :, 1:])
+    assert torch.equal(left[..., :, -1], x[..., :, -1])
+    assert torch.equal(shift_image(x, 0, 0), x)
+
+
+@pytest.mark.parametrize(("flip", "shift", "count"), [(False, 0, 1), (True, 0, 2), (False, 2, 5), (True, 3, 10)])
+def test_tta_views_counts_every_shift_and_mirror(flip: bool, shift: int, count: int) -> None:
+    x = torch.rand(2, 1, 8, 8)
+
+    views = tta_views(x, flip_tta=flip, shift_tta=shift)
+
+    assert len(views) == count
+    assert torch.equal(views[0], x)
+    assert all(v.shape == x.shape for v in views)
+
+
+def test_embed_shift_tta_is_normalised_sum_over_all_views(orl_four: tuple[torch.Tensor, torch.Tensor]) -> None:
+    # Arrange
+    images, _ = orl_four
+    x = images[:6]
+    encoder = _encoder().eval()
+
+    # Act
+    emb = embed(encoder, x, device=CPU, flip_tta=True, shift_tta=2)
+
+    # Assert
+    with torch.no_grad():
+        views = [x] + [shift_image(x, dy, dx) for dy, dx in ((2, 0), (-2, 0), (0, 2), (0, -2))]
+        total = sum(encoder(v) + encoder(v.flip(-1)) for v in views)
+        expected = F.normalize(total, dim=1).numpy()
+    np.testing.assert_allclose(emb, expected, atol=1e-5)
+    assert not np.allclose(emb, embed(encoder, x, device=CPU, flip_tta=True), atol=1e-4)
 
 
 def test_embed_of_no_images_is_empty(orl_four: tuple[torch.Tensor, torch.Tensor]) -> None:
