@@ -24,6 +24,8 @@ EXIT_CODES: dict[int, str] = {
     7: "not enough data for the requested split: lower the split sizes or add images",
     8: "checkpoint missing or unreadable: pass a checkpoint written by `fedface train`",
     9: "run directory problem: choose a new --out directory or pass --overwrite",
+    10: "privacy budget exhausted: the training would exceed the data set's budget; see `fedface privacy status`",
+    11: "privacy ledger unreadable or tampered: restore the ledger file from a backup; never edit it by hand",
 }
 
 
@@ -97,13 +99,27 @@ class RunDirError(FedFaceError):
     exit_code = 9
 
 
+class BudgetExhaustedError(FedFaceError):
+    """A private training session would take a data set's privacy spend past its budget."""
+
+    exit_code = 10
+
+
+class LedgerError(FedFaceError):
+    """A privacy ledger cannot be opened, is of an unknown schema, or fails its integrity check."""
+
+    exit_code = 11
+
+
 __all__ = [
     "EXIT_CODES",
+    "BudgetExhaustedError",
     "CheckpointError",
     "ConfigError",
     "CorruptImageError",
     "DataNotFoundError",
     "FedFaceError",
+    "LedgerError",
     "RunDirError",
     "SplitError",
     "UnknownLayoutError",
