@@ -148,6 +148,9 @@ class TrainingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 keeps torch's default")
     eval_every: int = Field(default=5, ge=1, description="evaluate on the test part every N epochs (and at the end)")
+    init_from: Path | None = Field(
+        default=None, description="start the encoder from this checkpoint's encoder (same model section), e.g. public pre-training"
+    )
 
 
 class EvaluationConfig(_Section):
@@ -163,6 +166,46 @@ class EvaluationConfig(_Section):
     gallery_per_identity: int = Field(default=1, ge=1, description="open-set identification: gallery images per identity")
 
 
+class PrivacyConfig(_Section):
+    """Differentially private training (DP-SGD at the site); off unless ``epsilon`` or
+    ``noise-multiplier`` is set (docs/privacy.md).
+
+    ``epsilon`` is what this training may spend on its own: the noise is calibrated once for
+    all its steps. The site's ledger composes it with everything the data set spent before and
+    refuses the training if that would pass the data set's budget.
+    """
+
+    epsilon: float | None = Field(default=None, gt=0, description="target epsilon of this training (none or inf: not private)")
+    noise_multiplier: float | None = Field(default=None, gt=0, description="fixed noise multiplier instead of a target epsilon")
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0, description="per-example gradient clipping norm")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_mode: bool = Field(default=False, description="OS randomness for sampling and noise seeds; seeds ignored")
+    trainable: Literal["all", "neck"] = Field(
+        default="all", description="all parameters, or the embedding neck and head only (GRUs frozen: fine-tuning)"
+    )
+    ledger: Path | None = Field(default=None, description="privacy ledger file (default: $FEDFACE_LEDGER or ~/.fedface/privacy-ledger.sqlite)")
+    dataset: str | None = Field(default=None, description="name of the data set in the ledger (default: the resolved data.root)")
+
+    @model_validator(mode="after")
+    def _check_one(self) -> PrivacyConfig:
+        if self.epsilon is not None and self.noise_multiplier is not None and self.epsilon != float("inf"):
+            raise ValueError("privacy.epsilon and privacy.noise-multiplier exclude each other: set one")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether training is private."""
+        return self.noise_multiplier is not None or (self.epsilon is not None and self.epsilon != float("inf"))
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """As for every section, with an infinite epsilon (not private) dropped."""
+        raw = super().to_toml_dict()
+        if self.epsilon == float("inf"):
+            raw.pop("epsilon", None)
+        return raw
+
+
 class TrainConfig(_Section):
     """Everything `fedface train` needs; the resolved form is saved in each run directory."""
 
@@ -173,6 +216,13 @@ class TrainConfig(_Section):
     augment: AugmentSection = AugmentSection()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """Kebab-case, TOML-serialisable form of every section."""
+        raw = super().to_toml_dict()
+        raw["privacy"] = self.privacy.to_toml_dict()
+        return raw
 
     @model_validator(mode="after")
     def _check_cross(self) -> TrainConfig:
@@ -246,6 +296,7 @@ __all__ = [
     "EvaluationConfig",
     "HeadConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "SplitConfig",
     "TrainConfig",
     "TrainingConfig",

@@ -1,5 +1,5 @@
-"""Centralized training (one machine, no federation, no privacy): the baseline every federated
-and private result is compared with.
+"""Centralized training (one machine, no federation): the baseline every federated result is
+compared with, non-private or with DP-SGD (``privacy.epsilon``).
 
 :func:`train_run` loads the faces a config names, splits them, trains the GRU encoder with its
 head, evaluates on the held-out part and, given a run directory, writes the resolved config,
@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from fedface.common.checkpoint import Checkpoint
@@ -28,6 +30,10 @@ from fedface.common.errors import ConfigError, RunDirError, SplitError
 from fedface.common.evaluation import evaluate_closed_set, evaluate_expression, evaluate_open_set
 from fedface.common.io import atomic_write_json, atomic_write_toml
 from fedface.common.models import ExpressionHead, build_encoder, build_margin_head
+from fedface.common.privacy.accounting import format_epsilon
+from fedface.common.privacy.dpsgd import DPPlan, make_dp_optimizer, plan_mechanism, poisson_batches, train_epoch_dp
+from fedface.common.privacy.ledger import PrivacyLedger, default_ledger_path
+from fedface.common.privacy.per_sample import to_per_sample
 from fedface.common.training import EpochStats, select_device, shuffled_batches, train_epoch
 
 logger = logging.getLogger(__name__)
@@ -117,6 +123,7 @@ class RunResult:
     encoder: nn.Module | None = None
     head: nn.Module | None = None
     wall_s: float = 0.0
+    privacy: dict[str, Any] | None = None  # the mechanism and spend of a private run
 
 
 def evaluate_task(
@@ -190,6 +197,8 @@ def train_run(
 
     torch.manual_seed(cfg.training.seed)
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size).to(device)
+    if cfg.training.init_from is not None:
+        _load_encoder_init(encoder, cfg)
     num_classes = len(data.class_names)
     head: nn.Module
     if cfg.training.task == "expression":
@@ -197,36 +206,54 @@ def train_run(
     else:
         head = build_margin_head(cfg.head, embedding_dim=cfg.model.embedding_dim, num_classes=num_classes)
     head = head.to(device)
-    params = list(encoder.parameters()) + list(head.parameters())
+    aug = AugmentConfig(**dict(cfg.augment))
+    generator = torch.Generator().manual_seed(cfg.training.seed)
+    images = to_tensor(data.train.images).to(device)
+    labels = torch.from_numpy(data.train_labels).to(device)
+
+    private = _PrivateTraining.start(cfg, data, encoder, head, out_dir, device) if cfg.privacy.enabled else None
+    trained = private.encoder if private is not None else encoder
+    params = [p for p in list(trained.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.training.batch_size)
+    steps_per_epoch = private.plan.steps_per_epoch if private is not None else math.ceil(len(data.train) / cfg.training.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=cfg.training.lr,
         total_steps=cfg.training.epochs * steps_per_epoch,
         pct_start=cfg.training.warmup_fraction,
     )
-    aug = AugmentConfig(**dict(cfg.augment))
-    generator = torch.Generator().manual_seed(cfg.training.seed)
-    images = to_tensor(data.train.images).to(device)
-    labels = torch.from_numpy(data.train_labels).to(device)
+    dp_optimizer = private.optimizer(optimizer, generator) if private is not None else None
 
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.training.epochs + 1):
-        stats = train_epoch(
-            encoder=encoder,
-            head=head,
-            images=images,
-            labels=labels,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            batches=shuffled_batches(len(images), cfg.training.batch_size, generator),
-            augment_cfg=aug,
-            generator=generator,
-            device=device,
-            epoch=epoch,
-        )
+        if private is not None and dp_optimizer is not None:
+            stats = train_epoch_dp(
+                encoder=trained,
+                head=head,
+                images=images,
+                labels=labels,
+                optimizer=dp_optimizer,
+                scheduler=scheduler,
+                batches=private.batches(len(images), generator),
+                augment_cfg=aug,
+                generator=generator,
+                epoch=epoch,
+            )
+        else:
+            stats = train_epoch(
+                encoder=encoder,
+                head=head,
+                images=images,
+                labels=labels,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                batches=shuffled_batches(len(images), cfg.training.batch_size, generator),
+                augment_cfg=aug,
+                generator=generator,
+                device=device,
+                epoch=epoch,
+            )
         row: dict[str, float] = {
             "epoch": epoch,
             "loss": stats.loss,
@@ -238,13 +265,19 @@ def train_run(
         last = epoch == cfg.training.epochs
         evaluated: dict[str, float] | None = None
         if last or epoch % cfg.training.eval_every == 0:
+            if private is not None:
+                # evaluate (and save) the plain nn.GRU encoder: same weights, fused kernels
+                encoder.load_state_dict(trained.state_dict())
             evaluated = evaluate_task(cfg, data, encoder, head, device, with_occlusion=last)
             row.update({f"test_{k}": v for k, v in evaluated.items()})
             if last:
                 metrics = evaluated
         history.append(row)
         if out_dir is not None:
-            atomic_write_json(out_dir / "metrics.json", {"task": cfg.training.task, "history": history, "final": metrics})
+            atomic_write_json(
+                out_dir / "metrics.json",
+                {"task": cfg.training.task, "history": history, "final": metrics, **_privacy_summary(private)},
+            )
         if on_epoch is not None:
             on_epoch(stats, evaluated)
 
@@ -259,6 +292,7 @@ def train_run(
             "classes": num_classes,
             "history": history,
             "final": metrics,
+            **_privacy_summary(private),
         }
         atomic_write_json(out_dir / "metrics.json", summary)
         Checkpoint(
@@ -272,7 +306,125 @@ def train_run(
             scheduler_state=scheduler.state_dict(),
             class_names=data.class_names if cfg.training.task == "expression" else (),
         ).save(out_dir / "checkpoint.pt")
-    return RunResult(metrics=metrics, history=history, run_dir=out_dir, encoder=encoder, head=head, wall_s=wall_s)
+    return RunResult(
+        metrics=metrics,
+        history=history,
+        run_dir=out_dir,
+        encoder=encoder,
+        head=head,
+        wall_s=wall_s,
+        privacy=_privacy_summary(private).get("privacy"),
+    )
+
+
+def _load_encoder_init(encoder: nn.Module, cfg: TrainConfig) -> None:
+    """Start ``encoder`` from the encoder of the checkpoint at ``training.init-from``."""
+    from fedface.common.checkpoint import load_checkpoint
+
+    assert cfg.training.init_from is not None
+    ckpt = load_checkpoint(cfg.training.init_from)
+    if ckpt.config.model != cfg.model or ckpt.config.data.image_size != cfg.data.image_size:
+        raise ConfigError(
+            f"training.init-from {cfg.training.init_from} holds an encoder of another shape: its [model] section "
+            f"and data.image-size must equal this run's"
+        )
+    encoder.load_state_dict(ckpt.encoder_state)
+    logger.info("encoder initialised from %s", cfg.training.init_from)
+
+
+@dataclass
+class _PrivateTraining:
+    """A private run's DP-SGD set-up: the plan, its ledger charge and the per-sample encoder."""
+
+    cfg: TrainConfig
+    plan: DPPlan
+    encoder: nn.Module
+    dataset: str
+    ledger_path: Path
+    epsilon_total: float
+
+    @classmethod
+    def start(
+        cls, cfg: TrainConfig, data: TaskData, encoder: nn.Module, head: nn.Module, out_dir: Path | None, device: torch.device
+    ) -> _PrivateTraining:
+        """Plan the session, charge it to the ledger (before any training), prepare the encoder."""
+        pc = cfg.privacy
+        plan = plan_mechanism(
+            examples=len(data.train),
+            batch_size=cfg.training.batch_size,
+            epochs=cfg.training.epochs,
+            delta=pc.delta,
+            max_grad_norm=pc.max_grad_norm,
+            accountant=pc.accountant,
+            epsilon=pc.epsilon if pc.noise_multiplier is None else None,
+            noise_multiplier=pc.noise_multiplier,
+            secure_mode=pc.secure_mode,
+        )
+        dataset = pc.dataset or str(Path(cfg.data.root).resolve())
+        ledger_path = pc.ledger or default_ledger_path()
+        run_id = str(out_dir.resolve()) if out_dir is not None else f"train-{uuid.uuid4().hex[:12]}"
+        with PrivacyLedger(ledger_path) as ledger:
+            session = ledger.charge(dataset, plan.mechanism, run_id=run_id, examples=len(data.train))
+        m = plan.mechanism
+        logger.info(
+            "DP-SGD: noise multiplier %.4f, sample rate %.4f, %d steps, clip %.3g: epsilon %s at delta %.1e (%s); "
+            "data set total now %s in ledger %s",
+            m.noise_multiplier,
+            m.sample_rate,
+            m.steps,
+            m.max_grad_norm,
+            format_epsilon(plan.epsilon),
+            m.delta,
+            m.accountant,
+            format_epsilon(session.epsilon_after),
+            ledger_path,
+        )
+        private_encoder = to_per_sample(encoder).to(device)
+        if pc.trainable == "neck":
+            for p in private_encoder.rnns.parameters():
+                p.requires_grad_(False)
+        return cls(cfg, plan, private_encoder, dataset, Path(ledger_path), session.epsilon_after)
+
+    def optimizer(self, base: torch.optim.Optimizer, generator: torch.Generator) -> DPOptimizer:
+        """Opacus' DP optimizer around ``base`` with this plan's noise and clipping."""
+        noise_gen = torch.Generator(device=next(self.encoder.parameters()).device).manual_seed(self.cfg.training.seed + 1)
+        return make_dp_optimizer(
+            base,
+            noise_multiplier=self.plan.mechanism.noise_multiplier,
+            max_grad_norm=self.plan.mechanism.max_grad_norm,
+            expected_batch_size=self.plan.expected_batch_size,
+            secure_mode=self.plan.mechanism.secure_mode,
+            generator=noise_gen,
+        )
+
+    def batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """One epoch of Poisson batches."""
+        m = self.plan.mechanism
+        return poisson_batches(n, m.sample_rate, self.plan.steps_per_epoch, generator=generator, secure=m.secure_mode)
+
+
+def _privacy_summary(private: _PrivateTraining | None) -> dict[str, Any]:
+    """The ``privacy`` entry of metrics.json (empty for a non-private run)."""
+    if private is None:
+        return {}
+    m = private.plan.mechanism
+    return {
+        "privacy": {
+            "epsilon": private.plan.epsilon,
+            "delta": m.delta,
+            "accountant": m.accountant,
+            "noise_multiplier": m.noise_multiplier,
+            "sample_rate": m.sample_rate,
+            "steps": m.steps,
+            "max_grad_norm": m.max_grad_norm,
+            "sampling": m.sampling,
+            "secure_mode": m.secure_mode,
+            "trainable": private.cfg.privacy.trainable,
+            "dataset": private.dataset,
+            "ledger": str(private.ledger_path),
+            "dataset_epsilon_after": private.epsilon_total,
+        }
+    }
 
 
 __all__ = ["EXPRESSIONS", "RunResult", "TaskData", "evaluate_task", "prepare_task_data", "train_run"]

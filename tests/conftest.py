@@ -52,3 +52,11 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _private_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's default privacy ledger is its own temporary file, never ~/.fedface."""
+    path = tmp_path_factory.mktemp("ledger") / "privacy-ledger.sqlite"
+    monkeypatch.setenv("FEDFACE_LEDGER", str(path))
+    return path

@@ -39,15 +39,20 @@ def build_margin_head(cfg: HeadConfig, *, embedding_dim: int, num_classes: int) 
 
 
 def prepare_for_dp(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that Opacus can train with DP-SGD, with the same weights.
+    """A copy of ``module`` as fedface trains it with DP-SGD, with the same weights.
 
-    ``nn.GRU`` (a fused kernel whose per-sample gradients Opacus cannot hook) is replaced by a
-    GRU with the same maths and parameter values; every other layer in fedface's models is
-    already supported. The result passes ``ModuleValidator.validate(strict=True)``.
+    A :class:`GRUFaceEncoder` becomes a
+    :class:`~fedface.common.privacy.per_sample.PerSampleFaceEncoder`: its ``nn.GRU``s (fused
+    kernels whose per-sample gradients cannot be hooked) are replaced by
+    :class:`~fedface.common.privacy.gru.PerSampleGRU`, with the same maths, parameter names and
+    values, so state dicts load either way. Heads are copied as they are. The result passes
+    Opacus' ``ModuleValidator.validate(strict=True)``, in training mode.
     """
-    fixed = ModuleValidator.fix(copy.deepcopy(module))
-    # DP-SGD trains the copy; Opacus' validator also insists on training mode.
-    fixed.train()
+    # Imported here: fedface.common.privacy builds on this package's encoder.
+    from fedface.common.privacy.per_sample import to_per_sample
+
+    fixed = to_per_sample(module) if isinstance(module, GRUFaceEncoder) else copy.deepcopy(module)
+    fixed.train()  # DP-SGD trains the copy; Opacus' validator also insists on training mode.
     ModuleValidator.validate(fixed, strict=True)
     return fixed
 

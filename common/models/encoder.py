@@ -153,16 +153,17 @@ class GRUFaceEncoder(nn.Module):
         top = h_n[-2:] if rnn_dirs >= 2 and out.shape[-1] == 2 * h_n.shape[-1] else h_n[-1:]
         return top.transpose(0, 1).reshape(out.shape[0], -1)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """The GRU passes' pooled outputs, concatenated: (N, 1, H, W) -> (N, features)."""
+    def sequences(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each pass's reading of the faces: (N, 1, H, W) in [0, 1] -> {pass: (N, T, F)}."""
         if self.downsample > 1:
             x = F.avg_pool2d(x, self.downsample)
         x = standardize(x)
-        pooled = []
-        for name in self.passes:
-            out, h_n = self.rnns[name](_to_sequence(x, name, self.patch_size))
-            pooled.append(self._pool(out, h_n))
-        return torch.cat(pooled, dim=1)
+        return {name: _to_sequence(x, name, self.patch_size) for name in self.passes}
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The GRU passes' pooled outputs, concatenated: (N, 1, H, W) -> (N, features)."""
+        seqs = self.sequences(x)
+        return torch.cat([self._pool(*self.rnns[name](seqs[name])) for name in self.passes], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a batch of faces (N, 1, H, W) in [0, 1] to (N, embedding_dim), unit length."""

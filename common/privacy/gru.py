@@ -16,6 +16,7 @@ same gate order (reset, update, new), so state dicts load either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +25,81 @@ from torch import nn
 
 @dataclass
 class _Trace:
-    """What one (layer, direction) recorded for per-sample gradients."""
+    """What one layer (all its directions at once) recorded for per-sample gradients."""
 
-    inputs: torch.Tensor  # (N, T, I)   step inputs
-    h_prev: torch.Tensor  # (N, T, H)   hidden state before each step
-    probe_ih: torch.Tensor  # (N, T, 3H) zero, requires grad
-    probe_hh: torch.Tensor  # (N, T, 3H) zero, requires grad
-    suffix: str
+    inputs: torch.Tensor  # (D, N, T, I)  step inputs, time-reversed for the reverse direction
+    h_prev: torch.Tensor  # (D, N, T, H)  hidden state before each step
+    probe_ih: torch.Tensor  # (D, N, T, 3H) zero, requires grad
+    probe_hh: torch.Tensor  # (D, N, T, 3H) zero, requires grad
+    layer: int
+
+
+def _group_layer(grus: Sequence[PerSampleGRU], xs: Sequence[torch.Tensor], layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One layer of several GRUs, every direction of each in one time loop.
+
+    Each GRU's input (N, T, I) gives its outputs (N, T, D*H) and final states (D, N, H).
+    Speed matters here (one Python iteration per time step): all directions run as one
+    batched matmul per step, the input projections of all steps are one matmul, and per-step
+    slices come from ``unbind``/``split`` (whose backward is one stack or cat, where indexing
+    ``[:, t]`` would allocate a zero-filled full-size gradient per step).
+    """
+    first = grus[0]
+    directions = len(first._suffixes())
+    n, steps, n_in = xs[0].shape
+    hdim = first.hidden_size
+    groups = len(grus)
+    seqs = [s for x in xs for s in ((x, x.flip(1)) if directions == 2 else (x,))]
+    seq = torch.stack(seqs)  # (G*D, N, T, I)
+    w_ih = torch.stack([w for g in grus for w in g._stacked("weight_ih", layer)])  # (G*D, 3H, I)
+    w_hh_t = torch.stack([w for g in grus for w in g._stacked("weight_hh", layer)]).transpose(1, 2)  # (G*D, H, 3H)
+    b_ih = torch.stack([b for g in grus for b in g._stacked("bias_ih", layer)]).unsqueeze(1)  # (G*D, 1, 3H)
+    b_hh = torch.stack([b for g in grus for b in g._stacked("bias_hh", layer)]).unsqueeze(1)
+    rows = groups * directions
+    gi_all = torch.baddbmm(b_ih, seq.reshape(rows, n * steps, n_in), w_ih.transpose(1, 2))
+    gi_all = gi_all.view(rows, n, steps, 3 * hdim)
+    recording = [g._recording for g in grus]
+    if any(recording) and not all(recording):
+        raise ValueError("forward_group: either every GRU records probes or none does")
+    probes_ih: list[torch.Tensor] = []
+    probes_hh: list[torch.Tensor] = []
+    if recording[0]:
+        # one leaf per GRU (so each can be differentiated to), joined for the loop
+        shape = (directions, n, steps, 3 * hdim)
+        probes_ih = [gi_all.new_zeros(shape, requires_grad=True) for _ in grus]
+        probes_hh = [gi_all.new_zeros(shape, requires_grad=True) for _ in grus]
+        gi_all = gi_all + (torch.cat(probes_ih) if groups > 1 else probes_ih[0])
+        probe_steps = (torch.cat(probes_hh) if groups > 1 else probes_hh[0]).unbind(2)
+    gi_steps = gi_all.unbind(2)
+    h = xs[0].new_zeros(rows, n, hdim)
+    outs = []
+    prevs = []
+    for t in range(steps):
+        gh = torch.baddbmm(b_hh, h, w_hh_t)
+        if recording[0]:
+            gh = gh + probe_steps[t]
+            prevs.append(h)
+        gi_rz, gi_n = gi_steps[t].split((2 * hdim, hdim), dim=-1)
+        gh_rz, gh_n = gh.split((2 * hdim, hdim), dim=-1)
+        r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=-1)
+        cand = torch.tanh(gi_n + r * gh_n)
+        h = cand + z * (h - cand)  # (1 - z) * n + z * h
+        outs.append(h)
+    out = torch.stack(outs, dim=2)  # (G*D, N, T, H)
+    if recording[0]:
+        inputs = seq.detach()
+        h_prev = torch.stack(prevs, dim=2).detach()
+        for k, g in enumerate(grus):
+            part = slice(k * directions, (k + 1) * directions)
+            g._traces.append(
+                _Trace(inputs=inputs[part], h_prev=h_prev[part], probe_ih=probes_ih[k], probe_hh=probes_hh[k], layer=layer)
+            )
+    results = []
+    for k in range(groups):
+        if directions == 2:
+            results.append((torch.cat([out[2 * k], out[2 * k + 1].flip(1)], dim=2), h[2 * k : 2 * k + 2]))
+        else:
+            results.append((out[k], h[k : k + 1]))
+    return results
 
 
 class PerSampleGRU(nn.Module):
@@ -90,58 +159,39 @@ class PerSampleGRU(nn.Module):
         """The probe tensors of the last recorded forward pass, to differentiate the loss to."""
         return [t for tr in self._traces for t in (tr.probe_ih, tr.probe_hh)]
 
-    def _direction(self, x: torch.Tensor, layer: int, suffix: str, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        w_ih = getattr(self, f"weight_ih_l{layer}{suffix}")
-        w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
-        b_ih = getattr(self, f"bias_ih_l{layer}{suffix}")
-        b_hh = getattr(self, f"bias_hh_l{layer}{suffix}")
-        n, steps, _ = x.shape
-        hdim = self.hidden_size
-        seq = x.flip(1) if reverse else x
-        gi_all = torch.addmm(b_ih, seq.reshape(n * steps, -1), w_ih.t()).view(n, steps, 3 * hdim)
-        probe_hh = None
-        if self._recording:
-            probe_ih = torch.zeros_like(gi_all, requires_grad=True)
-            probe_hh = torch.zeros_like(gi_all, requires_grad=True)
-            gi_all = gi_all + probe_ih
-        h = x.new_zeros(n, hdim)
-        outs = []
-        prevs = []
-        for t in range(steps):
-            gi = gi_all[:, t]
-            gh = torch.addmm(b_hh, h, w_hh.t())
-            if probe_hh is not None:
-                gh = gh + probe_hh[:, t]
-                prevs.append(h)
-            i_r, i_z, i_n = gi.chunk(3, dim=1)
-            h_r, h_z, h_n = gh.chunk(3, dim=1)
-            r = torch.sigmoid(i_r + h_r)
-            z = torch.sigmoid(i_z + h_z)
-            cand = torch.tanh(i_n + r * h_n)
-            h = cand + z * (h - cand)  # (1 - z) * n + z * h
-            outs.append(h)
-        out = torch.stack(outs, dim=1)
-        if self._recording:
-            assert probe_hh is not None
-            self._traces.append(
-                _Trace(inputs=seq.detach(), h_prev=torch.stack(prevs, dim=1).detach(), probe_ih=probe_ih, probe_hh=probe_hh, suffix=f"l{layer}{suffix}")
-            )
-        if reverse:
-            out = out.flip(1)
-        return out, h
+    def _stacked(self, kind: str, layer: int) -> list[torch.Tensor]:
+        """One parameter kind of a layer, one tensor per direction."""
+        return [getattr(self, f"{kind}_l{layer}{suffix}") for suffix in self._suffixes()]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, T, input_size) -> outputs (N, T, H * directions), final states (layers * directions, N, H)."""
-        finals = []
-        layer_in = x
-        for layer in range(self.num_layers):
-            outs = []
-            for suffix in self._suffixes():
-                out, h = self._direction(layer_in, layer, suffix, reverse=suffix == "_reverse")
-                outs.append(out)
-                finals.append(h)
-            layer_in = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        return layer_in, torch.stack(finals, dim=0)
+        return PerSampleGRU.forward_group([self], [x])[0]
+
+    @staticmethod
+    def forward_group(grus: Sequence[PerSampleGRU], xs: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run several GRUs of the same shape on same-shaped inputs in one time loop.
+
+        Equivalent to ``[g(x) for g, x in zip(grus, xs)]``, but every direction of every GRU
+        advances in the same batched matmul per time step: an encoder reading a face by rows
+        and by columns (same length and width) pays for one recurrence loop, not two.
+        """
+        first = grus[0]
+        for g, x in zip(grus, xs, strict=True):
+            if (g.input_size, g.hidden_size, g.num_layers, g.bidirectional) != (
+                first.input_size,
+                first.hidden_size,
+                first.num_layers,
+                first.bidirectional,
+            ) or x.shape != xs[0].shape:
+                raise ValueError("forward_group needs GRUs of one shape and inputs of one shape")
+        finals: list[list[torch.Tensor]] = [[] for _ in grus]
+        layer_in = list(xs)
+        for layer in range(first.num_layers):
+            results = _group_layer(grus, layer_in, layer)
+            layer_in = [out for out, _ in results]
+            for k, (_, h) in enumerate(results):
+                finals[k].append(h)
+        return [(out, torch.cat(fin, dim=0)) for out, fin in zip(layer_in, finals, strict=True)]
 
     def compute_grad_samples(self, probe_grads: list[torch.Tensor]) -> None:
         """Set ``p.grad_sample`` (N, *p.shape) for every parameter from the probes' gradients.
@@ -152,9 +202,18 @@ class PerSampleGRU(nn.Module):
         if len(probe_grads) != 2 * len(self._traces):
             raise ValueError(f"expected {2 * len(self._traces)} probe gradients, got {len(probe_grads)}")
         for k, tr in enumerate(self._traces):
-            d_ih, d_hh = probe_grads[2 * k], probe_grads[2 * k + 1]
-            getattr(self, f"weight_ih_{tr.suffix}").grad_sample = torch.bmm(d_ih.transpose(1, 2), tr.inputs)
-            getattr(self, f"bias_ih_{tr.suffix}").grad_sample = d_ih.sum(dim=1)
-            getattr(self, f"weight_hh_{tr.suffix}").grad_sample = torch.bmm(d_hh.transpose(1, 2), tr.h_prev)
-            getattr(self, f"bias_hh_{tr.suffix}").grad_sample = d_hh.sum(dim=1)
+            d_ih, d_hh = probe_grads[2 * k], probe_grads[2 * k + 1]  # (D, N, T, 3H)
+            directions, n, steps, gates = d_ih.shape
+            # sum over time of outer products, as one batched matmul over (direction, example)
+            g_ih = torch.bmm(d_ih.reshape(-1, steps, gates).transpose(1, 2), tr.inputs.reshape(directions * n, steps, -1))
+            g_hh = torch.bmm(d_hh.reshape(-1, steps, gates).transpose(1, 2), tr.h_prev.reshape(directions * n, steps, -1))
+            g_ih = g_ih.view(directions, n, gates, -1)
+            g_hh = g_hh.view(directions, n, gates, -1)
+            b_ih, b_hh = d_ih.sum(dim=2), d_hh.sum(dim=2)
+            for d, suffix in enumerate(self._suffixes()):
+                name = f"l{tr.layer}{suffix}"
+                getattr(self, f"weight_ih_{name}").grad_sample = g_ih[d]
+                getattr(self, f"bias_ih_{name}").grad_sample = b_ih[d]
+                getattr(self, f"weight_hh_{name}").grad_sample = g_hh[d]
+                getattr(self, f"bias_hh_{name}").grad_sample = b_hh[d]
         self._traces = []

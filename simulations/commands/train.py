@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedface.common.config import TrainConfig
+from fedface.common.privacy.accounting import format_epsilon
 from fedface.common.training import EpochStats
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
 
@@ -49,6 +50,13 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Seed of training and of the split.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu or cuda.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (0: torch's default).")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Train with DP-SGD spending at most this epsilon (noise calibrated once for the whole training); 'inf' or unset: not private.", rich_help_panel="Privacy")] = None,
+    delta: Annotated[Optional[float], typer.Option(help="DP delta (default 1e-5; keep it well below 1 / training images).", rich_help_panel="Privacy")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="Per-example gradient clipping norm (default 1.0).", rich_help_panel="Privacy")] = None,
+    accountant: Annotated[Optional[str], typer.Option(help="Privacy accountant: rdp (default) or prv.", rich_help_panel="Privacy")] = None,
+    secure_mode: Annotated[Optional[bool], typer.Option("--secure-mode/--no-secure-mode", help="OS randomness for Poisson sampling and noise seeds (production).", rich_help_panel="Privacy")] = None,
+    ledger: Annotated[Optional[Path], typer.Option(help="Privacy ledger file (default $FEDFACE_LEDGER or ~/.fedface/privacy-ledger.sqlite); the training is charged there before it starts.", rich_help_panel="Privacy")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start the encoder from this checkpoint's encoder (e.g. public pre-training).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to write (default runs/train-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Reuse a run directory that already holds a run.")] = False,
     output_format: Annotated[str, typer.Option("--format", help="text, or json: the final metrics as one JSON object on stdout's last line.")] = "text",
@@ -59,6 +67,10 @@ def train(
 
     Writes a run directory with the resolved config, the split, per-epoch metrics
     (metrics.json) and the checkpoint (checkpoint.pt), each written atomically.
+
+    With --epsilon, trains with DP-SGD (Poisson sampling, per-example clipping, Gaussian
+    noise); the training is charged to the privacy ledger before it starts and refused if it
+    would pass the data set's budget (see `fedface privacy status`).
     """
     if output_format not in ("text", "json"):
         raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
@@ -76,6 +88,13 @@ def train(
             "split.seed": seed,
             "training.device": device,
             "training.threads": threads,
+            "training.init-from": str(init_from) if init_from is not None else None,
+            "privacy.epsilon": epsilon,
+            "privacy.delta": delta,
+            "privacy.max-grad-norm": max_grad_norm,
+            "privacy.accountant": accountant,
+            "privacy.secure-mode": secure_mode,
+            "privacy.ledger": str(ledger) if ledger is not None else None,
         }
         if task == "expression" and split is None:
             overrides["split.kind"] = "open-set"
@@ -83,9 +102,16 @@ def train(
         run_dir = out if out is not None else default_run_dir("train")
         run = _train_with_progress(cfg, run_dir, overwrite, show=not quiet)
     key, label = headline(cfg)
-    err_console.print(f"[bold]{label}[/] {run.metrics.get(key, float('nan')):.4f}  run directory: {run_dir}")
+    spent = ""
+    if run.privacy is not None:
+        spent = (
+            f"  epsilon {format_epsilon(run.privacy['epsilon'])} (delta {run.privacy['delta']:.1e}; "
+            f"data set total {format_epsilon(run.privacy['dataset_epsilon_after'])})"
+        )
+    err_console.print(f"[bold]{label}[/] {run.metrics.get(key, float('nan')):.4f}{spent}  run directory: {run_dir}")
     if output_format == "json":
-        print_json({"run_dir": str(run_dir), "wall_s": run.wall_s, **run.metrics})
+        extra = {"privacy": run.privacy} if run.privacy is not None else {}
+        print_json({"run_dir": str(run_dir), "wall_s": run.wall_s, **run.metrics, **extra})
 
 
 def _train_with_progress(cfg: TrainConfig, run_dir: Path, overwrite: bool, *, show: bool):  # type: ignore[no-untyped-def]

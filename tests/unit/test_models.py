@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
-from opacus.layers import DPGRU
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -30,17 +29,13 @@ from fedface.common.models import (
     prepare_for_dp,
     standardize,
 )
+from fedface.common.privacy import PerSampleGRU
+from fedface.common.privacy.per_sample import compute_grad_samples
 
 SIZE = (32, 32)
 PASSES = ("rows", "columns", "patches")
 POOLINGS = ("mean", "max", "meanmax", "last")
 DIM = 8
-
-_DPGRU_HOOK_WARNING = pytest.mark.filterwarnings(
-    # Opacus' DPGRU feeds the zero initial hidden state (no grad) through a hooked RNNLinear,
-    # and torch warns that the full backward hook fires with no input requiring grad.
-    "ignore:Full backward hook is firing when gradients are computed:UserWarning"
-)
 
 
 @pytest.fixture(scope="module")
@@ -253,19 +248,12 @@ def test_prepare_for_dp_leaves_the_original_untouched() -> None:
 
     # Assert
     assert prepared is not original
-    assert isinstance(original.rnns["rows"], nn.GRU)
-    assert not isinstance(original.rnns["rows"], DPGRU)
+    assert type(original.rnns["rows"]) is nn.GRU
+    assert isinstance(prepared.rnns["rows"], PerSampleGRU)
     for key, value in original.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="KNOWN (fixed by fedface's own DP GRU, issue 3): Opacus' DPGRU state_dict holds both the "
-    "nn.GRU names (weight_ih_l0, ...) and its cells' names (l0.ih.weight, ...), so the prepared "
-    "encoder's state_dict does not load strictly into a plain encoder (and vice versa)",
-)
 def test_prepared_encoder_state_dict_loads_into_a_plain_encoder(faces: torch.Tensor) -> None:
     # Arrange: the weights a DP site would send back to the server
     prepared = prepare_for_dp(_encoder(("rows",), seed=0))
@@ -290,53 +278,29 @@ def test_prepare_for_dp_accepts_an_encoder_in_eval_mode() -> None:
 # --- per-sample gradients (Opacus) -------------------------------------------------------------
 
 
-@_DPGRU_HOOK_WARNING
-@pytest.mark.parametrize(
-    "passes",
-    [
-        ("rows", "columns"),
-        ("patches",),
-    ],
-    ids="+".join,
-)
-def test_prepared_encoder_has_per_sample_grads_for_every_parameter(faces: torch.Tensor, passes: tuple[str, ...]) -> None:
-    # Arrange
-    model = GradSampleModule(prepare_for_dp(_encoder(passes, pooling="meanmax")))
-
-    # Act
-    loss = (model(faces) * torch.linspace(-1, 1, DIM)).sum()
-    loss.backward()
-
-    # Assert
-    shapes = {
-        name: None if p.grad_sample is None else tuple(p.grad_sample.shape)
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-    bad = {name: s for name, s in shapes.items() if s is None or s[0] != faces.shape[0]}
-    assert bad == {}
-
-
-@_DPGRU_HOOK_WARNING
-def test_prepared_encoder_per_sample_grads_match_per_example_backward(faces: torch.Tensor, face_labels: torch.Tensor) -> None:
-    # Arrange
-    prepared = prepare_for_dp(_encoder(("rows",), pooling="mean"))
-    weights = torch.linspace(-1, 1, DIM)
+@pytest.mark.parametrize("passes", [("rows", "columns"), ("patches",), ("rows", "patches")], ids="+".join)
+@pytest.mark.parametrize("pooling", ["meanmax", "last"])
+def test_prepared_encoder_per_sample_grads_match_per_example_backward_in_float32(
+    faces: torch.Tensor, face_labels: torch.Tensor, passes: tuple[str, ...], pooling: str
+) -> None:
+    # Arrange: the encoder and a CosFace head as fedface trains them under DP-SGD, float32
+    prepared = prepare_for_dp(_encoder(passes, pooling=pooling, num_layers=2))
+    torch.manual_seed(4)
+    head = MarginHead.cosface(DIM, 3, scale=8.0)
 
     def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (m(x) * weights).sum()
+        return F.cross_entropy(head(m(x), y), y, reduction="sum")
 
     expected = _per_example_grads(prepared, loss_fn, faces, face_labels)
-    model = GradSampleModule(prepared, loss_reduction="sum")
 
     # Act
-    prepared.zero_grad(set_to_none=True)
-    loss_fn(model, faces, face_labels).backward()
+    compute_grad_samples(prepared, head, faces, face_labels)
 
-    # Assert
+    # Assert: every parameter, every example, max abs difference <= 1e-5
     for name, p in prepared.named_parameters():
+        assert p.grad_sample.shape == (faces.shape[0], *p.shape), name
         for i in range(faces.shape[0]):
-            torch.testing.assert_close(p.grad_sample[i], expected[i][name], atol=1e-4, rtol=1e-3, msg=f"{name}[{i}]")
+            torch.testing.assert_close(p.grad_sample[i], expected[i][name], atol=1e-5, rtol=0, msg=f"{name}[{i}]")
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_compute_grad_samples_equal_per_example_backward_for_encoder_and_head(or
         "expression": lambda: ExpressionHead(8, 3),
     }[head_kind]().double()
 
-    losses = compute_grad_samples(encoder, head, x, y)
+    losses = compute_grad_samples(encoder, head, x, y).losses
 
     params = list(encoder.named_parameters()) + list(head.named_parameters())
     for i in range(5):
