@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedface.simulations.bench.baseline import baseline
+from fedface.simulations.bench.dp import dp
 
 bench_app = typer.Typer(
     help="Benchmarks: each prints its figures, the last line of stdout one JSON object.",
@@ -12,5 +13,6 @@ bench_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 bench_app.command()(baseline)
+bench_app.command()(dp)
 
 __all__ = ["bench_app"]

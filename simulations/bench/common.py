@@ -22,6 +22,22 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def process_peak_mb() -> float:
+    """Peak resident memory, in MiB, of this process alone.
+
+    Linux's ``VmHWM`` (high-water mark of this address space) where available: ``ru_maxrss``
+    survives ``exec`` and so reports the parent's size in a freshly spawned worker.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def scenario_config(name: str) -> TrainConfig:
     """A config shipped in ``fedface/simulations/scenarios/``."""
     ref = resources.files("fedface.simulations").joinpath("scenarios", name)
@@ -34,4 +50,4 @@ def mean(values: list[float]) -> float:
     return float(statistics.fmean(values))
 
 
-__all__ = ["mean", "peak_rss_mb", "scenario_config"]
+__all__ = ["mean", "peak_rss_mb", "process_peak_mb", "scenario_config"]
