@@ -31,7 +31,14 @@ from fedface.common.evaluation import evaluate_closed_set, evaluate_expression, 
 from fedface.common.io import atomic_write_json, atomic_write_toml
 from fedface.common.models import ExpressionHead, build_encoder, build_margin_head
 from fedface.common.privacy.accounting import format_epsilon
-from fedface.common.privacy.dpsgd import DPPlan, make_dp_optimizer, plan_mechanism, poisson_batches, train_epoch_dp
+from fedface.common.privacy.dpsgd import (
+    DPPlan,
+    make_dp_optimizer,
+    plan_mechanism,
+    poisson_batches,
+    secure_seed,
+    train_epoch_dp,
+)
 from fedface.common.privacy.ledger import PrivacyLedger, default_ledger_path
 from fedface.common.privacy.per_sample import to_per_sample
 from fedface.common.training import EpochStats, select_device, shuffled_batches, train_epoch
@@ -222,7 +229,7 @@ def train_run(
         total_steps=cfg.training.epochs * steps_per_epoch,
         pct_start=cfg.training.warmup_fraction,
     )
-    dp_optimizer = private.optimizer(optimizer, generator) if private is not None else None
+    dp_optimizer = private.optimizer(optimizer) if private is not None else None
 
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}
@@ -235,7 +242,7 @@ def train_run(
                 labels=labels,
                 optimizer=dp_optimizer,
                 scheduler=scheduler,
-                batches=private.batches(len(images), generator),
+                batches=private.batches(len(images)),
                 augment_cfg=aug,
                 generator=generator,
                 epoch=epoch,
@@ -342,6 +349,7 @@ class _PrivateTraining:
     dataset: str
     ledger_path: Path
     epsilon_total: float
+    sampling: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(secure_seed()))
 
     @classmethod
     def start(
@@ -364,6 +372,7 @@ class _PrivateTraining:
         ledger_path = pc.ledger or default_ledger_path()
         run_id = str(out_dir.resolve()) if out_dir is not None else f"train-{uuid.uuid4().hex[:12]}"
         with PrivacyLedger(ledger_path) as ledger:
+            ledger.verify()  # a tampered ledger must not silently accept more spend
             session = ledger.charge(dataset, plan.mechanism, run_id=run_id, examples=len(data.train))
         m = plan.mechanism
         logger.info(
@@ -385,9 +394,15 @@ class _PrivateTraining:
                 p.requires_grad_(False)
         return cls(cfg, plan, private_encoder, dataset, Path(ledger_path), session.epsilon_after)
 
-    def optimizer(self, base: torch.optim.Optimizer, generator: torch.Generator) -> DPOptimizer:
-        """Opacus' DP optimizer around ``base`` with this plan's noise and clipping."""
-        noise_gen = torch.Generator(device=next(self.encoder.parameters()).device).manual_seed(self.cfg.training.seed + 1)
+    def optimizer(self, base: torch.optim.Optimizer) -> DPOptimizer:
+        """Opacus' DP optimizer around ``base`` with this plan's noise and clipping.
+
+        The noise is never seeded from the config: ``training.seed`` is saved with the
+        checkpoint, and noise regenerated from it could be subtracted from the released
+        weights. It comes from a generator seeded from the OS (re-seeded every step in
+        secure mode).
+        """
+        noise_gen = torch.Generator(device=next(self.encoder.parameters()).device).manual_seed(secure_seed())
         return make_dp_optimizer(
             base,
             noise_multiplier=self.plan.mechanism.noise_multiplier,
@@ -397,10 +412,10 @@ class _PrivateTraining:
             generator=noise_gen,
         )
 
-    def batches(self, n: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """One epoch of Poisson batches."""
+    def batches(self, n: int) -> Iterator[torch.Tensor]:
+        """One epoch of Poisson batches, drawn from OS-seeded randomness (never the config's seed)."""
         m = self.plan.mechanism
-        return poisson_batches(n, m.sample_rate, self.plan.steps_per_epoch, generator=generator, secure=m.secure_mode)
+        return poisson_batches(n, m.sample_rate, self.plan.steps_per_epoch, generator=self.sampling, secure=m.secure_mode)
 
 
 def _privacy_summary(private: _PrivateTraining | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Differential privacy building blocks (in progress: see the differential-privacy issue).
+"""Differential privacy at a site: per-sample gradients, DP-SGD, accounting and the ledger (docs/privacy.md).
 
 :class:`PerSampleGRU` is ``nn.GRU`` with cheap, exact per-sample gradients for DP-SGD.
 :mod:`~fedface.common.privacy.accounting` computes and calibrates epsilon with Opacus'

@@ -15,6 +15,10 @@ One private training session at a site is:
    adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` and divides
    by the *expected* batch size before the wrapped optimizer's step.
 
+Outside secure mode, fedface's training seeds the sampling and noise generators from the
+operating system once per run, never from ``training.seed`` (which is saved with the
+checkpoint: noise regenerated from it could be subtracted from the released weights).
+
 ``secure_mode`` (for production): Poisson sampling draws from the operating system's CSPRNG
 (``os.urandom``), and the noise uses Opacus' defence against floating-point attacks (each
 noise value is a sum of four Gaussians) from a torch generator re-seeded from ``os.urandom``
@@ -43,7 +47,8 @@ from fedface.common.training import EpochStats
 logger = logging.getLogger(__name__)
 
 
-def _secure_seed() -> int:
+def secure_seed() -> int:
+    """A 63-bit seed from the operating system's CSPRNG."""
     return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
 
@@ -73,7 +78,7 @@ class _SecureDPOptimizer(DPOptimizer):
 
     def add_noise(self) -> None:  # noqa: D102 (Opacus' documented method)
         if self.generator is not None:
-            self.generator.manual_seed(_secure_seed())
+            self.generator.manual_seed(secure_seed())
         super().add_noise()
 
 
@@ -228,5 +233,6 @@ __all__ = [
     "make_dp_optimizer",
     "plan_mechanism",
     "poisson_batches",
+    "secure_seed",
     "train_epoch_dp",
 ]

@@ -6,8 +6,8 @@ In one run:
    (default Extended Yale B: other people than ORL's), as DP fine-tuning is done in practice;
    its own figures on ORL are reported under ``pretrained_only``;
 2. for each epsilon of ``--epsilons`` (default 1, 2, 4, 8, inf) and each start (``scratch``:
-   random initialisation with the scratch recipe; ``pretrained``: the public encoder with the
-   fine-tuning recipe), one DP-SGD training on ORL for each protocol:
+   random initialisation; ``pretrained``: the public encoder), one DP-SGD training on ORL with
+   the same recipe for each protocol:
 
    - open set: train on 30 identities, 10-fold verification accuracy on pairs of the other 10;
    - closed set: 5 training / 5 test images per identity, rank-1.
@@ -16,8 +16,8 @@ In one run:
    its whole run and charged to a ledger of this benchmark's own (a temporary file), each
    (row, protocol) as its own data set, so rows do not compose with each other.
 
-The recipes are the packaged scenarios ``privacy_scratch.toml``, ``privacy_finetune.toml`` and
-``public_pretrain.toml`` (or ``--scratch-config`` etc.). The last stdout line is one JSON object
+The recipes are the packaged scenarios ``privacy_recipe.toml`` and ``public_pretrain.toml``
+(or ``--recipe`` and ``--pretrain-config``). The last stdout line is one JSON object
 with ``rows`` (``eps``, ``init``, ``open_verif_acc``, ``closed_rank1``, ...) and
 ``pretrained_only``.
 """
@@ -104,8 +104,7 @@ def privacy(
     orl: Annotated[Path, typer.Option(help="Private faces: ORL/AT&T (sN/M.pgm) or any layout fedface reads.")] = _default_data("orl"),
     public: Annotated[Path, typer.Option(help="Public faces for pre-training (default Extended Yale B).")] = _default_data("extended_yaleb"),
     epsilons: Annotated[str, typer.Option(help="Comma-separated epsilons; inf is the same recipe without privacy.")] = "1,2,4,8,inf",
-    scratch_config: Annotated[Optional[Path], typer.Option(help="Recipe from scratch (default: packaged scenarios/privacy_scratch.toml).")] = None,
-    finetune_config: Annotated[Optional[Path], typer.Option(help="Fine-tuning recipe (default: packaged scenarios/privacy_finetune.toml).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Training recipe of every row, from scratch and fine-tuning (default: packaged scenarios/privacy_recipe.toml).")] = None,
     pretrain_config: Annotated[Optional[Path], typer.Option(help="Public pre-training recipe (default: packaged scenarios/public_pretrain.toml).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of splits, training and noise.")] = 0,
     jobs_n: Annotated[int, typer.Option("--jobs", "-j", help="Trainings run at once, each in its own process (default: the CPU count).")] = 0,
@@ -121,8 +120,8 @@ def privacy(
         work = Path(tmp)
         ledger = work / "ledger.sqlite"
         overrides = {"training.seed": seed, "split.seed": seed, "training.threads": threads, "training.eval-every": 10_000}
-        scratch = (TrainConfig.from_toml(scratch_config) if scratch_config else scenario_config("privacy_scratch.toml")).with_overrides(overrides)
-        finetune = (TrainConfig.from_toml(finetune_config) if finetune_config else scenario_config("privacy_finetune.toml")).with_overrides(overrides)
+        scratch = (TrainConfig.from_toml(recipe) if recipe else scenario_config("privacy_recipe.toml")).with_overrides(overrides)
+        finetune = scratch
         pre_cfg = (TrainConfig.from_toml(pretrain_config) if pretrain_config else scenario_config("public_pretrain.toml")).with_overrides(
             {**overrides, "data.root": str(public)}
         )

@@ -1,4 +1,4 @@
-"""`fedface train`: centralized training (no federation, no privacy) from a config plus flags."""
+"""`fedface train`: centralized training (no federation; optionally DP-SGD) from a config plus flags."""
 
 from __future__ import annotations
 

@@ -54,3 +54,64 @@ def test_bench_baseline_missing_orl_exits_4(tmp_path: Path, yale_a_root: Path) -
 
     assert result.exit_code == 4
     assert result.stderr.strip().startswith("DataNotFoundError:")
+
+
+# --- fedface bench dp ---------------------------------------------------------------------------
+
+TINY_MODEL = "[model]\npasses = [\"rows\", \"columns\"]\nhidden-size = 16\nembedding-dim = 16\ndownsample = 4\n"
+
+
+def test_bench_dp_times_all_three_steps_in_one_run(orl_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_MODEL)
+
+    result = CliRunner().invoke(
+        app,
+        ["bench", "dp", "--orl", str(orl_root), "--config", str(config), "--batch-size", "8",
+         "--steps", "1", "--repeats", "2", "--warmup", "1", "--no-memory"],
+    )
+
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("nonprivate_step_s", "fedface_dp_step_s", "opacus_dpgru_step_s"):
+        assert figures[key] > 0, key
+        assert len(figures["step_s_all"][key.removesuffix("_step_s")]) == 2
+    assert figures["dp_over_nonprivate"] == pytest.approx(figures["fedface_dp_step_s"] / figures["nonprivate_step_s"])
+    assert figures["opacus_over_fedface"] == pytest.approx(figures["opacus_dpgru_step_s"] / figures["fedface_dp_step_s"])
+
+
+# --- fedface bench privacy ----------------------------------------------------------------------
+
+
+def test_bench_privacy_reports_rows_per_epsilon_and_start(orl_root: Path, yaleb_root: Path, tmp_path: Path) -> None:
+    # Arrange: the packaged recipes' shapes, one epoch each, a small encoder
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(TINY_MODEL + "[training]\nepochs = 1\nbatch-size = 64\nlr = 1e-2\n[privacy]\ndelta = 1e-5\n")
+    pretrain = tmp_path / "pre.toml"
+    pretrain.write_text(TINY_MODEL + "[split]\nkind = \"closed-set\"\ntrain-per-identity = 54\n[training]\nepochs = 1\n")
+
+    # Act
+    result = CliRunner().invoke(
+        app,
+        ["bench", "privacy", "--orl", str(orl_root), "--public", str(yaleb_root), "--epsilons", "2,inf",
+         "--recipe", str(recipe), "--pretrain-config", str(pretrain), "--jobs", "1"],
+    )
+
+    # Assert
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["eps"], r["init"]) for r in figures["rows"]] == [(2.0, "scratch"), ("inf", "scratch"), (2.0, "pretrained"), ("inf", "pretrained")]
+    for row in figures["rows"]:
+        assert 0.0 <= row["open_verif_acc"] <= 1.0 and 0.0 <= row["closed_rank1"] <= 1.0
+        if row["eps"] == "inf":
+            assert row["open_epsilon_spent"] is None
+        else:
+            assert 1.9 < row["open_epsilon_spent"] <= 2.0 and 1.9 < row["closed_epsilon_spent"] <= 2.0
+    assert set(figures["pretrained_only"]) >= {"open_verif_acc", "closed_rank1"}
+
+
+def test_bench_privacy_rejects_a_bad_epsilon_list() -> None:
+    result = CliRunner().invoke(app, ["bench", "privacy", "--epsilons", "8,zero"])
+
+    assert result.exit_code == 2
+    assert "--epsilons" in result.stderr

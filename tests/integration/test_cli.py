@@ -179,3 +179,37 @@ def test_unknown_output_format_is_a_usage_error(command: list[str]) -> None:
 
     assert result.exit_code == 2
     assert "expected text or json, got 'yaml'" in result.stderr
+
+
+def test_private_train_is_charged_then_refused_once_the_budget_is_spent(tmp_path: Path, orl_root: Path) -> None:
+    # Arrange: a budget of 2.5 for the data set, then private trainings spending up to 2 each
+    config = _write_config(tmp_path)
+    ledger = tmp_path / "ledger.sqlite"
+    budget = runner.invoke(
+        app, ["privacy", "budget", "--ledger", str(ledger), "--dataset", str(orl_root.resolve()), "--epsilon", "2.5", "--delta", "1e-5"]
+    )
+    assert budget.exit_code == 0, budget.stderr
+
+    # Act
+    first = runner.invoke(
+        app,
+        ["train", "-c", str(config), "--data", str(orl_root), "--out", str(tmp_path / "r1"), "--epsilon", "2",
+         "--ledger", str(ledger), "--format", "json", "-q"],
+    )
+    status = runner.invoke(app, ["privacy", "status", "--ledger", str(ledger), "--format", "json"])
+    second = runner.invoke(
+        app,
+        ["train", "-c", str(config), "--data", str(orl_root), "--out", str(tmp_path / "r2"), "--epsilon", "2",
+         "--ledger", str(ledger), "-q"],
+    )
+
+    # Assert
+    assert first.exit_code == 0, first.stderr
+    spent = _last_json(first.stdout)["privacy"]
+    assert spent["epsilon"] <= 2.0 and spent["sampling"] == "poisson"  # type: ignore[index]
+    row = _last_json(status.stdout)["datasets"][0]  # type: ignore[index]
+    assert row["epsilon"] == pytest.approx(spent["dataset_epsilon_after"], abs=1e-9)  # type: ignore[index]
+    assert row["state"] == "ok"
+    assert second.exit_code == 10
+    assert "budget exhausted" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r2" / "checkpoint.pt").exists()

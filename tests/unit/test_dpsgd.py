@@ -276,3 +276,17 @@ def test_a_crash_during_private_training_leaves_the_spend_recorded(orl_root: Pat
     sessions = PrivacyLedger(ledger).sessions("orl-site")
     assert len(sessions) == 1 and sessions[0].epsilon_after > 0
     assert math.isfinite(sessions[0].epsilon_after)
+
+
+def test_private_training_noise_is_not_reproducible_from_the_saved_seed(orl_root: Path, tmp_path: Path) -> None:
+    # The config's seed is saved with the checkpoint: noise drawn from it could be regenerated
+    # and subtracted from the released weights, so two runs with one seed must differ.
+    from fedface.simulations.centralized import train_run
+
+    cfg = _private_cfg(orl_root, tmp_path / "ledger.sqlite", epsilon=8.0, dataset="orl-site").with_overrides({"training.epochs": 1})
+
+    first = train_run(cfg).encoder
+    second = train_run(cfg).encoder
+
+    assert first is not None and second is not None
+    assert not torch.equal(first.neck.project.weight, second.neck.project.weight)
