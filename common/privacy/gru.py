@@ -5,9 +5,11 @@ fused ``nn.GRU`` step (see ``../shared/docs/STACK.md``), and its functorch and g
 modes are no faster. Per-sample gradients of a GRU's weights are sums over time of outer
 products of the gate-pre-activation gradients with the step inputs (for ``weight_ih``) or the
 previous hidden states (for ``weight_hh``). So this module, when asked to
-(:meth:`PerSampleGRU.record`), adds zero *probe* tensors to the gate pre-activations; one
-backward pass to the probes yields every step's gate gradients, and one batched matrix product
-per weight turns them into per-sample gradients (:meth:`PerSampleGRU.compute_grad_samples`).
+(:meth:`PerSampleGRU.record`), adds a zero *probe* tensor to the input-side gate
+pre-activations of every step; one backward pass to the probes yields every step's gate
+gradients (the hidden side's follow from them and the saved reset gates), and one batched
+matrix product per weight turns them into per-sample gradients
+(:meth:`PerSampleGRU.compute_grad_samples`).
 
 Parameters are named as in ``nn.GRU`` (``weight_ih_l0``, ``bias_hh_l0_reverse``, ...), in the
 same gate order (reset, update, new), so state dicts load either way.
@@ -29,8 +31,8 @@ class _Trace:
 
     inputs: torch.Tensor  # (D, N, T, I)  step inputs, time-reversed for the reverse direction
     h_prev: torch.Tensor  # (D, N, T, H)  hidden state before each step
-    probe_ih: torch.Tensor  # (D, N, T, 3H) zero, requires grad
-    probe_hh: torch.Tensor  # (D, N, T, 3H) zero, requires grad
+    reset: torch.Tensor  # (D, N, T, H)  reset gate r of each step
+    probe: torch.Tensor  # (D, N, T, 3H) zero, requires grad: added to the input-side pre-activations
     layer: int
 
 
@@ -60,27 +62,28 @@ def _group_layer(grus: Sequence[PerSampleGRU], xs: Sequence[torch.Tensor], layer
     recording = [g._recording for g in grus]
     if any(recording) and not all(recording):
         raise ValueError("forward_group: either every GRU records probes or none does")
-    probes_ih: list[torch.Tensor] = []
-    probes_hh: list[torch.Tensor] = []
+    # Only the input side needs a probe: the hidden-side pre-activation gradient equals it on
+    # the reset and update gates (they are summed before the sigmoid) and is it times r on the
+    # candidate (``tanh(gi_n + r * gh_n)``), so it is derived from the probe's and the saved r.
+    probes: list[torch.Tensor] = []
     if recording[0]:
         # one leaf per GRU (so each can be differentiated to), joined for the loop
         shape = (directions, n, steps, 3 * hdim)
-        probes_ih = [gi_all.new_zeros(shape, requires_grad=True) for _ in grus]
-        probes_hh = [gi_all.new_zeros(shape, requires_grad=True) for _ in grus]
-        gi_all = gi_all + (torch.cat(probes_ih) if groups > 1 else probes_ih[0])
-        probe_steps = (torch.cat(probes_hh) if groups > 1 else probes_hh[0]).unbind(2)
+        probes = [gi_all.new_zeros(shape, requires_grad=True) for _ in grus]
+        gi_all = gi_all + (torch.cat(probes) if groups > 1 else probes[0])
     gi_steps = gi_all.unbind(2)
     h = xs[0].new_zeros(rows, n, hdim)
     outs = []
     prevs = []
+    resets = []
     for t in range(steps):
         gh = torch.baddbmm(b_hh, h, w_hh_t)
-        if recording[0]:
-            gh = gh + probe_steps[t]
-            prevs.append(h)
         gi_rz, gi_n = gi_steps[t].split((2 * hdim, hdim), dim=-1)
         gh_rz, gh_n = gh.split((2 * hdim, hdim), dim=-1)
         r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=-1)
+        if recording[0]:
+            prevs.append(h)
+            resets.append(r)
         cand = torch.tanh(gi_n + r * gh_n)
         h = cand + z * (h - cand)  # (1 - z) * n + z * h
         outs.append(h)
@@ -88,11 +91,10 @@ def _group_layer(grus: Sequence[PerSampleGRU], xs: Sequence[torch.Tensor], layer
     if recording[0]:
         inputs = seq.detach()
         h_prev = torch.stack(prevs, dim=2).detach()
+        reset = torch.stack(resets, dim=2).detach()
         for k, g in enumerate(grus):
             part = slice(k * directions, (k + 1) * directions)
-            g._traces.append(
-                _Trace(inputs=inputs[part], h_prev=h_prev[part], probe_ih=probes_ih[k], probe_hh=probes_hh[k], layer=layer)
-            )
+            g._traces.append(_Trace(inputs=inputs[part], h_prev=h_prev[part], reset=reset[part], probe=probes[k], layer=layer))
     results = []
     for k in range(groups):
         if directions == 2:
@@ -157,7 +159,7 @@ class PerSampleGRU(nn.Module):
     @property
     def probes(self) -> list[torch.Tensor]:
         """The probe tensors of the last recorded forward pass, to differentiate the loss to."""
-        return [t for tr in self._traces for t in (tr.probe_ih, tr.probe_hh)]
+        return [tr.probe for tr in self._traces]
 
     def _stacked(self, kind: str, layer: int) -> list[torch.Tensor]:
         """One parameter kind of a layer, one tensor per direction."""
@@ -199,10 +201,12 @@ class PerSampleGRU(nn.Module):
         ``probe_grads`` are the gradients of the summed per-sample losses with respect to
         :attr:`probes`, in that order.
         """
-        if len(probe_grads) != 2 * len(self._traces):
-            raise ValueError(f"expected {2 * len(self._traces)} probe gradients, got {len(probe_grads)}")
-        for k, tr in enumerate(self._traces):
-            d_ih, d_hh = probe_grads[2 * k], probe_grads[2 * k + 1]  # (D, N, T, 3H)
+        if len(probe_grads) != len(self._traces):
+            raise ValueError(f"expected {len(self._traces)} probe gradient(s), got {len(probe_grads)}")
+        hdim = self.hidden_size
+        for tr, d_ih in zip(self._traces, probe_grads, strict=True):
+            # (D, N, T, 3H): input-side gate gradients; hidden side as explained in _group_layer
+            d_hh = torch.cat([d_ih[..., : 2 * hdim], d_ih[..., 2 * hdim :] * tr.reset], dim=-1)
             directions, n, steps, gates = d_ih.shape
             # sum over time of outer products, as one batched matmul over (direction, example)
             g_ih = torch.bmm(d_ih.reshape(-1, steps, gates).transpose(1, 2), tr.inputs.reshape(directions * n, steps, -1))

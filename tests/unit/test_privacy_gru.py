@@ -64,8 +64,8 @@ def test_per_sample_gru_wrong_number_of_probe_grads_raises() -> None:
     gru.record(True)
     gru(torch.randn(2, 5, 4))
 
-    with pytest.raises(ValueError, match="expected 2 probe gradients, got 1"):
-        gru.compute_grad_samples([torch.zeros(2, 5, 9)])
+    with pytest.raises(ValueError, match=r"expected 1 probe gradient\(s\), got 2"):
+        gru.compute_grad_samples([torch.zeros(1, 2, 5, 9), torch.zeros(1, 2, 5, 9)])
 
 
 @pytest.mark.parametrize("head_kind", ["cosface", "arcface", "expression"])
