@@ -3,10 +3,13 @@
 ``load_faces`` reads ORL, scikit-learn's Olivetti cache, Yale A, Extended Yale B (cropped) and
 ImageFolder trees into a :class:`FaceSet`; ``augment`` and ``occlude`` work on whole torch
 batches; ``split_open_set`` / ``split_closed_set`` make seeded splits that keep
-pixel-identical images on one side and record themselves by source path.
+pixel-identical images on one side and record themselves by source path; ``partition_sites``
+deals the images among the sites of a federated simulation (identity-disjoint, or with
+identities recurring across sites) and records itself the same way.
 """
 
 from fedface.common.data.faceset import FaceSet, SkippedFile
+from fedface.common.data.partition import PARTITION_FORMAT, SitePartition, partition_sites
 from fedface.common.data.sources import (
     IMAGE_EXTENSIONS,
     LAYOUTS,
@@ -36,11 +39,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "OCCLUSION_PLACEMENTS",
+    "PARTITION_FORMAT",
     "SPLIT_FORMAT",
     "YALE_A_CONDITIONS",
     "AugmentConfig",
     "FaceSet",
     "Layout",
+    "SitePartition",
     "SkippedFile",
     "Split",
     "augment",
@@ -48,6 +53,7 @@ __all__ = [
     "load_faces",
     "occlude",
     "occlusion_boxes",
+    "partition_sites",
     "split_closed_set",
     "split_gallery_probe",
     "split_open_set",
