@@ -184,6 +184,9 @@ class PrivacyConfig(_Section):
     trainable: Literal["all", "neck"] = Field(
         default="all", description="all parameters, or the embedding neck and head only (GRUs frozen: fine-tuning)"
     )
+    budget_epsilon: float | None = Field(
+        default=None, gt=0, description="the data set's budget, set in the ledger when it has none (at this delta and accountant)"
+    )
     ledger: Path | None = Field(default=None, description="privacy ledger file (default: $FEDFACE_LEDGER or ~/.fedface/privacy-ledger.sqlite)")
     dataset: str | None = Field(default=None, description="name of the data set in the ledger (default: the resolved data.root)")
 
@@ -206,6 +209,34 @@ class PrivacyConfig(_Section):
         return raw
 
 
+class FederationConfig(_Section):
+    """A federated run (`fedface simulate`, `fedface server`): sites, rounds and aggregation.
+
+    Sites are identity-disjoint by default (each holds its own people); the server holds out
+    ``test-identities`` people for its own per-round evaluation. Each site trains with DP-SGD
+    when ``privacy`` is enabled: ``privacy.epsilon`` is then each site's target for the whole
+    planned run (noise calibrated once for rounds x local steps) and every round is charged to
+    the site's ledger before its update leaves.
+    """
+
+    sites: int = Field(default=10, ge=1, description="sites (simulation: virtual SuperNodes)")
+    rounds: int = Field(default=5, ge=1)
+    identities_per_site: int | None = Field(default=None, ge=1, description="none: spread all training identities evenly")
+    skew: float = Field(default=0.0, ge=0, lt=1, description="heterogeneity of images per identity (0: all images)")
+    recurring: bool = Field(default=False, description="identities may recur across sites (images never do); for many sites")
+    test_identities: int = Field(default=10, ge=1, description="identities held out for the server's evaluation")
+    fraction_fit: float = Field(default=1.0, gt=0, le=1, description="share of sites sampled per round")
+    min_sites: int = Field(default=2, ge=1, description="fewest sites a round needs")
+    local_epochs: int = Field(default=1, ge=1, description="local epochs per round at each site")
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(default=0.01, ge=0, description="FedProx proximal term")
+    server_lr: float = Field(default=0.01, gt=0, description="FedAdam server learning rate")
+    secagg: bool = Field(default=True, description="Flower SecAgg+: the server sees only the masked sum of updates")
+    num_shares: int = Field(default=0, ge=0, description="SecAgg+ shares per site (0: the sampled sites, at most 10)")
+    reconstruction_threshold: int = Field(default=0, ge=0, description="SecAgg+ shares needed to unmask (0: two thirds of the shares, at least 2)")
+    seed: int = Field(default=0, ge=0, description="seed of the partition and of site sampling")
+
+
 class TrainConfig(_Section):
     """Everything `fedface train` needs; the resolved form is saved in each run directory."""
 
@@ -217,6 +248,7 @@ class TrainConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
 
     def to_toml_dict(self) -> dict[str, Any]:
         """Kebab-case, TOML-serialisable form of every section."""
@@ -294,6 +326,7 @@ __all__ = [
     "AugmentSection",
     "DataConfig",
     "EvaluationConfig",
+    "FederationConfig",
     "HeadConfig",
     "ModelConfig",
     "PrivacyConfig",

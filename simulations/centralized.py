@@ -373,6 +373,8 @@ class _PrivateTraining:
         run_id = str(out_dir.resolve()) if out_dir is not None else f"train-{uuid.uuid4().hex[:12]}"
         with PrivacyLedger(ledger_path) as ledger:
             ledger.verify()  # a tampered ledger must not silently accept more spend
+            if pc.budget_epsilon is not None and ledger.budget(dataset) is None:
+                ledger.set_budget(dataset, epsilon=pc.budget_epsilon, delta=pc.delta, accountant=pc.accountant)
             session = ledger.charge(dataset, plan.mechanism, run_id=run_id, examples=len(data.train))
         m = plan.mechanism
         logger.info(

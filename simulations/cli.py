@@ -10,6 +10,7 @@ import typer
 from fedface.simulations.bench import bench_app
 from fedface.simulations.commands.evaluate import evaluate
 from fedface.simulations.commands.privacy import privacy_app
+from fedface.simulations.commands.simulate import simulate
 from fedface.simulations.commands.train import train
 
 app = typer.Typer(
@@ -47,6 +48,7 @@ def _root(
 
 app.command()(train)
 app.command()(evaluate)
+app.command()(simulate)
 app.add_typer(bench_app, name="bench")
 app.add_typer(privacy_app, name="privacy")
 

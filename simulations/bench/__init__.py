@@ -6,6 +6,7 @@ import typer
 
 from fedface.simulations.bench.baseline import baseline
 from fedface.simulations.bench.dp import dp
+from fedface.simulations.bench.federated import federated
 from fedface.simulations.bench.privacy import privacy
 
 bench_app = typer.Typer(
@@ -15,6 +16,7 @@ bench_app = typer.Typer(
 )
 bench_app.command()(baseline)
 bench_app.command()(dp)
+bench_app.command()(federated)
 bench_app.command()(privacy)
 
 __all__ = ["bench_app"]

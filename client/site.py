@@ -1,0 +1,244 @@
+"""A site: its faces, its private state (the margin head, the privacy ledger) and one round of
+local training.
+
+A round at a site (:meth:`Site.train_round`):
+
+1. with privacy on, plan the site's DP-SGD for the *whole planned run* once (Poisson sample
+   rate ``q = batch / n``, local steps per round, noise calibrated so that all planned rounds
+   together spend ``privacy.epsilon``), then **charge this round to the ledger before
+   training**; a round that would pass the data set's budget is refused ("budget exhausted")
+   with the remaining budget, and nothing is trained or sent;
+2. load the global encoder weights and the site's own margin head (kept on disk in the
+   site's state directory, so it survives rounds and restarts; it never leaves the site);
+3. train encoder and head for the configured local epochs (DP-SGD or plain), with FedProx's
+   proximal term when asked (added after the noise: it does not depend on the data);
+4. save the head atomically and return the encoder weights only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedface.common import wire
+from fedface.common.config import TrainConfig
+from fedface.common.data import FaceSet, to_tensor
+from fedface.common.data.transforms import AugmentConfig
+from fedface.common.errors import BudgetExhaustedError
+from fedface.common.io import atomic_torch_save
+from fedface.common.models import build_encoder, build_margin_head
+from fedface.common.privacy.accounting import Mechanism, calibrate_noise
+from fedface.common.privacy.dpsgd import make_dp_optimizer, poisson_batches, secure_seed, train_epoch_dp
+from fedface.common.privacy.ledger import PrivacyLedger
+from fedface.common.privacy.per_sample import to_per_sample
+from fedface.common.training import select_device, shuffled_batches, train_epoch
+
+logger = logging.getLogger(__name__)
+
+
+def encoder_weights(encoder: nn.Module) -> list[np.ndarray]:
+    """The encoder's parameters in ``state_dict`` order, as float32 arrays (what a site sends)."""
+    return [v.detach().cpu().float().numpy().copy() for v in encoder.state_dict().values()]
+
+
+def load_encoder_weights(encoder: nn.Module, weights: list[np.ndarray]) -> None:
+    """Set ``encoder``'s parameters from :func:`encoder_weights`' list (same config)."""
+    keys = list(encoder.state_dict().keys())
+    if len(keys) != len(weights):
+        raise ValueError(f"expected {len(keys)} encoder arrays, got {len(weights)}: the server and site configs differ")
+    encoder.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a site answers for one round."""
+
+    weights: list[np.ndarray]
+    examples: int  # weight of this update in the average (0 when refused)
+    metrics: dict[str, Any]
+
+
+class Site:
+    """One site of a federation.
+
+    Parameters
+    ----------
+    name
+        The site's name (its data set's name in the ledger unless ``privacy.dataset`` is set).
+    cfg
+        The run's config (model, head, training, privacy, federation).
+    faces
+        The site's own training faces (labels are relabelled to 0..k-1 here).
+    state_dir
+        Where the site keeps its head (``head.pt``) across rounds and restarts.
+    ledger_path
+        The site's privacy ledger (privacy on).
+    """
+
+    def __init__(self, name: str, cfg: TrainConfig, faces: FaceSet, state_dir: Path, ledger_path: Path) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.faces = faces.relabel()
+        self.state_dir = Path(state_dir)
+        self.ledger_path = Path(ledger_path)
+        self.device = select_device(cfg.training.device)
+        self.dataset = cfg.privacy.dataset or name
+
+    @property
+    def examples(self) -> int:
+        """Training images at this site."""
+        return len(self.faces)
+
+    # --- privacy plan --------------------------------------------------------------------------
+
+    def mechanism(self, *, rounds: int, local_epochs: int) -> Mechanism:
+        """This site's per-round DP-SGD mechanism, its noise calibrated once for ``rounds`` rounds."""
+        pc = self.cfg.privacy
+        n = self.examples
+        expected = min(self.cfg.training.batch_size, n)
+        q = expected / n
+        steps = local_epochs * max(1, round(1 / q))
+        if pc.noise_multiplier is not None:
+            sigma = pc.noise_multiplier
+        else:
+            assert pc.epsilon is not None
+            sigma = calibrate_noise(
+                target_epsilon=pc.epsilon, delta=pc.delta, sample_rate=q, steps=rounds * steps, accountant=pc.accountant
+            )
+        return Mechanism(
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=steps,
+            max_grad_norm=pc.max_grad_norm,
+            delta=pc.delta,
+            accountant=pc.accountant,
+            secure_mode=pc.secure_mode,
+        )
+
+    # --- the head ------------------------------------------------------------------------------
+
+    def _head(self) -> nn.Module:
+        classes = self.faces.num_identities
+        head = build_margin_head(self.cfg.head, embedding_dim=self.cfg.model.embedding_dim, num_classes=classes)
+        path = self.state_dir / "head.pt"
+        if path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            head.load_state_dict(state)
+        return head.to(self.device)
+
+    def _save_head(self, head: nn.Module) -> None:
+        atomic_torch_save(self.state_dir / "head.pt", {k: v.detach().cpu() for k, v in head.state_dict().items()})
+
+    # --- one round -----------------------------------------------------------------------------
+
+    def train_round(
+        self,
+        weights: list[np.ndarray],
+        *,
+        run_id: str,
+        round_: int,
+        rounds: int,
+        local_epochs: int,
+        lr: float,
+        proximal_mu: float = 0.0,
+    ) -> RoundResult:
+        """Train one round from the global ``weights``; see the module docstring."""
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = {wire.M_SITE: self.name, wire.M_EXAMPLES: self.examples}
+        mech: Mechanism | None = None
+        if self.cfg.privacy.enabled:
+            mech = self.mechanism(rounds=rounds, local_epochs=local_epochs)
+            with PrivacyLedger(self.ledger_path) as ledger:
+                ledger.verify()
+                pc = self.cfg.privacy
+                if pc.budget_epsilon is not None and ledger.budget(self.dataset) is None:
+                    ledger.set_budget(self.dataset, epsilon=pc.budget_epsilon, delta=pc.delta, accountant=pc.accountant)
+                try:
+                    session = ledger.charge(self.dataset, mech, run_id=run_id, round=round_, examples=self.examples)
+                except BudgetExhaustedError as exc:
+                    spend = ledger.spend(self.dataset)
+                    logger.warning("site %s refuses round %d: %s", self.name, round_, exc)
+                    metrics.update(self._spend_metrics(spend.epsilon, spend.delta, spend.accountant, spend.budget, spend.remaining))
+                    metrics.update({wire.M_STATUS: wire.REFUSED, wire.M_REASON: wire.REASON_BUDGET, wire.M_TRAIN_S: 0.0})
+                    return RoundResult(weights=weights, examples=0, metrics=metrics)
+                spend = ledger.spend(self.dataset)
+            metrics.update(self._spend_metrics(session.epsilon_after, spend.delta, spend.accountant, spend.budget, spend.remaining))
+            metrics.update({wire.M_NOISE: mech.noise_multiplier, wire.M_SAMPLE_RATE: mech.sample_rate, wire.M_STEPS: mech.steps})
+
+        torch.manual_seed(self.cfg.training.seed + round_)
+        encoder = build_encoder(self.cfg.model, image_size=self.cfg.data.image_size)
+        load_encoder_weights(encoder, weights)
+        encoder = encoder.to(self.device)
+        global_params = [p.detach().clone() for p in encoder.parameters()]
+        head = self._head()
+        trained: nn.Module = to_per_sample(encoder) if mech is not None else encoder
+        base = torch.optim.AdamW(
+            list(trained.parameters()) + list(head.parameters()), lr=lr, weight_decay=self.cfg.training.weight_decay
+        )
+        if proximal_mu > 0:
+            enc_params = list(trained.parameters())
+
+            def proximal(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+                # FedProx: mu * (w - w_global), added after any DP noise (it uses no data)
+                with torch.no_grad():
+                    for p, g in zip(enc_params, global_params, strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(p - g, alpha=proximal_mu)
+
+            base.register_step_pre_hook(proximal)
+        images = to_tensor(self.faces.images).to(self.device)
+        labels = torch.from_numpy(self.faces.labels).to(self.device)
+        aug = AugmentConfig(**dict(self.cfg.augment))
+        generator = torch.Generator().manual_seed(secure_seed() if mech is not None else self.cfg.training.seed + round_)
+        losses = []
+        if mech is not None:
+            noise_gen = torch.Generator(device=self.device).manual_seed(secure_seed())
+            dp_opt = make_dp_optimizer(
+                base,
+                noise_multiplier=mech.noise_multiplier,
+                max_grad_norm=mech.max_grad_norm,
+                expected_batch_size=min(self.cfg.training.batch_size, self.examples),
+                secure_mode=mech.secure_mode,
+                generator=noise_gen,
+            )
+            per_epoch = mech.steps // local_epochs
+            for epoch in range(local_epochs):
+                stats = train_epoch_dp(
+                    encoder=trained, head=head, images=images, labels=labels, optimizer=dp_opt,
+                    batches=poisson_batches(len(images), mech.sample_rate, per_epoch, generator=generator, secure=mech.secure_mode),
+                    augment_cfg=aug, generator=generator, epoch=epoch + 1,
+                )
+                losses.append(stats.loss)
+            encoder.load_state_dict(trained.state_dict())
+        else:
+            for epoch in range(local_epochs):
+                stats = train_epoch(
+                    encoder=encoder, head=head, images=images, labels=labels, optimizer=base,
+                    batches=shuffled_batches(len(images), self.cfg.training.batch_size, generator),
+                    augment_cfg=aug, generator=generator, device=self.device, epoch=epoch + 1,
+                )
+                losses.append(stats.loss)
+        self._save_head(head)
+        metrics.update({wire.M_STATUS: wire.ANSWERED, wire.M_LOSS: float(np.mean(losses)), wire.M_TRAIN_S: time.perf_counter() - t0})
+        return RoundResult(weights=encoder_weights(encoder), examples=self.examples, metrics=metrics)
+
+    @staticmethod
+    def _spend_metrics(epsilon: float, delta: float | None, accountant: str, budget: Any, remaining: float | None) -> dict[str, Any]:
+        out: dict[str, Any] = {wire.M_EPSILON: float(epsilon), wire.M_ACCOUNTANT: accountant}
+        if delta is not None:
+            out[wire.M_DELTA] = float(delta)
+        if budget is not None:
+            out[wire.M_BUDGET] = float(budget.epsilon)
+        if remaining is not None:
+            out[wire.M_REMAINING] = float(remaining)
+        return out
+
+
+__all__ = ["RoundResult", "Site", "encoder_weights", "load_encoder_weights"]

@@ -1,0 +1,267 @@
+"""The coordinator: a Flower ``ServerApp`` running fedface's federated rounds.
+
+Each round (Flower's compatibility workflow, the only one with SecAgg+ in Flower 1.42):
+
+1. sample sites (sites known to have refused for an exhausted budget are not asked again);
+   send the global encoder and the round config (:mod:`fedface.common.wire`);
+2. with ``federation.secagg`` (default) the updates travel through Flower's SecAgg+ workflow:
+   the server unmasks only their weighted sum; each site's reply metrics (status, examples,
+   privacy spend) come in the clear;
+3. average (FedAvg weighted by examples; FedAdam as an option; FedProx's proximal term is
+   applied at the sites), evaluate the new global encoder on the held-out identities
+   (verification accuracy, AUC, TAR@FAR), checkpoint it, and write the round to the run store
+   (who was asked, who answered, refused or failed and why, metrics, reported spend, timing).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common import Context, FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+from fedface.common import wire
+from fedface.common.checkpoint import Checkpoint
+from fedface.common.config import TrainConfig
+from fedface.common.data import FaceSet
+from fedface.common.evaluation import evaluate_open_set
+from fedface.common.models import build_encoder
+from fedface.server.store import Participation, RunStore
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[int, dict[str, Any]], None]
+
+
+def _weights_into(encoder: torch.nn.Module, weights: list[np.ndarray]) -> None:
+    keys = list(encoder.state_dict().keys())
+    encoder.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
+
+
+@dataclass
+class _RoundLog:
+    started: float = 0.0
+    started_at: str = ""
+    sampled: list[str] = field(default_factory=list)
+    participation: list[Participation] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class FedFaceRounds:
+    """The bookkeeping fedface adds to a Flower strategy: round configs, refusals, the server's
+    evaluation on held-out identities, checkpoints and the run store.
+
+    Sites are named by what they report (``wire.M_SITE``); a node not heard from yet is
+    ``node-<id>``.
+    """
+
+    def __init__(
+        self,
+        *,
+        cfg: TrainConfig,
+        run_id: str,
+        run_dir: Path,
+        store: RunStore,
+        test_faces: FaceSet,
+        on_round: RoundCallback | None = None,
+        first_round: int = 1,
+    ) -> None:
+        self.cfg = cfg
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.store = store
+        self.test_faces = test_faces
+        self.names: dict[str, str] = {}
+        self.on_round = on_round
+        self.first_round = first_round
+        self.exhausted: set[str] = set()
+        self.rounds: dict[int, _RoundLog] = {}
+        self.history: list[dict[str, Any]] = []
+        self.encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        fc = self.cfg.federation
+        return {
+            wire.CFG_RUN_ID: self.run_id,
+            wire.CFG_ROUND: self.first_round - 1 + server_round,
+            wire.CFG_ROUNDS: fc.rounds,
+            wire.CFG_LOCAL_EPOCHS: fc.local_epochs,
+            wire.CFG_LR: self.cfg.training.lr,
+            wire.CFG_PROXIMAL_MU: fc.proximal_mu if fc.strategy == "fedprox" else 0.0,
+        }
+
+    def filter_sampled(self, server_round: int, pairs: list[tuple[ClientProxy, FitIns]]) -> list[tuple[ClientProxy, FitIns]]:
+        keep = [(c, ins) for c, ins in pairs if c.cid not in self.exhausted]
+        log = _RoundLog(started=time.perf_counter(), started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        log.sampled = [c.cid for c, _ in keep]
+        self.rounds[server_round] = log
+        return keep
+
+    def collect(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> int:
+        """Record each site's answer; returns the total examples of the answering sites."""
+        log = self.rounds.setdefault(server_round, _RoundLog(started=time.perf_counter()))
+        total = 0
+        for proxy, res in results:
+            m = res.metrics
+            site = str(m.get(wire.M_SITE, self.site_name(proxy.cid)))
+            self.names[proxy.cid] = site
+            status = str(m.get(wire.M_STATUS, wire.ANSWERED))
+            if status == wire.REFUSED and m.get(wire.M_REASON) == wire.REASON_BUDGET:
+                self.exhausted.add(proxy.cid)
+            if status == wire.ANSWERED:
+                total += int(res.num_examples)
+            log.participation.append(
+                Participation(
+                    site=site,
+                    status=status,  # type: ignore[arg-type]
+                    reason=str(m[wire.M_REASON]) if wire.M_REASON in m else None,
+                    examples=int(res.num_examples),
+                    train_s=_float(m.get(wire.M_TRAIN_S)),
+                    epsilon=_float(m.get(wire.M_EPSILON)),
+                    delta=_float(m.get(wire.M_DELTA)),
+                    accountant=str(m[wire.M_ACCOUNTANT]) if wire.M_ACCOUNTANT in m else None,
+                    budget_epsilon=_float(m.get(wire.M_BUDGET)),
+                    remaining=_float(m.get(wire.M_REMAINING)),
+                )
+            )
+        for failure in failures:
+            if isinstance(failure, tuple):
+                site = self.site_name(failure[0].cid)
+                detail = failure[1].status.message if hasattr(failure[1], "status") else str(failure[1])
+                log.participation.append(Participation(site=site, status="failed", reason=f"failed reply: {detail}"[:500]))
+            else:
+                # Flower does not say which site an exception came from: counted, not attributed
+                log.failures.append(f"{type(failure).__name__}: {failure}"[:500])
+        return total
+
+    def site_name(self, cid: str) -> str:
+        """The name a node reported, or ``node-<id>`` before it has answered."""
+        return self.names.get(cid, f"node-{cid}")
+
+    def evaluate(self, server_round: int, weights: list[np.ndarray]) -> dict[str, float]:
+        """Verification on the held-out identities; after a training round, also checkpoint and record it."""
+        _weights_into(self.encoder, weights)
+        metrics = evaluate_open_set(self.encoder, self.test_faces, self.cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
+        out = {k: float(v) for k, v in metrics.items()}
+        if server_round == 0:
+            logger.info("initial encoder: verification accuracy %.4f", out.get("verif_acc", float("nan")))
+            return out
+        number = self.first_round - 1 + server_round
+        ckpt_path = self.run_dir / "checkpoints" / f"round-{number:04d}.pt"
+        Checkpoint(
+            config=self.cfg,
+            task="identity",
+            epoch=number,
+            num_classes=0,
+            encoder_state={k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()},
+            head_state={},
+            optimizer_state={},
+            scheduler_state={},
+        ).save(ckpt_path)
+        log = self.rounds.get(server_round, _RoundLog(started=time.perf_counter()))
+        seconds = time.perf_counter() - log.started
+        self.store.record_round(
+            self.run_id,
+            number,
+            started_at=log.started_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            seconds=seconds,
+            sampled=[self.site_name(cid) for cid in log.sampled],
+            participation=log.participation,
+            metrics=out,
+            checkpoint=str(ckpt_path),
+        )
+        row = {
+            "round": number,
+            "seconds": seconds,
+            "answered": sum(p.status == "answered" for p in log.participation),
+            "refused": sum(p.status == "refused" for p in log.participation),
+            "failed": sum(p.status == "failed" for p in log.participation) + len(log.failures),
+            "sampled": len(log.sampled),
+            "max_epsilon": max((p.epsilon for p in log.participation if p.epsilon is not None), default=None),
+            **out,
+        }
+        self.history.append(row)
+        if self.on_round is not None:
+            self.on_round(number, row)
+        return out
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
+    """The Flower strategy of ``rounds.cfg.federation.strategy`` with fedface's bookkeeping."""
+    fc = rounds.cfg.federation
+    base: type[FedAvg] = FedAdam if fc.strategy == "fedadam" else FedAvg
+
+    class Strategy(base):  # type: ignore[valid-type, misc]
+        def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+            pairs = super().configure_fit(server_round, parameters, client_manager)
+            return rounds.filter_sampled(server_round, pairs)
+
+        def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
+            total = rounds.collect(server_round, results, failures)
+            answered = [(c, r) for c, r in results if r.num_examples > 0]
+            if total == 0 or not answered:
+                logger.warning("round %d: no site trained (all refused or failed); the global encoder is unchanged", server_round)
+                return None, {}
+            return super().aggregate_fit(server_round, answered, failures)
+
+    kwargs: dict[str, Any] = {
+        "fraction_fit": fc.fraction_fit,
+        "fraction_evaluate": 0.0,
+        "min_fit_clients": min(fc.min_sites, fc.sites),
+        "min_available_clients": min(fc.min_sites, fc.sites),
+        "min_evaluate_clients": 0,
+        "on_fit_config_fn": rounds.round_config,
+        "evaluate_fn": lambda r, w, _c: (0.0, rounds.evaluate(r, w)),
+        "accept_failures": True,
+        "initial_parameters": ndarrays_to_parameters(initial),
+        # per-site figures go to the run store (FedFaceRounds.collect); Flower's history gets counts
+        "fit_metrics_aggregation_fn": lambda pairs: {"sites_reporting": len(pairs)},
+    }
+    if fc.strategy == "fedadam":
+        kwargs.update({"eta": fc.server_lr, "eta_l": rounds.cfg.training.lr})
+    return Strategy(**kwargs)
+
+
+def secagg_workflow(cfg: TrainConfig, sampled: int) -> SecAggPlusWorkflow:
+    """SecAgg+ for ``sampled`` sites per round, with fedface's share defaults."""
+    fc = cfg.federation
+    # SecAgg+ masks with a k-regular graph of neighbours: k need not grow with the sites (Bell
+    # et al. 2020 use O(log n)); 10 keeps 100-site rounds cheap.
+    shares = fc.num_shares or min(sampled, 10)
+    threshold = fc.reconstruction_threshold or max(2, (2 * shares + 2) // 3)
+    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=min(threshold, shares))
+
+
+def make_server_app(rounds: FedFaceRounds, initial: list[np.ndarray]) -> ServerApp:
+    """A ServerApp running ``rounds.cfg.federation.rounds`` rounds (SecAgg+ unless disabled)."""
+    cfg = rounds.cfg
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Context) -> None:
+        strategy = make_strategy(rounds, initial)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - rounds.first_round + 1), strategy=strategy)
+        sampled = max(1, int(cfg.federation.sites * cfg.federation.fraction_fit))
+        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, sampled)) if cfg.federation.secagg else DefaultWorkflow()
+        workflow(grid, legacy)
+
+    return app
+
+
+__all__ = ["FedFaceRounds", "make_server_app", "make_strategy", "parameters_to_ndarrays", "secagg_workflow"]

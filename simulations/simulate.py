@@ -1,0 +1,187 @@
+"""`fedface simulate`: many sites on one machine, on Flower's simulation engine (Ray).
+
+:func:`run_federated` prepares a run directory, holds out ``federation.test-identities``
+people for the server's evaluation, partitions the others into identity-disjoint sites
+(:func:`~fedface.common.data.partition_sites`), and runs fedface's ServerApp and ClientApp on
+``flwr.simulation.run_simulation`` with one virtual SuperNode per site. Every site keeps its
+head and its privacy ledger under ``<run>/sites/<site>/``; the server writes the run store
+``<run>/runs.sqlite``, a checkpoint per round under ``<run>/checkpoints/`` and ``metrics.json``.
+
+Nothing leaves the machine: Flower's telemetry, update checks and runtime installs and Ray's
+usage statistics are switched off for the run, and Flower's home is inside the run directory.
+Past one machine, the same App runs on a multi-machine Ray cluster (docs/simulation.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedface.common.config import TrainConfig
+from fedface.common.data import FaceSet, load_faces, partition_sites, split_open_set
+from fedface.common.errors import RunDirError
+from fedface.common.io import atomic_write_json, atomic_write_toml
+from fedface.common.models import build_encoder
+
+logger = logging.getLogger(__name__)
+
+#: Environment for every Flower/Ray process of a run: send nothing anywhere, install nothing.
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+@dataclass
+class FederatedResult:
+    """What a federated run produced."""
+
+    run_id: str
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    completed: bool = False
+    error: str | None = None
+
+
+def _prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"run directory {out_dir} is a file: choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"run directory {out_dir} already holds a run: choose a new --out or pass --overwrite")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_federated(
+    cfg: TrainConfig,
+    *,
+    out_dir: Path,
+    overwrite: bool = False,
+    faces: FaceSet | None = None,
+    on_round: Callable[[int, dict[str, Any]], None] | None = None,
+    client_cpus: float | None = None,
+) -> FederatedResult:
+    """Run ``cfg.federation.rounds`` federated rounds over ``cfg.federation.sites`` simulated sites."""
+    from flwr.simulation import run_simulation
+
+    from fedface.client.app import make_client_app
+    from fedface.client.site import Site, encoder_weights
+    from fedface.server.app import FedFaceRounds, make_server_app
+    from fedface.server.store import RunStore
+
+    t0 = time.perf_counter()
+    fc = cfg.federation
+    _prepare_run_dir(out_dir, overwrite)
+    run_dir = out_dir.resolve()
+    atomic_write_toml(run_dir / "config.toml", cfg.to_toml_dict())
+    if faces is None:
+        faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
+    split = split_open_set(faces, test_identities=fc.test_identities, seed=cfg.split.seed)
+    split.save(run_dir / "split.json", faces)
+    train, test = faces.subset(split.train), faces.subset(split.test)
+    partition = partition_sites(
+        train, sites=fc.sites, identities_per_site=fc.identities_per_site, skew=fc.skew, recurring=fc.recurring, seed=fc.seed
+    )
+    partition.save(run_dir / "partition.json", train)
+    torch.manual_seed(cfg.training.seed)
+    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+    if cfg.training.init_from is not None:
+        from fedface.simulations.centralized import _load_encoder_init
+
+        _load_encoder_init(encoder, cfg)
+    initial = encoder_weights(encoder)
+    run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+    store = RunStore(run_dir / "runs.sqlite")
+    store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)
+    rounds = FedFaceRounds(cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=test, on_round=on_round)
+    sites_dir = run_dir / "sites"
+    site_faces = [train.subset(idx) for idx in partition.sites]
+
+    def site_factory(context: Any) -> Site:
+        torch.set_num_threads(1)
+        pid = int(context.node_config["partition-id"])
+        name = f"site-{pid:03d}"
+        return Site(name, cfg, site_faces[pid], sites_dir / name, sites_dir / name / "ledger.sqlite")
+
+    server_app = make_server_app(rounds, initial)
+    client_app = make_client_app(site_factory, secagg=fc.secagg)
+    cpus = os.cpu_count() or 1
+    resources = {"num_cpus": client_cpus if client_cpus is not None else cpus, "num_gpus": 1.0 if torch.cuda.is_available() else 0.0}
+    saved_env = {k: os.environ.get(k) for k in (*QUIET_ENV, "FLWR_HOME", "RAY_TMPDIR")}
+    ray_tmp = tempfile.mkdtemp(prefix="fedface-ray-")  # short: Ray's socket paths are length-limited
+    os.environ.update({**QUIET_ENV, "FLWR_HOME": str(run_dir / ".flwr"), "RAY_TMPDIR": ray_tmp})
+    status, error = "failed", None
+    flwr_logger = logging.getLogger("flwr")
+    saved_log = (flwr_logger.level, flwr_logger.propagate)
+    if not logger.isEnabledFor(logging.DEBUG):
+        # Flower logs every round and stage, and warns that run_simulation is deprecated (see
+        # below); fedface reports rounds and failures itself (-v shows Flower's own log)
+        flwr_logger.setLevel(logging.ERROR)
+        flwr_logger.propagate = False
+    try:
+        with warnings.catch_warnings():
+            # run_simulation is Flower's in-process simulation API; `flwr run` (also supported,
+            # see docs/simulation.md) cannot take an in-memory config and data set.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=fc.sites,
+                backend_config={
+                    "client_resources": resources,
+                    "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+                },
+            )
+        completed = len(rounds.history) == fc.rounds
+        status = "completed" if completed else "failed"
+        if not completed:
+            error = f"{len(rounds.history)} of {fc.rounds} rounds completed: see the log above"
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        store.finish_run(run_id, status=status, error=error)  # type: ignore[arg-type]
+        store.close()
+        flwr_logger.setLevel(saved_log[0])
+        flwr_logger.propagate = saved_log[1]
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    result = FederatedResult(
+        run_id=run_id,
+        run_dir=run_dir,
+        history=rounds.history,
+        final={k: v for k, v in (rounds.history[-1] if rounds.history else {}).items() if isinstance(v, float)},
+        wall_s=time.perf_counter() - t0,
+        completed=status == "completed",
+        error=error,
+    )
+    atomic_write_json(
+        run_dir / "metrics.json",
+        {"run_id": run_id, "completed": result.completed, "error": error, "wall_s": result.wall_s, "rounds": rounds.history},
+    )
+    return result
+
+
+__all__ = ["QUIET_ENV", "FederatedResult", "run_federated"]
