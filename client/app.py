@@ -8,16 +8,20 @@ clear, the margin head never travels.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Context
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import Context, Message, MessageType
 
 from fedface.client.site import Site, encoder_weights
 from fedface.common import wire
+from fedface.common.federated import cached_federation_data, scenario_from_run_config, site_name
 from fedface.common.models import build_encoder
 
 SiteFactory = Callable[[Context], Site]
@@ -61,4 +65,32 @@ def make_client_app(site_factory: SiteFactory, *, secagg: bool) -> ClientApp:
     return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secagg else [])
 
 
-__all__ = ["SiteClient", "make_client_app"]
+def secagg_policy_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """SecAgg+ for training messages that carry its protocol, and a refusal of plain training
+    requests when the run's scenario requires SecAgg+ (a site never sends a clear update the
+    scenario promised to mask)."""
+    if msg.metadata.message_type == MessageType.TRAIN:
+        if RECORD_KEY_CONFIGS in msg.content.config_records:
+            return secaggplus_mod(msg, ctxt, call_next)
+        if scenario_from_run_config(ctxt.run_config).federation.secagg:
+            raise RuntimeError("this run's scenario requires SecAgg+, but the training request came without it")
+    return call_next(msg, ctxt)
+
+
+def _site_for_flwr_run(context: Context) -> Site:
+    """The simulated site of a ``flwr run``: partition ``partition-id`` of the run's scenario."""
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = scenario_from_run_config(context.run_config)
+    fed = cached_federation_data(json.dumps(cfg.to_toml_dict(), sort_keys=True))
+    pid = int(context.node_config["partition-id"])
+    run_dir = Path(str(context.run_config.get("run-dir") or "runs/flwr-run")).resolve()
+    name = site_name(pid)
+    return Site(name, cfg, fed.site_faces(pid), run_dir / "sites" / name, run_dir / "sites" / name / "ledger.sqlite")
+
+
+#: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml).
+app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[secagg_policy_mod])
+
+__all__ = ["SiteClient", "app", "make_client_app", "secagg_policy_mod"]

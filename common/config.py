@@ -232,8 +232,8 @@ class FederationConfig(_Section):
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx proximal term")
     server_lr: float = Field(default=0.01, gt=0, description="FedAdam server learning rate")
     secagg: bool = Field(default=True, description="Flower SecAgg+: the server sees only the masked sum of updates")
-    num_shares: int = Field(default=0, ge=0, description="SecAgg+ shares per site (0: the sampled sites, at most 10)")
-    reconstruction_threshold: int = Field(default=0, ge=0, description="SecAgg+ shares needed to unmask (0: two thirds of the shares, at least 2)")
+    num_shares: int = Field(default=0, ge=0, description="SecAgg+ shares per site (0: all sampled sites, at most 10; else more than 2)")
+    reconstruction_threshold: int = Field(default=0, ge=0, description="SecAgg+ shares needed to unmask (0: two thirds of the shares; else less than num-shares)")
     seed: int = Field(default=0, ge=0, description="seed of the partition and of site sampling")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import Context, FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Context, FitIns, FitRes, Parameters, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -36,6 +36,7 @@ from fedface.common import wire
 from fedface.common.checkpoint import Checkpoint
 from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet
+from fedface.common.errors import ConfigError
 from fedface.common.evaluation import evaluate_open_set
 from fedface.common.models import build_encoder
 from fedface.server.store import Participation, RunStore
@@ -239,29 +240,83 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
 
 
 def secagg_workflow(cfg: TrainConfig, sampled: int) -> SecAggPlusWorkflow:
-    """SecAgg+ for ``sampled`` sites per round, with fedface's share defaults."""
+    """SecAgg+ for about ``sampled`` sites per round.
+
+    Defaults are fractions, so they follow the sites actually asked in each round (fewer when
+    sites have refused for an exhausted budget): every site's masks are shared with all other
+    sampled sites up to 10 (SecAgg+ masks with a k-regular graph of neighbours; k need not grow
+    with the sites, Bell et al. 2020 use O(log n)), and two thirds of a site's shares unmask it.
+    Fixed ``num-shares`` (> 2) and ``reconstruction-threshold`` (< num-shares) are used as given.
+    """
     fc = cfg.federation
-    # SecAgg+ masks with a k-regular graph of neighbours: k need not grow with the sites (Bell
-    # et al. 2020 use O(log n)); 10 keeps 100-site rounds cheap.
-    shares = fc.num_shares or min(sampled, 10)
-    threshold = fc.reconstruction_threshold or max(2, (2 * shares + 2) // 3)
-    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=min(threshold, shares))
+    shares: int | float = fc.num_shares if fc.num_shares else min(1.0, 10 / max(1, sampled))
+    if fc.num_shares and fc.num_shares <= 2:
+        raise ConfigError(f"federation.num-shares must be 0 (automatic) or more than 2, got {fc.num_shares}")
+    threshold: int | float = fc.reconstruction_threshold if fc.reconstruction_threshold else 2 / 3
+    if fc.reconstruction_threshold and fc.num_shares and fc.reconstruction_threshold >= fc.num_shares:
+        raise ConfigError(
+            f"federation.reconstruction-threshold ({fc.reconstruction_threshold}) must be less than "
+            f"federation.num-shares ({fc.num_shares})"
+        )
+    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold)
+
+
+def run_rounds(grid: Any, context: Context, rounds: FedFaceRounds, initial: list[np.ndarray]) -> None:
+    """Run the remaining rounds of ``rounds`` on ``grid`` (SecAgg+ unless disabled)."""
+    cfg = rounds.cfg
+    strategy = make_strategy(rounds, initial)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - rounds.first_round + 1), strategy=strategy)
+    sampled = max(1, int(cfg.federation.sites * cfg.federation.fraction_fit))
+    workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, sampled)) if cfg.federation.secagg else DefaultWorkflow()
+    # When every site of a round refuses, SecAgg+'s unmasking divides by a total weight of 0;
+    # fedface then discards that aggregate (FedFaceRounds keeps the encoder), so numpy's
+    # warnings about it are noise.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        workflow(grid, legacy)
 
 
 def make_server_app(rounds: FedFaceRounds, initial: list[np.ndarray]) -> ServerApp:
     """A ServerApp running ``rounds.cfg.federation.rounds`` rounds (SecAgg+ unless disabled)."""
-    cfg = rounds.cfg
     app = ServerApp()
 
     @app.main()
     def main(grid: Any, context: Context) -> None:
-        strategy = make_strategy(rounds, initial)
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - rounds.first_round + 1), strategy=strategy)
-        sampled = max(1, int(cfg.federation.sites * cfg.federation.fraction_fit))
-        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, sampled)) if cfg.federation.secagg else DefaultWorkflow()
-        workflow(grid, legacy)
+        run_rounds(grid, context, rounds, initial)
 
     return app
 
 
-__all__ = ["FedFaceRounds", "make_server_app", "make_strategy", "parameters_to_ndarrays", "secagg_workflow"]
+#: The ServerApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml): the run
+#: config names the scenario and the run directory (docs/simulation.md).
+app = ServerApp()
+
+
+@app.main()
+def _flwr_run_main(grid: Any, context: Context) -> None:
+    import uuid
+
+    from fedface.common.federated import federation_data, scenario_from_run_config
+
+    cfg = scenario_from_run_config(context.run_config)
+    run_dir = Path(str(context.run_config.get("run-dir") or "runs/flwr-run")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fed = federation_data(cfg)
+    torch.manual_seed(cfg.training.seed)
+    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+    initial = [v.detach().cpu().float().numpy().copy() for v in encoder.state_dict().values()]
+    run_id = f"flwr-{context.run_id}-{uuid.uuid4().hex[:6]}"
+    with RunStore(run_dir / "runs.sqlite") as store:
+        store.start_run(run_id, config=cfg.to_toml_dict(), sites=cfg.federation.sites, rounds=cfg.federation.rounds, secagg=cfg.federation.secagg)
+        rounds = FedFaceRounds(cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=fed.test)
+        status, error = "failed", None
+        try:
+            run_rounds(grid, context, rounds, initial)
+            status = "completed" if len(rounds.history) == cfg.federation.rounds else "failed"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            store.finish_run(run_id, status=status, error=error)  # type: ignore[arg-type]
+
+
+__all__ = ["FedFaceRounds", "app", "make_server_app", "make_strategy", "run_rounds", "secagg_workflow"]

@@ -50,9 +50,10 @@ from types import TracebackType
 from typing import Any, Literal, get_args
 
 from fedface.common.errors import ConfigError, RunDirError
+from fedface.common.wire import Status
 
 RunStatus = Literal["running", "completed", "failed", "stopped"]
-ParticipationStatus = Literal["answered", "refused", "failed"]
+ParticipationStatus = Status  # defined once, in fedface.common.wire
 EventKind = Literal["started", "resumed", "completed", "failed", "stopped"]
 
 RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from fedface.common.config import TrainConfig
-from fedface.common.data import FaceSet, load_faces, partition_sites, split_open_set
+from fedface.common.data import FaceSet
+from fedface.common.federated import federation_data, site_name
 from fedface.common.errors import RunDirError
 from fedface.common.io import atomic_write_json, atomic_write_toml
 from fedface.common.models import build_encoder
@@ -92,15 +93,9 @@ def run_federated(
     _prepare_run_dir(out_dir, overwrite)
     run_dir = out_dir.resolve()
     atomic_write_toml(run_dir / "config.toml", cfg.to_toml_dict())
-    if faces is None:
-        faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
-    split = split_open_set(faces, test_identities=fc.test_identities, seed=cfg.split.seed)
-    split.save(run_dir / "split.json", faces)
-    train, test = faces.subset(split.train), faces.subset(split.test)
-    partition = partition_sites(
-        train, sites=fc.sites, identities_per_site=fc.identities_per_site, skew=fc.skew, recurring=fc.recurring, seed=fc.seed
-    )
-    partition.save(run_dir / "partition.json", train)
+    fed = federation_data(cfg, faces)
+    fed.split.save(run_dir / "split.json", fed.faces)
+    fed.partition.save(run_dir / "partition.json", fed.train)
     torch.manual_seed(cfg.training.seed)
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
     if cfg.training.init_from is not None:
@@ -111,14 +106,14 @@ def run_federated(
     run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
     store = RunStore(run_dir / "runs.sqlite")
     store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)
-    rounds = FedFaceRounds(cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=test, on_round=on_round)
+    rounds = FedFaceRounds(cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=fed.test, on_round=on_round)
     sites_dir = run_dir / "sites"
-    site_faces = [train.subset(idx) for idx in partition.sites]
+    site_faces = [fed.site_faces(i) for i in range(fc.sites)]
 
     def site_factory(context: Any) -> Site:
         torch.set_num_threads(1)
         pid = int(context.node_config["partition-id"])
-        name = f"site-{pid:03d}"
+        name = site_name(pid)
         return Site(name, cfg, site_faces[pid], sites_dir / name, sites_dir / name / "ledger.sqlite")
 
     server_app = make_server_app(rounds, initial)

@@ -44,7 +44,8 @@ def _central(cfg: TrainConfig, orl: Path, eps: float | None, ledger: Path) -> di
     split = split_open_set(faces, test_identities=cfg.federation.test_identities, seed=cfg.split.seed)
     over: dict[str, Any] = {"training.epochs": cfg.training.epochs, "training.eval-every": 10_000}
     if eps is None:
-        over.update({"privacy.epsilon": None, "privacy.noise-multiplier": None})
+        # not private: an infinite epsilon (None would leave the scenario's epsilon in place)
+        over.update({"privacy.epsilon": math.inf})
     else:
         over.update({"privacy.epsilon": eps, "privacy.ledger": str(ledger), "privacy.dataset": f"central-{eps}"})
     run = train_run(cfg.with_overrides(over), faces=faces, split=split)

@@ -1,0 +1,318 @@
+"""`fedface simulate` end to end on Flower's simulation engine (Ray): 3 sites of real ORL faces,
+2 rounds, SecAgg+ and DP-SGD at every site; the run directory, the run store, the sites'
+ledgers, refusals on an exhausted budget, user errors, and no Ray process left behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+from typer.testing import CliRunner
+
+from fedface.client.site import Site
+from fedface.common.checkpoint import load_checkpoint
+from fedface.common.config import TrainConfig
+from fedface.common.data import load_faces
+from fedface.common.privacy.accounting import compute_epsilon
+from fedface.common.privacy.ledger import PrivacyLedger
+from fedface.server.store import RunStore
+from fedface.simulations.cli import app
+
+pytestmark = [
+    pytest.mark.integration,
+    # Ray drops its helper processes' Popen objects and /dev/null handles at shutdown; under the
+    # suite's filterwarnings=error those third-party ResourceWarnings would fail the test. Leftover
+    # processes are checked for directly instead (test_simulate_leaves_no_ray_process_behind).
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+runner = CliRunner()
+
+SITES = ["site-000", "site-001", "site-002"]
+IMAGES_PER_SITE = 40  # 4 identities x 10 ORL images
+
+
+def _scenario(tmp_path: Path, orl_root: Path, **extra: dict[str, Any]) -> Path:
+    raw: dict[str, dict[str, Any]] = {
+        "data": {"root": str(orl_root), "image-size": [32, 32]},
+        "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 2},
+        "evaluation": {"shift-tta": 0, "occlusion-box": 8},
+        "training": {"batch-size": 16, "device": "cpu"},
+        "federation": {"sites": 3, "rounds": 2, "identities-per-site": 4, "test-identities": 10, "secagg": True},
+    }
+    for section, values in extra.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "scenario.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def _ray_pids() -> set[int]:
+    """PIDs of processes whose command line mentions ray (raylet, gcs_server, ray::workers)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").lower()
+        except OSError:
+            continue
+        if "ray" in cmdline:
+            pids.add(int(entry.name))
+    return pids
+
+
+def _belongs_to(pid: int, marker: str) -> bool:
+    """Whether ``pid`` was started for this run: its environment names the run directory
+    (FLWR_HOME is ``<run>/.flwr`` for every process of a run). Other sessions' Ray clusters on
+    the same machine are not ours."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return marker.encode() in environ
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "<gone>"
+
+
+def _assert_no_ray_process_left(before: set[int], run_dir: Path, *, wait_s: float = 30.0) -> None:
+    """No process of this run's Ray cluster is alive (Ray actors may linger 15-30 s)."""
+    marker = str(run_dir.resolve())
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = sorted(pid for pid in _ray_pids() - before if _belongs_to(pid, marker))
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"Ray processes left {wait_s:.0f} s after the run: " + "; ".join(f"{p}: {_cmdline(p)}" for p in left))
+        time.sleep(1.0)
+
+
+# --- the runs (each run costs Ray's start-up: run each once per module) ----------------------
+
+
+def _simulate(scenario: Path, out: Path, *args: str) -> Any:
+    result = runner.invoke(app, ["simulate", "-c", str(scenario), "--out", str(out), "--format", "json", "-q", *args])
+    gc.collect()  # collect Ray's dropped Popen objects now, under this module's warning filters
+    return result
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> tuple[Any, Path, set[int]]:
+    tmp = tmp_path_factory.mktemp("sim")
+    scenario = _scenario(tmp, orl_root)
+    out = tmp / "run"
+    before = _ray_pids()
+    result = _simulate(scenario, out, "--epsilon", "8")
+    return result, out, before
+
+
+def _planned_spend(orl_root: Path, scenario: Path) -> tuple[float, float]:
+    """A site's epsilon after round 1 and after round 2 of the plan (2 rounds at epsilon 8)."""
+    cfg = TrainConfig.from_toml(scenario).with_overrides({"privacy.epsilon": 8.0})
+    faces = load_faces(orl_root, size=(32, 32))
+    probe = Site("probe", cfg, faces.subset(np.arange(IMAGES_PER_SITE)), scenario.parent / "probe", scenario.parent / "probe.sqlite")
+    mech = probe.mechanism(rounds=2, local_epochs=1)
+    entry = mech.history_entry()
+    return (
+        compute_epsilon([entry], delta=mech.delta, accountant=mech.accountant),
+        compute_epsilon([entry, entry], delta=mech.delta, accountant=mech.accountant),
+    )
+
+
+@pytest.fixture(scope="module")
+def refusing_run(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> tuple[Any, Path, float, float, set[int]]:
+    """Each site's budget lies between its planned spend after round 1 and after round 2."""
+    tmp = tmp_path_factory.mktemp("refuse")
+    after_1, after_2 = _planned_spend(orl_root, _scenario(tmp, orl_root))
+    budget = (after_1 + after_2) / 2
+    scenario = _scenario(tmp, orl_root, privacy={"budget-epsilon": budget})
+    out = tmp / "run"
+    before = _ray_pids()
+    result = _simulate(scenario, out, "--epsilon", "8")
+    return result, out, budget, after_1, before
+
+
+# --- a private run with SecAgg+ ------------------------------------------------------------------
+
+
+def test_simulate_private_secagg_run_completes_every_round(private_run: tuple[Any, Path, set[int]]) -> None:
+    result, out, _ = private_run
+
+    assert result.exit_code == 0, result.stderr
+    summary = _last_json(result.stdout)
+    assert [row["round"] for row in summary["rounds"]] == [1, 2]
+    for row in summary["rounds"]:
+        assert row["answered"] == 3, row
+        assert row["refused"] == 0 and row["failed"] == 0 and row["sampled"] == 3
+        assert 0.0 < row["max_epsilon"] <= 8.0
+        assert 0.0 <= row["verif_acc"] <= 1.0
+    assert summary["rounds"][1]["max_epsilon"] == pytest.approx(8.0, rel=1e-2)
+    assert summary["run_dir"] == str(out)
+
+
+def test_simulate_writes_the_run_directory(private_run: tuple[Any, Path, set[int]]) -> None:
+    result, out, _ = private_run
+    assert result.exit_code == 0, result.stderr
+
+    for name in (
+        "config.toml",
+        "split.json",
+        "partition.json",
+        "runs.sqlite",
+        "checkpoints/round-0001.pt",
+        "checkpoints/round-0002.pt",
+        "metrics.json",
+    ):
+        assert (out / name).is_file(), name
+    for site in SITES:
+        assert (out / "sites" / site / "head.pt").is_file(), site
+        assert (out / "sites" / site / "ledger.sqlite").is_file(), site
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["completed"] is True and metrics["error"] is None
+    assert [row["round"] for row in metrics["rounds"]] == [1, 2]
+    partition = json.loads((out / "partition.json").read_text())
+    assert partition["params"]["sites"] == 3
+    one, two = load_checkpoint(out / "checkpoints/round-0001.pt"), load_checkpoint(out / "checkpoints/round-0002.pt")
+    assert (one.epoch, two.epoch) == (1, 2)
+    assert any(not torch.equal(a, b) for a, b in zip(one.encoder_state.values(), two.encoder_state.values(), strict=True))
+
+
+def test_simulate_run_store_and_ledgers_agree(private_run: tuple[Any, Path, set[int]]) -> None:
+    result, out, _ = private_run
+    assert result.exit_code == 0, result.stderr
+    run_id = _last_json(result.stdout)["run_id"]
+
+    with RunStore(out / "runs.sqlite", create=False) as store:
+        summary = store.run(run_id)
+        rounds = store.rounds(run_id)
+        spend = store.site_spend(run_id)
+        refusals = store.refusals(run_id)
+
+    assert summary.status == "completed" and summary.error is None
+    assert summary.rounds_done == summary.rounds_planned == 2
+    assert summary.sites == 3 and summary.secagg is True
+    for record in rounds:
+        assert sorted(record.sampled) == SITES
+        assert sorted(p.site for p in record.participation) == SITES
+        assert {p.status for p in record.participation} == {"answered"}
+        assert all(p.examples == IMAGES_PER_SITE for p in record.participation)
+        assert record.checkpoint is not None and Path(record.checkpoint).is_file()
+    assert refusals == []
+    assert sorted(spend) == SITES
+    for site in SITES:
+        with PrivacyLedger(out / "sites" / site / "ledger.sqlite", create=False) as ledger:
+            ledger.verify()
+            own = ledger.spend(site)
+            sessions = ledger.sessions(site)
+        assert len(sessions) == 2 and [s.round for s in sessions] == [1, 2]
+        assert {s.run_id for s in sessions} == {run_id}
+        assert spend[site].round == 2 and spend[site].status == "answered"
+        assert spend[site].epsilon <= 8.0
+        assert spend[site].epsilon == pytest.approx(own.epsilon, abs=1e-9)
+
+
+def test_simulate_leaves_no_ray_process_behind(private_run: tuple[Any, Path, set[int]]) -> None:
+    result, out, before = private_run
+    assert result.exit_code == 0, result.stderr
+
+    _assert_no_ray_process_left(before, out)
+
+
+# --- refusals on an exhausted budget ------------------------------------------------------------
+
+
+# With every site refused, SecAgg+ unmasks a sum of zero total weight: Flower's unmasking divides
+# by it (RuntimeWarnings in flwr's secaggplus_workflow; fedface then discards the result and keeps
+# the global encoder). Under filterwarnings=error those warnings would abort the run.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_simulate_sites_past_their_budget_refuse_and_the_run_completes(
+    refusing_run: tuple[Any, Path, float, float, set[int]],
+) -> None:
+    result, out, budget, after_1, before = refusing_run
+
+    assert result.exit_code == 0, result.stderr
+    summary = _last_json(result.stdout)
+    first, second = summary["rounds"]
+    assert first["answered"] == 3 and first["refused"] == 0
+    assert second["answered"] == 0 and second["refused"] == 3 and second["failed"] == 0
+    run_id = summary["run_id"]
+    with RunStore(out / "runs.sqlite", create=False) as store:
+        assert store.run(run_id).status == "completed"
+        refusals = store.refusals(run_id)
+        spend = store.site_spend(run_id)
+    assert sorted(p.site for _, p in refusals) == SITES
+    for rnd, p in refusals:
+        assert rnd == 2 and p.reason == "budget exhausted" and p.examples == 0
+        assert p.budget_epsilon == pytest.approx(budget)
+        assert p.remaining == pytest.approx(budget - after_1, rel=1e-6)
+    for site in SITES:
+        assert spend[site].epsilon == pytest.approx(after_1, rel=1e-9)
+        with PrivacyLedger(out / "sites" / site / "ledger.sqlite", create=False) as ledger:
+            assert len(ledger.sessions(site)) == 1
+    one, two = load_checkpoint(out / "checkpoints/round-0001.pt"), load_checkpoint(out / "checkpoints/round-0002.pt")
+    for key, a in one.encoder_state.items():
+        assert torch.equal(a, two.encoder_state[key]), key
+    _assert_no_ray_process_left(before, out)
+
+
+# --- user errors ---------------------------------------------------------------------------------
+
+
+def test_simulate_bad_scenario_key_exits_3_with_one_line(tmp_path: Path, orl_root: Path) -> None:
+    scenario = _scenario(tmp_path, orl_root, federation={"sitez": 3})
+
+    result = _simulate(scenario, tmp_path / "run")
+
+    assert result.exit_code == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ConfigError:") and "federation.sitez" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_simulate_into_an_existing_run_dir_without_overwrite_exits_9(tmp_path: Path, orl_root: Path) -> None:
+    scenario = _scenario(tmp_path, orl_root)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+
+    result = _simulate(scenario, out)
+
+    assert result.exit_code == 9
+    assert "RunDirError" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_simulate_two_sites_with_secagg_completes(tmp_path: Path, orl_root: Path) -> None:
+    # SecAgg+ needs its share counts derived per round: two sites is the smallest federation
+    scenario = _scenario(tmp_path, orl_root, federation={"sites": 2, "rounds": 1, "secagg": True})
+
+    result = _simulate(scenario, tmp_path / "run")
+
+    assert result.exit_code == 0, result.stderr
+    rounds = _last_json(result.stdout)["rounds"]
+    assert [r["answered"] for r in rounds] == [2]
