@@ -9,16 +9,18 @@ from typing import Annotated, Any, Optional
 import typer
 
 from fedface.common.privacy.accounting import format_epsilon
-from fedface.simulations.commands.train import default_run_dir, load_config
+from fedface.common.config import TrainConfig
+from fedface.simulations.bench.common import scenario_config
+from fedface.simulations.commands.train import default_run_dir
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
 
 
 def simulate(
-    scenario: Annotated[Optional[Path], typer.Option("--scenario", "-c", help="Scenario TOML (a training config with a federation section); flags override it.")] = None,
+    scenario: Annotated[Optional[Path], typer.Option("--scenario", "-c", help="Scenario TOML (a training config with a federation section; default: the packaged scenarios/federated.toml); flags override it.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Face data directory to partition into sites (default: the scenario's data.root).")] = None,
     sites: Annotated[Optional[int], typer.Option(help="Number of sites (virtual SuperNodes).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="Each site's DP-SGD budget for the whole run (noise calibrated once for all rounds); unset or inf: not private.")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Each site's epsilon for the whole run (noise calibrated once for all rounds); default from the scenario (8 in the packaged one); inf: not private.")] = None,
     delta: Annotated[Optional[float], typer.Option(help="DP delta (default 1e-5).")] = None,
     secagg: Annotated[Optional[bool], typer.Option("--secagg/--no-secagg", help="Flower SecAgg+ (default on): the server sees only the masked sum of updates.")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="fedavg (default), fedprox or fedadam.")] = None,
@@ -61,7 +63,8 @@ def simulate(
             "privacy.epsilon": epsilon,
             "privacy.delta": delta,
         }
-        cfg = load_config(scenario, overrides)
+        base = TrainConfig.from_toml(scenario) if scenario is not None else scenario_config("federated.toml")
+        cfg = base.with_overrides(overrides)
         run_dir = out if out is not None else default_run_dir("simulate")
         fc = cfg.federation
         err_console.print(
