@@ -3,10 +3,11 @@ local training.
 
 A round at a site (:meth:`Site.train_round`):
 
-1. with privacy on, plan the site's DP-SGD for the *whole planned run* once (Poisson sample
-   rate ``q = batch / n``, local steps per round, noise calibrated so that all planned rounds
-   together spend ``privacy.epsilon``), then **charge this round to the ledger before
-   training**; a round that would pass the data set's budget is refused ("budget exhausted")
+1. with privacy on, plan the site's DP-SGD for the *whole planned run* (Poisson sample rate
+   ``q = batch / n``, local steps per round, noise calibrated so that all planned rounds
+   together spend ``privacy.epsilon``; recomputed each round from the run's rounds already in
+   the ledger, which gives the same noise unless the plan changed), then **charge this round to
+   the ledger before training**; a round that would pass the data set's budget is refused ("budget exhausted")
    with the remaining budget, and nothing is trained or sent;
 2. load the global encoder weights and the site's own margin head (kept on disk in the
    site's state directory, so it survives rounds and restarts; it never leaves the site);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from fedface.common.data.transforms import AugmentConfig
 from fedface.common.errors import BudgetExhaustedError
 from fedface.common.io import atomic_torch_save
 from fedface.common.models import build_encoder, build_margin_head
-from fedface.common.privacy.accounting import Mechanism, calibrate_noise
+from fedface.common.privacy.accounting import Mechanism, calibrate_noise, compute_epsilon
 from fedface.common.privacy.dpsgd import make_dp_optimizer, poisson_batches, secure_seed, train_epoch_dp
 from fedface.common.privacy.ledger import PrivacyLedger
 from fedface.common.privacy.per_sample import to_per_sample
@@ -98,8 +100,14 @@ class Site:
 
     # --- privacy plan --------------------------------------------------------------------------
 
-    def mechanism(self, *, rounds: int, local_epochs: int) -> Mechanism:
-        """This site's per-round DP-SGD mechanism, its noise calibrated once for ``rounds`` rounds."""
+    def mechanism(self, *, rounds: int, local_epochs: int, prior: Sequence[tuple[float, float, int]] = ()) -> Mechanism:
+        """This site's per-round DP-SGD mechanism, its noise calibrated so that ``prior`` (the
+        run's rounds already charged) and ``rounds`` more rounds spend ``privacy.epsilon``.
+
+        With nothing changed since the first round this is the first round's noise again; if
+        the plan grew (a resumed run with more rounds), the remaining rounds get more noise,
+        so the run still ends within its epsilon.
+        """
         pc = self.cfg.privacy
         n = self.examples
         expected = min(self.cfg.training.batch_size, n)
@@ -107,10 +115,19 @@ class Site:
         steps = local_epochs * max(1, round(1 / q))
         if pc.noise_multiplier is not None:
             sigma = pc.noise_multiplier
+        elif prior and compute_epsilon(
+            [*prior, (prior[-1][0], q, rounds * steps)], delta=pc.delta, accountant=pc.accountant
+        ) <= pc.epsilon:  # type: ignore[operator]
+            sigma = prior[-1][0]  # the plan of the run's latest round still fits: keep its noise
         else:
             assert pc.epsilon is not None
             sigma = calibrate_noise(
-                target_epsilon=pc.epsilon, delta=pc.delta, sample_rate=q, steps=rounds * steps, accountant=pc.accountant
+                target_epsilon=pc.epsilon,
+                delta=pc.delta,
+                sample_rate=q,
+                steps=rounds * steps,
+                accountant=pc.accountant,
+                prior=prior,
             )
         return Mechanism(
             noise_multiplier=sigma,
@@ -154,13 +171,20 @@ class Site:
         metrics: dict[str, Any] = {wire.M_SITE: self.name, wire.M_EXAMPLES: self.examples}
         mech: Mechanism | None = None
         if self.cfg.privacy.enabled:
-            mech = self.mechanism(rounds=rounds, local_epochs=local_epochs)
             with PrivacyLedger(self.ledger_path) as ledger:
                 ledger.verify()
                 pc = self.cfg.privacy
                 if pc.budget_epsilon is not None and ledger.budget(self.dataset) is None:
                     ledger.set_budget(self.dataset, epsilon=pc.budget_epsilon, delta=pc.delta, accountant=pc.accountant)
+                prior = [x.mechanism.history_entry() for x in ledger.sessions(self.dataset) if x.run_id == run_id]
                 try:
+                    remaining = rounds - round_ + 1
+                    if remaining < 1:
+                        raise BudgetExhaustedError(f"budget exhausted: round {round_} is past the run's {rounds} planned rounds")
+                    try:
+                        mech = self.mechanism(rounds=remaining, local_epochs=local_epochs, prior=prior)
+                    except ValueError as exc:  # the run's own epsilon is spent (e.g. rounds repeated)
+                        raise BudgetExhaustedError(f"budget exhausted for this run: {exc}") from None
                     session = ledger.charge(self.dataset, mech, run_id=run_id, round=round_, examples=self.examples)
                 except BudgetExhaustedError as exc:
                     spend = ledger.spend(self.dataset)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fedface.common.checkpoint import load_checkpoint
 from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet
 from fedface.common.federated import federation_data, site_name
@@ -79,8 +80,14 @@ def run_federated(
     faces: FaceSet | None = None,
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     client_cpus: float | None = None,
+    resume: bool = False,
 ) -> FederatedResult:
-    """Run ``cfg.federation.rounds`` federated rounds over ``cfg.federation.sites`` simulated sites."""
+    """Run ``cfg.federation.rounds`` federated rounds over ``cfg.federation.sites`` simulated sites.
+
+    With ``resume``, ``out_dir`` is an earlier run's directory (and ``cfg`` its config): the run
+    goes on after its last checkpointed round, from that checkpoint, with the sites' heads and
+    ledgers as they were (their spend keeps composing; the noise plan is the same).
+    """
     from flwr.simulation import run_simulation
 
     from fedface.client.app import make_client_app
@@ -90,23 +97,53 @@ def run_federated(
 
     t0 = time.perf_counter()
     fc = cfg.federation
-    _prepare_run_dir(out_dir, overwrite)
-    run_dir = out_dir.resolve()
-    atomic_write_toml(run_dir / "config.toml", cfg.to_toml_dict())
-    fed = federation_data(cfg, faces)
-    fed.split.save(run_dir / "split.json", fed.faces)
-    fed.partition.save(run_dir / "partition.json", fed.train)
-    torch.manual_seed(cfg.training.seed)
-    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
-    if cfg.training.init_from is not None:
-        from fedface.simulations.centralized import _load_encoder_init
+    first_round = 1
+    if resume:
+        run_dir = out_dir.resolve()
+        if not (run_dir / "runs.sqlite").is_file():
+            raise RunDirError(f"no run to resume in {out_dir}: pass the directory of an earlier `fedface simulate` run")
+        store = RunStore(run_dir / "runs.sqlite", create=False)
+        runs = store.runs()
+        if not runs:
+            raise RunDirError(f"the run store of {out_dir} holds no run to resume")
+        run_id = runs[-1].run_id
+        last = store.last_checkpoint(run_id)
+        done = store.run(run_id).rounds_done
+        if done > 0 and (last is None or last[0] != done):
+            store.close()
+            raise RunDirError(f"run {run_id} has {done} recorded rounds but no checkpoint of round {done}: it cannot be resumed")
+        store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg, resume=True)
+        first_round = done + 1
+        fed = federation_data(cfg, faces)
+        torch.manual_seed(cfg.training.seed)
+        encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+        if last is not None:
+            encoder.load_state_dict(load_checkpoint(last[1]).encoder_state)
+        logger.info("resuming run %s after round %d of %d", run_id, done, fc.rounds)
+    else:
+        _prepare_run_dir(out_dir, overwrite)
+        run_dir = out_dir.resolve()
+        atomic_write_toml(run_dir / "config.toml", cfg.to_toml_dict())
+        fed = federation_data(cfg, faces)
+        fed.split.save(run_dir / "split.json", fed.faces)
+        fed.partition.save(run_dir / "partition.json", fed.train)
+        torch.manual_seed(cfg.training.seed)
+        encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+        if cfg.training.init_from is not None:
+            from fedface.simulations.centralized import _load_encoder_init
 
-        _load_encoder_init(encoder, cfg)
+            _load_encoder_init(encoder, cfg)
+        run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+        store = RunStore(run_dir / "runs.sqlite")
+        store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)
     initial = encoder_weights(encoder)
-    run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-    store = RunStore(run_dir / "runs.sqlite")
-    store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)
-    rounds = FedFaceRounds(cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=fed.test, on_round=on_round)
+    rounds = FedFaceRounds(
+        cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=fed.test, on_round=on_round, first_round=first_round
+    )
+    if first_round > fc.rounds:
+        store.finish_run(run_id, status="completed")
+        store.close()
+        return FederatedResult(run_id=run_id, run_dir=run_dir, wall_s=time.perf_counter() - t0, completed=True)
     sites_dir = run_dir / "sites"
     site_faces = [fed.site_faces(i) for i in range(fc.sites)]
 
@@ -145,10 +182,10 @@ def run_federated(
                     "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
                 },
             )
-        completed = len(rounds.history) == fc.rounds
+        completed = len(rounds.history) == fc.rounds - first_round + 1
         status = "completed" if completed else "failed"
         if not completed:
-            error = f"{len(rounds.history)} of {fc.rounds} rounds completed: see the log above"
+            error = f"{first_round - 1 + len(rounds.history)} of {fc.rounds} rounds completed: see the log above"
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise

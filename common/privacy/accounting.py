@@ -428,7 +428,8 @@ def _search(epsilon_at: Callable[[float], float], target: float, start: float, d
             (x1, y1), (x2, y2) = points[-2], points[-1]
             slope = (x2 - x1) / (y2 - y1)
             if slope < 0:
-                guess = math.exp(x2 + (aim - y2) * slope)
+                # capped: near a prior that almost reaches the target the line is nearly flat
+                guess = math.exp(min(x2 + (aim - y2) * slope, math.log(MAX_NOISE_MULTIPLIER) + 1.0))
         if math.isnan(guess):
             guess = sigma * eps / target if 0 < eps < math.inf else sigma * (2.0 if eps > target else 0.5)
 

@@ -117,14 +117,15 @@ def federated(
             }
             print_json(result)
             return
+        # One thing at a time, so the seconds per round of the SecAgg+ and plain runs compare:
+        # the two federated runs alone, then the two centralized baselines side by side.
+        err_console.print(f"federated: {fc.sites} sites x {fc.rounds} rounds, SecAgg+, DP epsilon {epsilon} per site")
+        fed = run_federated(cfg, out_dir=work / "secagg", faces=faces, on_round=show("SecAgg+"))
+        plain = run_federated(cfg.with_overrides({"federation.secagg": False}), out_dir=work / "plain", faces=faces, on_round=show("plain"))
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            # the two centralized baselines train in one worker beside the federated runs
+        with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
             central_f = pool.submit(_central, cfg, orl, None, work / "ledger.sqlite")
             central_dp_f = pool.submit(_central, cfg, orl, epsilon if math.isfinite(epsilon) else None, work / "ledger.sqlite")
-            err_console.print(f"federated: {fc.sites} sites x {fc.rounds} rounds, SecAgg+, DP epsilon {epsilon} per site")
-            fed = run_federated(cfg, out_dir=work / "secagg", faces=faces, on_round=show("SecAgg+"))
-            plain = run_federated(cfg.with_overrides({"federation.secagg": False}), out_dir=work / "plain", faces=faces, on_round=show("plain"))
             central, central_dp = central_f.result(), central_dp_f.result()
     secagg_s, plain_s = _round_seconds(fed.history), _round_seconds(plain.history)
     result = {

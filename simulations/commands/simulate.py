@@ -29,6 +29,7 @@ def simulate(
     client_cpus: Annotated[Optional[float], typer.Option(help="CPUs Ray reserves per site (default: all, so sites train one at a time; lower it on many-core machines).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to write (default runs/simulate-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that already holds a run.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Go on with the run in this directory after its last checkpointed round (its config; --rounds may raise the plan).")] = None,
     output_format: Annotated[str, typer.Option("--format", help="text, or json: the summary as one JSON object on stdout's last line.")] = "text",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-v also shows Flower's and Ray's logs).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
@@ -63,9 +64,15 @@ def simulate(
             "privacy.epsilon": epsilon,
             "privacy.delta": delta,
         }
-        base = TrainConfig.from_toml(scenario) if scenario is not None else scenario_config("federated.toml")
+        if resume is not None:
+            if scenario is not None or out is not None:
+                raise typer.BadParameter("--resume takes the run's own config and directory: drop --scenario and --out")
+            base = TrainConfig.from_toml(resume / "config.toml")
+            overrides = {"federation.rounds": rounds}
+        else:
+            base = TrainConfig.from_toml(scenario) if scenario is not None else scenario_config("federated.toml")
         cfg = base.with_overrides(overrides)
-        run_dir = out if out is not None else default_run_dir("simulate")
+        run_dir = resume if resume is not None else (out if out is not None else default_run_dir("simulate"))
         fc = cfg.federation
         err_console.print(
             f"{fc.sites} sites x {fc.rounds} rounds, {fc.strategy}, SecAgg+ {'on' if fc.secagg else 'off'}, "
@@ -87,7 +94,9 @@ def simulate(
 
         from fedface.simulations.simulate import run_federated
 
-        result = run_federated(cfg, out_dir=run_dir, overwrite=overwrite, on_round=on_round, client_cpus=client_cpus)
+        result = run_federated(
+            cfg, out_dir=run_dir, overwrite=overwrite, on_round=on_round, client_cpus=client_cpus, resume=resume is not None
+        )
         if not result.completed:
             err_console.print(f"[red]run incomplete[/]: {result.error} (run directory {run_dir})")
             raise typer.Exit(1)

@@ -316,3 +316,37 @@ def test_simulate_two_sites_with_secagg_completes(tmp_path: Path, orl_root: Path
     assert result.exit_code == 0, result.stderr
     rounds = _last_json(result.stdout)["rounds"]
     assert [r["answered"] for r in rounds] == [2]
+
+
+def test_simulate_resume_goes_on_after_the_last_round_with_the_sites_state(tmp_path: Path, orl_root: Path) -> None:
+    # Arrange: a private run of 2 rounds
+    scenario = _scenario(tmp_path, orl_root, privacy={"epsilon": 8.0})
+    out = tmp_path / "run"
+    first = _simulate(scenario, out)
+    assert first.exit_code == 0, first.stderr
+
+    # Act: resume it with the plan raised to 3 rounds
+    result = runner.invoke(app, ["simulate", "--resume", str(out), "--rounds", "3", "--format", "json", "-q"])
+
+    # Assert: one more round, numbered 3, from the same run; every site's spend still within 8
+    assert result.exit_code == 0, result.stderr
+    assert [r["round"] for r in _last_json(result.stdout)["rounds"]] == [3]
+    with RunStore(out / "runs.sqlite") as store:
+        (run,) = store.runs()
+        assert run.status == "completed" and run.rounds_done == 3
+        assert store.last_checkpoint(run.run_id) == (3, str((out / "checkpoints" / "round-0003.pt").resolve()))
+    for site in SITES:
+        with PrivacyLedger(out / "sites" / site / "ledger.sqlite") as ledger:
+            sessions = ledger.sessions(site)
+            assert [s.round for s in sessions] == [1, 2, 3]
+            assert ledger.spend(site).epsilon <= 8.0
+
+
+def test_simulate_resume_of_a_directory_without_a_run_exits_9(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.toml").write_text("")
+
+    result = runner.invoke(app, ["simulate", "--resume", str(tmp_path / "empty")])
+
+    assert result.exit_code == 9
+    assert "no run to resume" in result.stderr

@@ -296,3 +296,35 @@ def test_fedprox_keeps_the_update_near_the_global_weights(site_faces: FaceSet, t
     assert _distance(plain, again) == 0.0  # same seed: the comparison is fair
     assert _distance(prox, initial) > 0
     assert _distance(prox, initial) < 0.5 * _distance(plain, initial)
+
+
+def test_a_grown_plan_recalibrates_the_remaining_rounds_within_the_runs_epsilon(site_faces: FaceSet, tmp_path: Path) -> None:
+    # Arrange: four rounds planned, two trained, then the run resumed with six rounds planned
+    cfg = _config(privacy={"epsilon": 4.0})
+    site = _site(site_faces, tmp_path, cfg)
+    weights = _initial(cfg)
+    for r in (1, 2):
+        weights = site.train_round(weights, run_id="run", round_=r, rounds=4, local_epochs=1, lr=1e-3).weights
+
+    # Act
+    for r in (3, 4, 5, 6):
+        res = site.train_round(weights, run_id="run", round_=r, rounds=6, local_epochs=1, lr=1e-3)
+        weights = res.weights
+
+    # Assert: more noise for the added rounds, and the run still ends within its epsilon
+    sessions = PrivacyLedger(tmp_path / "site-a" / "ledger.sqlite").sessions("site-a")
+    sigmas = [s.mechanism.noise_multiplier for s in sessions]
+    assert sigmas[0] == sigmas[1] < sigmas[2] == sigmas[5]
+    total = compute_epsilon([s.mechanism.history_entry() for s in sessions], delta=1e-5, accountant="rdp")
+    assert 4.0 * 0.99 <= total <= 4.0
+    assert res.metrics[wire.M_EPSILON] == pytest.approx(total, abs=1e-9)
+
+
+def test_a_round_past_the_plan_is_refused(site_faces: FaceSet, tmp_path: Path) -> None:
+    cfg = _config(privacy={"epsilon": 4.0})
+    site = _site(site_faces, tmp_path, cfg)
+
+    res = site.train_round(_initial(cfg), run_id="run", round_=3, rounds=2, local_epochs=1, lr=1e-3)
+
+    assert res.metrics[wire.M_STATUS] == wire.REFUSED and res.examples == 0
+    assert res.metrics[wire.M_REASON] == wire.REASON_BUDGET
