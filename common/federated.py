@@ -66,7 +66,7 @@ def scenario_from_run_config(run_config: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig.from_toml(Path(str(path))) if path else TrainConfig()
     overrides: dict[str, Any] = {}
     for key, dotted in (("sites", "federation.sites"), ("rounds", "federation.rounds"), ("secagg", "federation.secagg"), ("data", "data.root")):
-        if key in run_config and run_config[key] != "":
+        if key in run_config and run_config[key] not in ("", 0):  # "" and 0: keep the scenario's
             overrides[dotted] = run_config[key]
     eps = run_config.get("epsilon")
     if eps not in (None, "", 0, 0.0):

@@ -9,6 +9,7 @@ import typer
 
 from fedface.simulations.bench import bench_app
 from fedface.simulations.commands.evaluate import evaluate
+from fedface.simulations.commands.keys import keys_app
 from fedface.simulations.commands.privacy import privacy_app
 from fedface.simulations.commands.simulate import simulate
 from fedface.simulations.commands.train import train
@@ -51,6 +52,7 @@ app.command()(evaluate)
 app.command()(simulate)
 app.add_typer(bench_app, name="bench")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:
