@@ -78,11 +78,28 @@ def secagg_policy_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
 
 
 def _site_for_flwr_run(context: Context) -> Site:
-    """The simulated site of a ``flwr run``: partition ``partition-id`` of the run's scenario."""
+    """The site of a ``flwr run`` node.
+
+    A deployed site names its own configuration (node config ``site-config``: its name, its
+    own faces, its state directory and budget; :class:`~fedface.client.siteconfig.SiteConfig`);
+    a test federation on shared data names its ``partition-id`` of the scenario's data set.
+    """
     import torch
 
     torch.set_num_threads(1)
     cfg = scenario_from_run_config(context.run_config)
+    site_config = str(context.node_config.get("site-config") or "")
+    if site_config:
+        from fedface.client.siteconfig import SiteConfig
+        from fedface.common.data import load_faces
+
+        sc = SiteConfig.from_toml(site_config)
+        overrides: dict[str, Any] = {"privacy.dataset": sc.name}
+        if sc.budget_epsilon is not None:
+            overrides.update({"privacy.budget-epsilon": sc.budget_epsilon})
+        cfg = cfg.with_overrides(overrides)
+        faces = load_faces(sc.data, layout=sc.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
+        return Site(sc.name, cfg, faces, sc.state_dir / "runs" / str(context.run_id), sc.ledger)
     fed = cached_federation_data(json.dumps(cfg.to_toml_dict(), sort_keys=True))
     pid = int(context.node_config["partition-id"])
     run_dir = Path(str(context.run_config.get("run-dir") or "runs/flwr-run")).resolve()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet, SitePartition, Split, load_faces, partition_sites, split_open_set
+from fedface.common.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,20 @@ def cached_federation_data(cfg_json: str) -> FederationData:
 
 
 def scenario_from_run_config(run_config: dict[str, Any]) -> TrainConfig:
-    """The scenario of a Flower run (``flwr run``): ``scenario`` (a TOML path; empty: the
-    defaults) with ``data``, ``sites``, ``rounds``, ``epsilon`` and ``secagg`` overrides."""
+    """The scenario of a Flower run (``flwr run``): ``scenario-toml`` (the scenario's text, as
+    `fedface server run` sends it: every site parses the same text) or ``scenario`` (a TOML
+    path on each machine; empty: the defaults), with ``data``, ``sites``, ``rounds``,
+    ``epsilon`` and ``secagg`` overrides."""
+    text = str(run_config.get("scenario-toml") or "")
     path = run_config.get("scenario") or ""
-    cfg = TrainConfig.from_toml(Path(str(path))) if path else TrainConfig()
+    if text:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"the run's scenario-toml is not valid TOML: {exc}") from None
+        cfg = TrainConfig.from_mapping(raw, source="run config scenario-toml")
+    else:
+        cfg = TrainConfig.from_toml(Path(str(path))) if path else TrainConfig()
     overrides: dict[str, Any] = {}
     for key, dotted in (("sites", "federation.sites"), ("rounds", "federation.rounds"), ("secagg", "federation.secagg"), ("data", "data.root")):
         if key in run_config and run_config[key] not in ("", 0):  # "" and 0: keep the scenario's

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedface.simulations.bench import bench_app
+from fedface.simulations.commands.deploy import server_app, site
 from fedface.simulations.commands.evaluate import evaluate
 from fedface.simulations.commands.keys import keys_app
 from fedface.simulations.commands.privacy import privacy_app
@@ -50,9 +51,11 @@ def _root(
 app.command()(train)
 app.command()(evaluate)
 app.command()(simulate)
+app.command()(site)
 app.add_typer(bench_app, name="bench")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(keys_app, name="keys")
+app.add_typer(server_app, name="server")
 
 
 def main() -> None:

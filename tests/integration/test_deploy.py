@@ -1,11 +1,13 @@
-"""A real deployment on 127.0.0.1: a SuperLink with TLS and node authentication, three
-registered SuperNodes running fedface's ClientApp, `flwr run` of fedface's ServerApp with
-SecAgg+ and DP-SGD at every site for 2 rounds; an unregistered node refused; every process
-started here stopped by its process group.
+"""A real deployment on 127.0.0.1 with fedface's commands: `fedface server start` (a SuperLink
+with TLS and node authentication), `fedface server register` for three sites, `fedface site`
+for each (a SuperNode on the site's own faces: a directory of 4 ORL people, linked), and
+`fedface server run` (SecAgg+, DP-SGD at every site, 2 rounds); a fourth, unregistered site is
+refused; every process started here is stopped by its process group.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -95,72 +97,78 @@ class Processes:
         return [proc.pid for proc in self.procs if _alive(proc.pid)]
 
 
+def _site_data(root: Path, identities: list[str], target: Path) -> Path:
+    """A site's own ORL-layout directory: links to its people's folders (no image copied)."""
+    target.mkdir(parents=True)
+    for name in identities:
+        (target / name).symlink_to(root / name, target_is_directory=True)
+    return target
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> Iterator[dict[str, object]]:
+    from fedface.common.config import TrainConfig
+    from fedface.common.federated import federation_data
+
     work = tmp_path_factory.mktemp("deploy")
     keys = create_federation_keys(work / "keys", hosts=["127.0.0.1", "localhost"])
     nodes = [create_node_key(work / "keys" / "nodes", name) for name in [*SITES, "stranger"]]
     port = _free_port()
     home = work / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": "fed", "fed": {"address": f"127.0.0.1:{port}", "root-certificates": str(keys.ca_cert)}}})
-    )
+    scenario_raw = {
+        "data": {"root": str(orl_root), "image-size": [32, 32]},
+        "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 2},
+        "evaluation": {"shift-tta": 0, "occlusion-box": 8},
+        "training": {"batch-size": 16, "device": "cpu"},
+        "privacy": {"epsilon": 8.0},
+        "federation": {"sites": 3, "rounds": 2, "test-identities": 10, "secagg": True},
+    }
     scenario = work / "scenario.toml"
-    scenario.write_text(
-        tomli_w.dumps(
-            {
-                "data": {"root": str(orl_root), "image-size": [32, 32]},
-                "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 2},
-                "evaluation": {"shift-tta": 0, "occlusion-box": 8},
-                "training": {"batch-size": 16, "device": "cpu"},
-                "privacy": {"epsilon": 8.0},
-                "federation": {"sites": 3, "rounds": 2, "identities-per-site": 4, "test-identities": 10, "secagg": True},
-            }
-        )
-    )
+    scenario.write_text(tomli_w.dumps(scenario_raw))
+    # each site holds 4 of the people the server does not hold out for its evaluation
+    train_people = sorted(set(federation_data(TrainConfig.from_mapping(scenario_raw)).train.identity_names))
+    site_configs = []
+    for i, name in enumerate([*SITES, "stranger"]):
+        people = train_people[4 * (i % 3) : 4 * (i % 3) + 4]
+        data = _site_data(orl_root, people, work / "data" / name)
+        cfg_path = work / f"{name}.toml"
+        cfg_path.write_text(tomli_w.dumps({"name": name, "data": str(data), "state-dir": str(work / "state" / name)}))
+        site_configs.append(cfg_path)
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
         "OMP_NUM_THREADS": "1",
     }
+    fedface = str(BIN / "fedface")
+    tls = ["--root-certificates", str(keys.ca_cert)]
+    link = ["--superlink", f"127.0.0.1:{port}"]
     procs = Processes(env, work)
     result: dict[str, object] = {"work": work}
     try:
-        procs.start(
-            "superlink", str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(keys.ca_cert), "--ssl-certfile", str(keys.server_cert), "--ssl-keyfile", str(keys.server_key),
-            "--enable-supernode-auth", "--database", str(work / "superlink.db"), "--port", str(port),
-            "--disable-runtime-dependency-installation",
-        )
+        procs.start("superlink", fedface, "server", "start", "--keys", str(keys.ca_cert.parent), "--port", str(port),
+                    "--database", str(work / "superlink.db"))
         _wait_for_port(port)
         for node in nodes[:3]:
-            reg = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(node.public_key), "fed"], cwd=REPO, env=env,
-                                 capture_output=True, timeout=60)
+            reg = subprocess.run([fedface, "server", "register", str(node.public_key), *link, *tls, "--flwr-home", str(home)],
+                                 cwd=REPO, env=env, capture_output=True, timeout=120)
             assert reg.returncode == 0, reg.stdout.decode() + reg.stderr.decode()
         for i, node in enumerate(nodes[:3]):
-            procs.start(
-                f"supernode-{i}", str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(keys.ca_cert), "--auth-supernode-private-key", str(node.private_key),
-                "--node-config", f"partition-id={i} num-partitions=3", "--port", str(_free_port()),
-            )
-        stranger = procs.start(
-            "stranger", str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-            "--root-certificates", str(keys.ca_cert), "--auth-supernode-private-key", str(nodes[3].private_key),
-            "--node-config", "partition-id=0 num-partitions=3", "--port", str(_free_port()), "--max-retries", "1",
-        )
-        result["stranger_rc"] = stranger.wait(timeout=120)
+            procs.start(f"site-{i}", fedface, "site", "-c", str(site_configs[i]), *link, *tls,
+                        "--key", str(node.private_key), "--port", str(_free_port()))
+        stranger = procs.start("stranger", fedface, "site", "-c", str(site_configs[3]), *link, *tls,
+                               "--key", str(nodes[3].private_key), "--port", str(_free_port()))
+        try:
+            result["stranger_rc"] = stranger.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            result["stranger_rc"] = None
         run = subprocess.run(
-            [str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config",
-             f"scenario='{scenario}' run-dir='{work / 'run'}' sites=3 rounds=2"],
+            [fedface, "server", "run", "-c", str(scenario), "--run-dir", str(work / "run"), *link, *tls,
+             "--flwr-home", str(home), "--format", "json"],
             cwd=REPO, env=env, capture_output=True, timeout=900,
         )
         result["run_rc"] = run.returncode
+        result["run_stdout"] = run.stdout.decode(errors="replace")
         result["run_log"] = run.stdout.decode(errors="replace")[-4000:] + run.stderr.decode(errors="replace")[-4000:]
     finally:
         result["left_alive"] = procs.stop_all()
@@ -169,7 +177,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> Iter
 
 def test_deployed_run_trains_two_rounds_with_secagg_and_dp(deployment: dict[str, object]) -> None:
     assert deployment["run_rc"] == 0, deployment["run_log"]
-    run_dir = Path(str(deployment["work"])) / "run"
+    work = Path(str(deployment["work"]))
+    run_dir = work / "run"
+    summary = json.loads(str(deployment["run_stdout"]).strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["rounds"] == 2
     with RunStore(run_dir / "runs.sqlite", create=False) as store:
         (run,) = store.runs()
         rounds = store.rounds(run.run_id)
@@ -180,7 +191,9 @@ def test_deployed_run_trains_two_rounds_with_secagg_and_dp(deployment: dict[str,
     assert all(0.0 < r.metrics["verif_acc"] <= 1.0 for r in rounds)
     assert sorted(spend) == SITES
     for site in SITES:
-        with PrivacyLedger(run_dir / "sites" / site / "ledger.sqlite", create=False) as ledger:
+        # each site keeps its ledger (all runs) and this run's head in its own state directory
+        assert len(list((work / "state" / site / "runs").glob("*/head.pt"))) == 1
+        with PrivacyLedger(work / "state" / site / "ledger.sqlite", create=False) as ledger:
             ledger.verify()
             assert [s.round for s in ledger.sessions(site)] == [1, 2]
             assert spend[site].epsilon == pytest.approx(ledger.spend(site).epsilon, abs=1e-9) and spend[site].epsilon <= 8.0

@@ -1,0 +1,70 @@
+"""A deployed site's own configuration (`fedface site --config site.toml`).
+
+It names the site, its own face directory and its state directory. The state directory keeps
+the privacy ledger across every run the site joins, and each run's margin head under
+``runs/<run-id>/``. It may also set the site's budget. Everything else comes from the run's
+scenario, which the server sends. The file stays at the site.
+
+```toml
+name = "hospital-a"
+data = "/data/faces"                 # ImageFolder, ORL, Yale or Extended Yale B layout
+state-dir = "/var/lib/fedface"       # ledger.sqlite and runs/<run-id>/head.pt
+budget-epsilon = 10.0                # optional: the site's budget over all runs (at the run's delta)
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedface.common.config import format_validation_error
+from fedface.common.errors import ConfigError
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class SiteConfig(BaseModel):
+    """A site's name, data and state, and its optional privacy budget."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=_kebab, populate_by_name=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="the site's name (its data set in the ledger)")
+    data: Path = Field(description="the site's own face directory")
+    layout: str = "auto"
+    state_dir: Path = Field(description="ledger and heads; keep it, and back it up")
+    budget_epsilon: float | None = Field(default=None, gt=0, description="the site's budget over all runs (set once in the ledger)")
+
+    @property
+    def ledger(self) -> Path:
+        """The site's privacy ledger (all runs)."""
+        return self.state_dir / "ledger.sqlite"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> SiteConfig:
+        """Read a site config; ConfigError naming the file and every problem."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"site config {p} not found: pass the path of the site's TOML file")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"site config {p} is not valid TOML: {exc}") from None
+        try:
+            cfg = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, str(p))) from None
+        base = p.resolve().parent  # relative paths are relative to the config file
+        return cfg.model_copy(
+            update={
+                "data": cfg.data if cfg.data.is_absolute() else base / cfg.data,
+                "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
+            }
+        )
+
+
+__all__ = ["SiteConfig"]
