@@ -1,5 +1,10 @@
 """The site side as a Flower ``ClientApp``: a thin handler around :class:`fedface.client.site.Site`.
 
+Imports of torch, Opacus and the models are deferred to the handlers that train: in a
+deployment Flower starts a fresh ClientApp process per message, and three of SecAgg+'s four
+messages per round (key set-up, share exchange, unmasking) are answered by the mod without
+training, so they need neither (about 2 s of imports each on a small CPU).
+
 Flower's compatibility API (``NumPyClient`` + ``ClientApp(client_fn, mods)``) is used because
 SecAgg+ (``secaggplus_mod``) exists only there in Flower 1.42. The mod masks the site's
 weighted encoder update; the reply metrics (status, examples, privacy spend) travel in the
@@ -11,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
@@ -19,12 +24,13 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common import Context, Message, MessageType
 
-from fedface.client.site import Site, encoder_weights
 from fedface.common import wire
-from fedface.common.federated import cached_federation_data, scenario_from_run_config, site_name
-from fedface.common.models import build_encoder
+from fedface.common.federated import scenario_from_run_config
 
-SiteFactory = Callable[[Context], Site]
+if TYPE_CHECKING:
+    from fedface.client.site import Site
+
+SiteFactory = Callable[[Context], "Site"]
 
 
 class SiteClient(NumPyClient):
@@ -35,6 +41,9 @@ class SiteClient(NumPyClient):
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """Freshly initialised encoder weights (the server normally sends its own)."""
+        from fedface.client.site import encoder_weights
+        from fedface.common.models import build_encoder
+
         cfg = self.site.cfg
         return encoder_weights(build_encoder(cfg.model, image_size=cfg.data.image_size))
 
@@ -85,6 +94,9 @@ def _site_for_flwr_run(context: Context) -> Site:
     a test federation on shared data names its ``partition-id`` of the scenario's data set.
     """
     import torch
+
+    from fedface.client.site import Site
+    from fedface.common.federated import cached_federation_data, site_name
 
     torch.set_num_threads(1)
     cfg = scenario_from_run_config(context.run_config)

@@ -14,11 +14,13 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedface.common.config import TrainConfig
-from fedface.common.data import FaceSet, SitePartition, Split, load_faces, partition_sites, split_open_set
 from fedface.common.errors import ConfigError
+
+if TYPE_CHECKING:  # the data side imports torch; the run-config helpers below must stay light
+    from fedface.common.data import FaceSet, SitePartition, Split
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ def site_name(index: int) -> str:
 
 def federation_data(cfg: TrainConfig, faces: FaceSet | None = None) -> FederationData:
     """Split off ``federation.test-identities`` people and partition the rest into sites."""
+    from fedface.common.data import load_faces, partition_sites, split_open_set
+
     fc = cfg.federation
     if faces is None:
         faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
