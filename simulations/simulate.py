@@ -81,12 +81,17 @@ def run_federated(
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     client_cpus: float | None = None,
     resume: bool = False,
+    ray_address: str | None = None,
 ) -> FederatedResult:
     """Run ``cfg.federation.rounds`` federated rounds over ``cfg.federation.sites`` simulated sites.
 
     With ``resume``, ``out_dir`` is an earlier run's directory (and ``cfg`` its config): the run
     goes on after its last checkpointed round, from that checkpoint, with the sites' heads and
     ledgers as they were (their spend keeps composing; the noise plan is the same).
+
+    With ``ray_address`` (``HOST:PORT`` of a running Ray head, e.g. from ``ray start --head``)
+    the sites run on that cluster's machines instead of a private local Ray instance; every
+    machine needs fedface installed and the data at the scenario's path.
     """
     from flwr.simulation import run_simulation
 
@@ -156,7 +161,8 @@ def run_federated(
     server_app = make_server_app(rounds, initial)
     client_app = make_client_app(site_factory, secagg=fc.secagg)
     cpus = os.cpu_count() or 1
-    resources = {"num_cpus": client_cpus if client_cpus is not None else cpus, "num_gpus": 1.0 if torch.cuda.is_available() else 0.0}
+    per_site = client_cpus if client_cpus is not None else (1.0 if ray_address else cpus)
+    resources = {"num_cpus": per_site, "num_gpus": 1.0 if torch.cuda.is_available() else 0.0}
     saved_env = {k: os.environ.get(k) for k in (*QUIET_ENV, "FLWR_HOME", "RAY_TMPDIR")}
     ray_tmp = tempfile.mkdtemp(prefix="fedface-ray-")  # short: Ray's socket paths are length-limited
     os.environ.update({**QUIET_ENV, "FLWR_HOME": str(run_dir / ".flwr"), "RAY_TMPDIR": ray_tmp})
@@ -179,7 +185,10 @@ def run_federated(
                 num_supernodes=fc.sites,
                 backend_config={
                     "client_resources": resources,
-                    "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+                    # an existing cluster brings its own resources; a private one gets this machine's
+                    "init_args": {"address": ray_address, "log_to_driver": False}
+                    if ray_address
+                    else {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
                 },
             )
         completed = len(rounds.history) == fc.rounds - first_round + 1

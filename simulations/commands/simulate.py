@@ -27,6 +27,7 @@ def simulate(
     local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round at each site.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the partition and training.")] = None,
     client_cpus: Annotated[Optional[float], typer.Option(help="CPUs Ray reserves per site (default: all, so sites train one at a time; lower it on many-core machines).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the sites on; default: a private Ray instance on this machine.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to write (default runs/simulate-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that already holds a run.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Go on with the run in this directory after its last checkpointed round (its config; --rounds may raise the plan).")] = None,
@@ -95,7 +96,13 @@ def simulate(
         from fedface.simulations.simulate import run_federated
 
         result = run_federated(
-            cfg, out_dir=run_dir, overwrite=overwrite, on_round=on_round, client_cpus=client_cpus, resume=resume is not None
+            cfg,
+            out_dir=run_dir,
+            overwrite=overwrite,
+            on_round=on_round,
+            client_cpus=client_cpus,
+            resume=resume is not None,
+            ray_address=ray_address,
         )
         if not result.completed:
             err_console.print(f"[red]run incomplete[/]: {result.error} (run directory {run_dir})")

@@ -350,3 +350,43 @@ def test_simulate_resume_of_a_directory_without_a_run_exits_9(tmp_path: Path) ->
 
     assert result.exit_code == 9
     assert "no run to resume" in result.stderr
+
+
+def test_simulate_runs_on_an_existing_ray_cluster(tmp_path: Path, orl_root: Path) -> None:
+    # A Ray head started apart from fedface (as on a cluster's head machine), in its own session
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_tmp = Path("/tmp") / f"ffray-{os.getpid()}"  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", f"--temp-dir={ray_tmp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        scenario = _scenario(tmp_path, orl_root, federation={"rounds": 1}, privacy={"epsilon": 8.0})
+        deadline = time.monotonic() + 60
+        result = None
+        while time.monotonic() < deadline:  # the head takes a few seconds to accept drivers
+            result = _simulate(scenario, tmp_path / "run", "--ray-address", f"127.0.0.1:{port}", "--overwrite")
+            if result.exit_code == 0:
+                break
+            time.sleep(2)
+        assert result is not None and result.exit_code == 0, result.stderr if result else "no run"
+        assert [r["answered"] for r in _last_json(result.stdout)["rounds"]] == [3]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        gc.collect()
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
