@@ -41,15 +41,13 @@ import json
 import math
 import numbers
 import sqlite3
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal, get_args
 
 from fedface.common.errors import ConfigError, RunDirError
+from fedface.common.sqlite_store import SQLiteStore
 from fedface.common.wire import Status
 
 RunStatus = Literal["running", "completed", "failed", "stopped"]
@@ -65,9 +63,7 @@ FINISH_STATUSES: tuple[str, ...] = ("completed", "failed", "stopped")
 
 SCHEMA_VERSION = 1
 APPLICATION = "fedface-run-store"
-BUSY_TIMEOUT_S = 30.0
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _APPEND_ONLY_TABLES = ("meta", "events", "rounds", "sampled", "participation", "metrics")
 _FIXED_RUN_COLUMNS = ("run_id", "started_at", "sites", "secagg", "config")
 
@@ -295,7 +291,7 @@ class RunEvent:
 # --- the store ---------------------------------------------------------------------------------
 
 
-class RunStore:
+class RunStore(SQLiteStore):
     """The server's run store in one SQLite file (see the module docstring).
 
     Parameters
@@ -313,51 +309,13 @@ class RunStore:
         fedface run store, or has a newer schema than this fedface understands.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
-        self.path = Path(path)
-        self._lock = threading.RLock()
-        if not self.path.exists() and not create:
-            raise RunDirError(f"no run store at {self.path}")
-        _check_sqlite_header(self.path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise RunDirError(f"cannot open run store {self.path}: {exc}; check the path and its permissions") from exc
-        try:
-            self._conn.execute("PRAGMA foreign_keys = ON")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = FULL")
-            self._init_schema()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            raise RunDirError(
-                f"{self.path} is not a readable fedface run store ({exc}); restore it from a backup "
-                "or point the server at another run-store file"
-            ) from exc
-        except BaseException:
-            self._conn.close()
-            raise
-
-    # --- lifecycle -----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the connection (idempotent)."""
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> RunStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"RunStore({str(self.path)!r})"
+    KIND = "run store"
+    APPLICATION = APPLICATION
+    SCHEMA_VERSION = SCHEMA_VERSION
+    SCHEMA = _SCHEMA
+    REQUIRED_TABLES = _TABLES
+    ERROR = RunDirError
+    ELSEWHERE = "point the server at another run-store file"
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -750,87 +708,6 @@ class RunStore:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _init_schema(self) -> None:
-        """Check an existing file is a run store we can read; give a new (empty) file the schema."""
-        with self._lock:
-            conn = self._conn
-            if "meta" not in self._tables():
-                # New file: create under the write lock (another process may be doing the same).
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    tables = self._tables()
-                    if tables and "meta" not in tables:
-                        raise RunDirError(
-                            f"{self.path} is an SQLite file but not a fedface run store (it has tables "
-                            f"{', '.join(sorted(tables))}); point the server at another run-store file"
-                        )
-                    if not tables:
-                        for statement in _SCHEMA:
-                            conn.execute(statement)
-                        conn.executemany(
-                            "INSERT INTO meta (key, value) VALUES (?, ?)",
-                            [("application", APPLICATION), ("schema_version", str(SCHEMA_VERSION))],
-                        )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            if meta.get("application") != APPLICATION:
-                raise RunDirError(
-                    f"{self.path} is not a fedface run store (meta application "
-                    f"{meta.get('application')!r}); point the server at another run-store file"
-                )
-            version = str(meta.get("schema_version", ""))
-            if version.isdigit() and int(version) > SCHEMA_VERSION:
-                raise RunDirError(
-                    f"run store {self.path} has schema version {version}, newer than this fedface "
-                    f"reads ({SCHEMA_VERSION}); upgrade fedface"
-                )
-            if not version.isdigit() or int(version) < 1 or not _TABLES <= self._tables():
-                raise RunDirError(
-                    f"run store {self.path} is incomplete (schema version {version!r}); restore it from a backup"
-                )
-
-    def _tables(self) -> set[str]:
-        return {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error."""
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise RunDirError(f"cannot lock run store {self.path} for writing: {exc}") from exc
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise RunDirError(f"cannot write run store {self.path}: {exc}; restore it from a backup") from exc
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: its queries see one snapshot of the store."""
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN")
-                yield conn
-            except sqlite3.DatabaseError as exc:
-                raise RunDirError(f"cannot read run store {self.path}: {exc}; restore it from a backup") from exc
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-
     def _require(self, conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
         row = _run_row(conn, run_id)
         if row is None:
@@ -862,22 +739,6 @@ class RunStore:
 
 
 # --- module helpers ----------------------------------------------------------------------------
-
-
-def _check_sqlite_header(path: Path) -> None:
-    """Raise RunDirError when ``path`` is a non-empty file that is not SQLite."""
-    try:
-        if not path.is_file() or path.stat().st_size == 0:
-            return
-        with path.open("rb") as fh:
-            header = fh.read(len(_SQLITE_MAGIC))
-    except OSError as exc:
-        raise RunDirError(f"cannot read run store {path}: {exc}; check the path and its permissions") from exc
-    if header != _SQLITE_MAGIC:
-        raise RunDirError(
-            f"{path} is not a fedface run store (not an SQLite file); restore it from a backup "
-            "or point the server at another run-store file"
-        )
 
 
 def _now() -> str:

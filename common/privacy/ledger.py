@@ -38,12 +38,8 @@ import math
 import numbers
 import os
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from fedface.common.errors import BudgetExhaustedError, ConfigError, LedgerError
@@ -54,6 +50,7 @@ from fedface.common.privacy.accounting import (
     compute_epsilon,
     format_epsilon,
 )
+from fedface.common.sqlite_store import SQLiteStore
 
 LEDGER_ENV = "FEDFACE_LEDGER"
 """Environment variable naming the ledger file; default ``~/.fedface/privacy-ledger.sqlite``."""
@@ -61,10 +58,8 @@ LEDGER_ENV = "FEDFACE_LEDGER"
 SCHEMA_VERSION = 1
 APPLICATION = "fedface-privacy-ledger"
 GENESIS_HASH = "0" * 64
-BUSY_TIMEOUT_S = 30.0
 _EPSILON_SLACK = 1e-12  # float equality only: a session calibrated to land exactly on the budget
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _APPEND_ONLY = "fedface ledger is append-only"
 _TABLES = ("meta", "budgets", "sessions")
 
@@ -215,7 +210,7 @@ class Spend:
         return remaining is not None and remaining <= 0.0
 
 
-class PrivacyLedger:
+class PrivacyLedger(SQLiteStore):
     """A site's append-only privacy ledger in one SQLite file (see the module docstring).
 
     Parameters
@@ -233,51 +228,13 @@ class PrivacyLedger:
         a fedface ledger, or has a newer schema than this fedface understands.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
-        self.path = Path(path)
-        self._lock = threading.RLock()
-        if not self.path.exists() and not create:
-            raise LedgerError(f"no privacy ledger at {self.path}")
-        _check_sqlite_header(self.path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise LedgerError(f"cannot open privacy ledger {self.path}: {exc}; check the path and its permissions") from exc
-        try:
-            self._conn.execute("PRAGMA foreign_keys = ON")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = FULL")
-            self._init_schema()
-        except sqlite3.DatabaseError as exc:
-            self._conn.close()
-            raise LedgerError(
-                f"{self.path} is not a readable fedface privacy ledger ({exc}); restore it from a backup "
-                f"or point --ledger / {LEDGER_ENV} at another file"
-            ) from exc
-        except BaseException:
-            self._conn.close()
-            raise
-
-    # --- lifecycle -----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close the connection (idempotent)."""
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> PrivacyLedger:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"PrivacyLedger({str(self.path)!r})"
+    KIND = "privacy ledger"
+    APPLICATION = APPLICATION
+    SCHEMA_VERSION = SCHEMA_VERSION
+    SCHEMA = _SCHEMA
+    REQUIRED_TABLES = frozenset({"budgets", "sessions"})
+    ERROR = LedgerError
+    ELSEWHERE = f"point --ledger / {LEDGER_ENV} at another file"
 
     # --- budgets -------------------------------------------------------------------------------
 
@@ -512,87 +469,6 @@ class PrivacyLedger:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _init_schema(self) -> None:
-        """Check an existing file is a ledger we can read; give a new (empty) file the schema."""
-        with self._lock:
-            conn = self._conn
-            if "meta" not in self._tables():
-                # New file: create under the write lock (another process may be doing the same).
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    tables = self._tables()
-                    if tables and "meta" not in tables:
-                        raise LedgerError(
-                            f"{self.path} is an SQLite file but not a fedface privacy ledger (it has tables "
-                            f"{', '.join(sorted(tables))}); point --ledger / {LEDGER_ENV} at another file"
-                        )
-                    if not tables:
-                        for statement in _SCHEMA:
-                            conn.execute(statement)
-                        conn.executemany(
-                            "INSERT INTO meta (key, value) VALUES (?, ?)",
-                            [("application", APPLICATION), ("schema_version", str(SCHEMA_VERSION))],
-                        )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            if meta.get("application") != APPLICATION:
-                raise LedgerError(
-                    f"{self.path} is not a fedface privacy ledger (meta application "
-                    f"{meta.get('application')!r}); point --ledger / {LEDGER_ENV} at another file"
-                )
-            version = str(meta.get("schema_version", ""))
-            if version.isdigit() and int(version) > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"privacy ledger {self.path} has schema version {version}, newer than this fedface "
-                    f"reads ({SCHEMA_VERSION}); upgrade fedface"
-                )
-            if not version.isdigit() or int(version) < 1 or not {"budgets", "sessions"} <= self._tables():
-                raise LedgerError(
-                    f"privacy ledger {self.path} is incomplete (schema version {version!r}); restore it from a backup"
-                )
-
-    def _tables(self) -> set[str]:
-        return {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error."""
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise LedgerError(f"cannot lock privacy ledger {self.path} for writing: {exc}") from exc
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise LedgerError(f"cannot write privacy ledger {self.path}: {exc}; restore it from a backup") from exc
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: its queries see one snapshot of the ledger."""
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN")
-                yield conn
-            except sqlite3.DatabaseError as exc:
-                raise LedgerError(f"cannot read privacy ledger {self.path}: {exc}; restore it from a backup") from exc
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-
     def _budget(self, conn: sqlite3.Connection, dataset: str) -> Budget | None:
         cols = ", ".join(_BUDGET_FIELDS)
         row = conn.execute(
@@ -616,22 +492,6 @@ class PrivacyLedger:
 
 
 # --- module helpers ----------------------------------------------------------------------------
-
-
-def _check_sqlite_header(path: Path) -> None:
-    """Raise LedgerError when ``path`` is a non-empty file that is not SQLite."""
-    try:
-        if not path.is_file() or path.stat().st_size == 0:
-            return
-        with path.open("rb") as fh:
-            header = fh.read(len(_SQLITE_MAGIC))
-    except OSError as exc:
-        raise LedgerError(f"cannot read privacy ledger {path}: {exc}; check the path and its permissions") from exc
-    if header != _SQLITE_MAGIC:
-        raise LedgerError(
-            f"{path} is not a fedface privacy ledger (not an SQLite file); restore it from a backup "
-            f"or point --ledger / {LEDGER_ENV} at another file"
-        )
 
 
 def _check_dataset(dataset: str) -> None:
