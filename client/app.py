@@ -41,8 +41,7 @@ class SiteClient(NumPyClient):
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """Freshly initialised encoder weights (the server normally sends its own)."""
-        from fedface.client.site import encoder_weights
-        from fedface.common.models import build_encoder
+        from fedface.common.models import build_encoder, encoder_weights
 
         cfg = self.site.cfg
         return encoder_weights(build_encoder(cfg.model, image_size=cfg.data.image_size))

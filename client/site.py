@@ -35,7 +35,7 @@ from fedface.common.data import FaceSet, to_tensor
 from fedface.common.data.transforms import AugmentConfig
 from fedface.common.errors import BudgetExhaustedError
 from fedface.common.io import atomic_torch_save
-from fedface.common.models import build_encoder, build_margin_head
+from fedface.common.models import build_encoder, build_margin_head, encoder_weights, load_encoder_weights
 from fedface.common.privacy.accounting import Mechanism, calibrate_noise, compute_epsilon
 from fedface.common.privacy.dpsgd import make_dp_optimizer, poisson_batches, secure_seed, train_epoch_dp
 from fedface.common.privacy.ledger import PrivacyLedger
@@ -43,19 +43,6 @@ from fedface.common.privacy.per_sample import to_per_sample
 from fedface.common.training import select_device, shuffled_batches, train_epoch
 
 logger = logging.getLogger(__name__)
-
-
-def encoder_weights(encoder: nn.Module) -> list[np.ndarray]:
-    """The encoder's parameters in ``state_dict`` order, as float32 arrays (what a site sends)."""
-    return [v.detach().cpu().float().numpy().copy() for v in encoder.state_dict().values()]
-
-
-def load_encoder_weights(encoder: nn.Module, weights: list[np.ndarray]) -> None:
-    """Set ``encoder``'s parameters from :func:`encoder_weights`' list (same config)."""
-    keys = list(encoder.state_dict().keys())
-    if len(keys) != len(weights):
-        raise ValueError(f"expected {len(keys)} encoder arrays, got {len(weights)}: the server and site configs differ")
-    encoder.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
 
 
 @dataclass(frozen=True)
@@ -192,8 +179,12 @@ class Site:
                     metrics.update(self._spend_metrics(spend.epsilon, spend.delta, spend.accountant, spend.budget, spend.remaining))
                     metrics.update({wire.M_STATUS: wire.REFUSED, wire.M_REASON: wire.REASON_BUDGET, wire.M_TRAIN_S: 0.0})
                     return RoundResult(weights=weights, examples=0, metrics=metrics)
-                spend = ledger.spend(self.dataset)
-            metrics.update(self._spend_metrics(session.epsilon_after, spend.delta, spend.accountant, spend.budget, spend.remaining))
+                budget = ledger.budget(self.dataset)
+            # the charge already composed the whole history: no second composition for the reply
+            remaining = max(0.0, budget.epsilon - session.epsilon_after) if budget is not None else None
+            metrics.update(
+                self._spend_metrics(session.epsilon_after, session.epsilon_delta, session.epsilon_accountant, budget, remaining)
+            )
             metrics.update({wire.M_NOISE: mech.noise_multiplier, wire.M_SAMPLE_RATE: mech.sample_rate, wire.M_STEPS: mech.steps})
 
         torch.manual_seed(self.cfg.training.seed + round_)
@@ -265,4 +256,4 @@ class Site:
         return out
 
 
-__all__ = ["RoundResult", "Site", "encoder_weights", "load_encoder_weights"]
+__all__ = ["RoundResult", "Site"]

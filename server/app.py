@@ -38,17 +38,12 @@ from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet
 from fedface.common.errors import ConfigError
 from fedface.common.evaluation import evaluate_open_set
-from fedface.common.models import build_encoder
+from fedface.common.models import build_encoder, encoder_weights, load_encoder_weights
 from fedface.server.store import Participation, RunStore
 
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
-
-
-def _weights_into(encoder: torch.nn.Module, weights: list[np.ndarray]) -> None:
-    keys = list(encoder.state_dict().keys())
-    encoder.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
 
 
 @dataclass
@@ -153,7 +148,7 @@ class FedFaceRounds:
 
     def evaluate(self, server_round: int, weights: list[np.ndarray]) -> dict[str, float]:
         """Verification on the held-out identities; after a training round, also checkpoint and record it."""
-        _weights_into(self.encoder, weights)
+        load_encoder_weights(self.encoder, weights)
         metrics = evaluate_open_set(self.encoder, self.test_faces, self.cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
         out = {k: float(v) for k, v in metrics.items()}
         if server_round == 0:
@@ -303,7 +298,7 @@ def _flwr_run_main(grid: Any, context: Context) -> None:
     fed = federation_data(cfg)
     torch.manual_seed(cfg.training.seed)
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
-    initial = [v.detach().cpu().float().numpy().copy() for v in encoder.state_dict().values()]
+    initial = encoder_weights(encoder)
     run_id = f"flwr-{context.run_id}-{uuid.uuid4().hex[:6]}"
     with RunStore(run_dir / "runs.sqlite") as store:
         store.start_run(run_id, config=cfg.to_toml_dict(), sites=cfg.federation.sites, rounds=cfg.federation.rounds, secagg=cfg.federation.secagg)

@@ -205,7 +205,7 @@ def train_run(
     torch.manual_seed(cfg.training.seed)
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size).to(device)
     if cfg.training.init_from is not None:
-        _load_encoder_init(encoder, cfg)
+        load_encoder_init(encoder, cfg)
     num_classes = len(data.class_names)
     head: nn.Module
     if cfg.training.task == "expression":
@@ -324,7 +324,7 @@ def train_run(
     )
 
 
-def _load_encoder_init(encoder: nn.Module, cfg: TrainConfig) -> None:
+def load_encoder_init(encoder: nn.Module, cfg: TrainConfig) -> None:
     """Start ``encoder`` from the encoder of the checkpoint at ``training.init-from``."""
     from fedface.common.checkpoint import load_checkpoint
 
@@ -444,7 +444,7 @@ def _privacy_summary(private: _PrivateTraining | None) -> dict[str, Any]:
     }
 
 
-__all__ = ["EXPRESSIONS", "RunResult", "TaskData", "evaluate_task", "prepare_task_data", "train_run"]
+__all__ = ["EXPRESSIONS", "RunResult", "TaskData", "evaluate_task", "load_encoder_init", "prepare_task_data", "train_run"]
 
 
 def evaluate_checkpoint(

@@ -34,7 +34,7 @@ from fedface.common.data import FaceSet
 from fedface.common.federated import federation_data, site_name
 from fedface.common.errors import RunDirError
 from fedface.common.io import atomic_write_json, atomic_write_toml
-from fedface.common.models import build_encoder
+from fedface.common.models import build_encoder, encoder_weights
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def run_federated(
     from flwr.simulation import run_simulation
 
     from fedface.client.app import make_client_app
-    from fedface.client.site import Site, encoder_weights
+    from fedface.client.site import Site
     from fedface.server.app import FedFaceRounds, make_server_app
     from fedface.server.store import RunStore
 
@@ -135,9 +135,9 @@ def run_federated(
         torch.manual_seed(cfg.training.seed)
         encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
         if cfg.training.init_from is not None:
-            from fedface.simulations.centralized import _load_encoder_init
+            from fedface.simulations.centralized import load_encoder_init
 
-            _load_encoder_init(encoder, cfg)
+            load_encoder_init(encoder, cfg)
         run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
         store = RunStore(run_dir / "runs.sqlite")
         store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)

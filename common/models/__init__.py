@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -57,6 +59,20 @@ def prepare_for_dp(module: nn.Module) -> nn.Module:
     return fixed
 
 
+def encoder_weights(encoder: nn.Module) -> list[np.ndarray]:
+    """The encoder's parameters in ``state_dict`` order, as float32 arrays: what a site sends
+    and the server aggregates (``nn.GRU`` and ``PerSampleGRU`` name them alike)."""
+    return [v.detach().cpu().float().numpy().copy() for v in encoder.state_dict().values()]
+
+
+def load_encoder_weights(encoder: nn.Module, weights: list[np.ndarray]) -> None:
+    """Set ``encoder``'s parameters from :func:`encoder_weights`' list (same config)."""
+    keys = list(encoder.state_dict().keys())
+    if len(keys) != len(weights):
+        raise ValueError(f"expected {len(keys)} encoder arrays, got {len(weights)}: the server and site configs differ")
+    encoder.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
+
+
 __all__ = [
     "CosineClassifier",
     "ExpressionHead",
@@ -64,6 +80,8 @@ __all__ = [
     "MarginHead",
     "build_encoder",
     "build_margin_head",
+    "encoder_weights",
+    "load_encoder_weights",
     "prepare_for_dp",
     "standardize",
 ]

@@ -23,13 +23,8 @@ import typer
 
 from fedface.common.errors import ConfigError, DataNotFoundError
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
+from fedface.simulations.simulate import QUIET_ENV
 
-QUIET_FLWR_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
 CONNECTION = "fedface"
 
 server_app = typer.Typer(
@@ -40,7 +35,7 @@ server_app = typer.Typer(
 
 
 def _env(flwr_home: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, **QUIET_FLWR_ENV}
+    env = {**os.environ, **QUIET_ENV}
     bin_dir = str(Path(sys.executable).parent)  # Flower's commands live beside this Python
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     if flwr_home is not None:

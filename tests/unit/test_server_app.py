@@ -19,13 +19,12 @@ from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, pa
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy import FedAdam, FedAvg
 
-from fedface.client.site import encoder_weights
 from fedface.common import wire
 from fedface.common.checkpoint import load_checkpoint
 from fedface.common.config import TrainConfig
 from fedface.common.errors import ConfigError
 from fedface.common.data import FaceSet, load_faces
-from fedface.common.models import build_encoder
+from fedface.common.models import build_encoder, encoder_weights
 from fedface.server.app import FedFaceRounds, make_strategy, secagg_workflow
 from fedface.server.store import RunStore
 

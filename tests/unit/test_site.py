@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import fedface.client.site as site_module
-from fedface.client.site import RoundResult, Site, encoder_weights, load_encoder_weights
+from fedface.client.site import RoundResult, Site
 from fedface.common import wire
 from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet, load_faces
-from fedface.common.models import build_encoder
+from fedface.common.models import build_encoder, encoder_weights, load_encoder_weights
 from fedface.common.privacy.accounting import compute_epsilon
 from fedface.common.privacy.ledger import PrivacyLedger
 
