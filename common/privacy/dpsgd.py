@@ -9,9 +9,11 @@ One private training session at a site is:
    see :mod:`fedface.common.privacy.ledger`), so that a crash can only over-count;
 3. **run** step by step (:func:`train_epoch_dp`): each step draws a Poisson batch (every
    example joins independently with probability ``q``: the sampling the accountants assume;
-   an empty batch is a real step that still adds noise), computes exact per-example gradients
-   (:func:`~fedface.common.privacy.per_sample.compute_grad_samples`), and hands them to
-   Opacus' ``DPOptimizer``, which clips each example's gradient to ``max_grad_norm``, sums,
+   an empty batch is a real step that still adds noise), clips each example's exact gradient
+   to ``max_grad_norm`` and sums them (:func:`~fedface.common.privacy.per_sample.clip_grad_samples`:
+   per-example norms in closed form, without forming per-example GRU gradients where that is
+   cheaper; :mod:`fedface.common.privacy.clipping`), and hands the clipped sum to Opacus'
+   ``DPOptimizerFastGradientClipping`` (the optimizer of Opacus' own ghost clipping), which
    adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` and divides
    by the *expected* batch size before the wrapped optimizer's step.
 
@@ -36,12 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from fedface.common.data.transforms import AugmentConfig, augment
 from fedface.common.privacy.accounting import Accountant, Mechanism, calibrate_noise, compute_epsilon
-from fedface.common.privacy.per_sample import PerSampleOutput, compute_grad_samples
+from fedface.common.privacy.per_sample import PerSampleOutput, clip_grad_samples
 from fedface.common.training import EpochStats
 
 logger = logging.getLogger(__name__)
@@ -73,13 +75,23 @@ def poisson_batches(
         yield torch.nonzero(mask, as_tuple=False).flatten()
 
 
-class _SecureDPOptimizer(DPOptimizer):
-    """``DPOptimizer`` whose noise generator is re-seeded from ``os.urandom`` before each step."""
+class _SecureNoise:
+    """Mixin: the noise generator is re-seeded from ``os.urandom`` before each step."""
+
+    generator: torch.Generator | None
 
     def add_noise(self) -> None:  # noqa: D102 (Opacus' documented method)
         if self.generator is not None:
             self.generator.manual_seed(secure_seed())
-        super().add_noise()
+        super().add_noise()  # type: ignore[misc]
+
+
+class _SecureDPOptimizer(_SecureNoise, DPOptimizer):
+    """``DPOptimizer`` with OS-reseeded noise."""
+
+
+class _SecurePresummedDPOptimizer(_SecureNoise, DPOptimizerFastGradientClipping):
+    """``DPOptimizerFastGradientClipping`` with OS-reseeded noise."""
 
 
 def make_dp_optimizer(
@@ -90,43 +102,44 @@ def make_dp_optimizer(
     expected_batch_size: int,
     secure_mode: bool = False,
     generator: torch.Generator | None = None,
+    presummed: bool = True,
 ) -> DPOptimizer:
-    """Opacus' ``DPOptimizer`` around ``optimizer`` (mean loss over the *expected* batch size).
+    """Opacus' DP optimizer around ``optimizer`` (mean loss over the *expected* batch size).
+
+    ``presummed`` (fedface's :func:`dp_step`): ``p.grad`` already holds the sum of the clipped
+    per-example gradients, and Opacus' ``DPOptimizerFastGradientClipping`` noises and scales
+    it. Without it, Opacus' ``DPOptimizer`` clips ``p.grad_sample`` itself (for per-example
+    gradients from Opacus' own hooks, e.g. ``GradSampleModule``).
 
     Without ``secure_mode`` the noise comes from ``generator`` (seeded: reproducible research
     runs); with it, from a generator re-seeded from the OS at every step.
     """
+    kwargs = {"noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "expected_batch_size": expected_batch_size}
     if secure_mode:
         device = optimizer.param_groups[0]["params"][0].device
-        return _SecureDPOptimizer(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            generator=torch.Generator(device=device),
-            secure_mode=True,
-        )
-    return DPOptimizer(
-        optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
-        generator=generator,
-    )
+        cls: type[DPOptimizer] = _SecurePresummedDPOptimizer if presummed else _SecureDPOptimizer
+        return cls(optimizer, generator=torch.Generator(device=device), secure_mode=True, **kwargs)
+    cls = DPOptimizerFastGradientClipping if presummed else DPOptimizer
+    return cls(optimizer, generator=generator, **kwargs)
 
 
 def dp_step(
     encoder: nn.Module, head: nn.Module, optimizer: DPOptimizer, images: torch.Tensor, labels: torch.Tensor
 ) -> PerSampleOutput:
-    """One DP-SGD step on a (possibly empty) batch; returns the per-example losses and predictions."""
+    """One DP-SGD step on a (possibly empty) batch; returns the per-example losses and predictions.
+
+    ``optimizer`` comes from :func:`make_dp_optimizer` (``presummed``).
+    """
+    if not isinstance(optimizer, DPOptimizerFastGradientClipping):
+        raise TypeError("dp_step needs make_dp_optimizer(..., presummed=True)")
     optimizer.zero_grad(set_to_none=True)
     if len(images) == 0:
-        # An empty Poisson batch is still a step: clip nothing, add the noise, step.
+        # An empty Poisson batch is still a step: nothing to clip, add the noise, step.
         for p in optimizer.params:
-            p.grad_sample = p.new_zeros((0, *p.shape))
+            p.grad = torch.zeros_like(p)
         out = PerSampleOutput(losses=images.new_zeros(0), predictions=labels.new_zeros(0))
     else:
-        out = compute_grad_samples(encoder, head, images, labels)
+        out, _ = clip_grad_samples(encoder, head, images, labels, optimizer.max_grad_norm)  # type: ignore[arg-type]
     optimizer.step()
     return out
 

@@ -4,11 +4,15 @@ DP-SGD clips each example's gradient, so it needs one gradient per example. fedf
 the model where that is cheapest to do:
 
 - the GRUs (almost all the parameters and time): :class:`~fedface.common.privacy.gru.PerSampleGRU`
-  turns the gradients at its gate probes into per-sample weight gradients with batched matmuls;
+  keeps every step's gate gradients in a hand-written backward pass and turns them into
+  per-sample weight gradients with batched matmuls;
 - everything after them (the embedding neck and the head: LayerNorm, Linear, class centres):
-  ``torch.func.vmap(grad(...))`` over single examples, which also yields each example's
-  gradient with respect to the pooled GRU features; one backward pass carries those into the
-  GRUs' probes.
+  each layer's input and output gradient are captured in the same single backward pass, and
+  its per-sample gradients follow in closed form (Opacus' formulas). A layer type without a
+  formula here falls back to ``torch.func.vmap(grad(...))`` over single examples.
+
+Examples of a batch never interact in these models (no batch statistics), so one backward
+pass of the summed loss gives every example's own gradient at every activation.
 
 The result is ``p.grad_sample`` (shape ``(N, *p.shape)``) on every trainable parameter, the
 form Opacus' ``DPOptimizer`` clips, noises and accumulates.
@@ -25,7 +29,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedface.common.models.encoder import GRUFaceEncoder
-from fedface.common.models.heads import MarginHead
+from fedface.common.models.heads import CosineClassifier, MarginHead
+from fedface.common.privacy.clipping import Materialized, OuterSum, Term, clip_and_sum, set_grad_samples
 from fedface.common.privacy.gru import PerSampleGRU
 
 
@@ -80,18 +85,143 @@ class PerSampleOutput:
     predictions: torch.Tensor  # (N,) argmax of the margin-free logits
 
 
-def compute_grad_samples(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> PerSampleOutput:
-    """Set ``p.grad_sample`` on every trainable parameter of ``encoder`` and ``head`` for the batch.
+# Per-sample gradients of the layers after the GRUs, from each layer's input (activations) and
+# the gradient at its output (backprops), the formulas Opacus' grad samplers use. Written here
+# rather than through Opacus' GradSampleModule, which would wrap (and rename) the modules;
+# functorch's vmap does the same job generically but costs several milliseconds of dispatch
+# per step (it stays as the fallback for layer types not listed here).
+def _linear_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> list[Term]:
+    n = a.shape[0]
+    a3, g3 = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    # (1, K, N, .): one weight, K positions per example
+    terms: list[Term] = [OuterSum([m.weight], (g3.transpose(0, 1).unsqueeze(0),), a3.transpose(0, 1).unsqueeze(0))]  # type: ignore[list-item]
+    if m.bias is not None:
+        terms.append(Materialized([m.bias], g3.sum(dim=1).unsqueeze(0)))  # type: ignore[list-item]
+    return terms
+
+
+def _layer_norm_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> list[Term]:
+    ln: nn.LayerNorm = m  # type: ignore[assignment]
+    n = a.shape[0]
+    dims = len(ln.normalized_shape)
+    terms: list[Term] = []
+    if ln.weight is not None:
+        normed = F.layer_norm(a, ln.normalized_shape, eps=ln.eps)
+        terms.append(Materialized([ln.weight], (g * normed).reshape(n, -1, *ln.normalized_shape).sum(dim=1).unsqueeze(0)))
+    if ln.bias is not None:
+        terms.append(Materialized([ln.bias], g.reshape(n, -1, *g.shape[-dims:]).sum(dim=1).unsqueeze(0)))
+    return terms
+
+
+def _cosine_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> list[Term]:
+    # cos = normalize(e) . normalize(W)^T; for one example, d cos_c / d W_c is
+    # (e_hat - W_hat_c * cos_c) / |W_c| (the row normalisation's Jacobian applied to e_hat).
+    w = m.weight  # type: ignore[attr-defined]
+    norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+    w_hat = w.detach() / norms
+    e_hat = F.normalize(a, dim=1)
+    tangent = e_hat.unsqueeze(1) - w_hat.unsqueeze(0) * out.unsqueeze(2)  # (N, C, D)
+    return [Materialized([w], (g.unsqueeze(2) * tangent / norms.detach().unsqueeze(0)).unsqueeze(0))]
+
+
+_SAMPLERS = {nn.Linear: _linear_terms, nn.LayerNorm: _layer_norm_terms, CosineClassifier: _cosine_terms}
+
+
+def _trainable_layers(*modules: nn.Module) -> list[nn.Module] | None:
+    """The modules holding trainable parameters, or None if one has no sampler here."""
+    layers = []
+    for root in modules:
+        for m in root.modules():
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if type(m) not in _SAMPLERS or len(own) != len(list(m.parameters(recurse=False))):
+                return None
+            layers.append(m)
+    return layers
+
+
+class _Capture:
+    """Forward hooks that keep each listed layer's input, output and (later) output gradient."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.seen: dict[nn.Module, list[torch.Tensor]] = {}
+        self.handles = [m.register_forward_hook(self._hook) for m in layers]
+
+    def _hook(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if m in self.seen:
+            raise RuntimeError(f"per-sample gradients: {type(m).__name__} is called twice in one pass")
+        entry = [inputs[0].detach(), out.detach()]
+        self.seen[m] = entry
+        if out.requires_grad:
+            out.register_hook(lambda grad: entry.append(grad))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _after_grus_terms(
+    encoder: GRUFaceEncoder, head: nn.Module, layers: list[nn.Module], pooled: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor]
+) -> tuple[list[Term], torch.Tensor, torch.Tensor]:
+    """One ordinary backward pass of the summed losses to ``targets``; the per-sample terms of
+    the neck's and head's ``layers`` from their captured activations, the embeddings and the
+    margin logits (detached)."""
+    capture = _Capture(layers)
+    try:
+        emb = encoder.neck(pooled)
+        logits = head(emb, y) if isinstance(head, MarginHead) else head(emb)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+    finally:
+        capture.remove()
+    torch.autograd.grad(loss, targets)
+    terms: list[Term] = []
+    for m in layers:
+        a, out, g = capture.seen[m]
+        terms += _SAMPLERS[type(m)](m, a, g, out)
+    return terms, emb.detach(), logits.detach()
+
+
+def _after_grus_terms_vmap(encoder: GRUFaceEncoder, head: nn.Module, pooled: torch.Tensor, y: torch.Tensor) -> tuple[list[Term], torch.Tensor]:
+    """The generic route: ``vmap(grad(...))`` over single examples; also returns d loss / d pooled."""
+    neck_params = {k: v.detach() for k, v in encoder.neck.named_parameters()}
+    head_params = {k: v.detach() for k, v in head.named_parameters()}
+
+    def loss_one(npar: dict[str, torch.Tensor], hpar: dict[str, torch.Tensor], zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        emb = functional_call(encoder.neck, npar, (zi.unsqueeze(0),))
+        return _head_loss(head, hpar, emb, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss_one, argnums=(0, 1, 2)), in_dims=(None, None, 0, 0), randomness="different")
+    g_neck, g_head, d_pooled = per_sample(neck_params, head_params, pooled.detach(), y)
+    terms: list[Term] = []
+    for module, grads in ((encoder.neck, g_neck), (head, g_head)):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                terms.append(Materialized([p], grads[name].unsqueeze(0)))  # type: ignore[list-item]
+    return terms, d_pooled
+
+
+def per_sample_terms(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[Term], PerSampleOutput]:
+    """Every trainable parameter's per-example gradients for the batch, as clipping terms.
 
     The loss of an example is its cross-entropy on the head's (margin) logits. ``encoder``
     must hold :class:`PerSampleGRU` modules (see :func:`to_per_sample`). Frozen parameters
     (``requires_grad`` False, e.g. GRUs kept fixed while fine-tuning the neck) get none, and
-    frozen GRUs cost no per-sample work.
+    frozen GRUs cost no per-sample work. One forward and one backward pass: the examples of
+    a batch do not interact (no batch statistics), so the gradient of the summed loss at any
+    example's activations is that example's own.
     """
     grus = [m for m in encoder.rnns.values() if isinstance(m, PerSampleGRU)]
     if len(grus) != len(encoder.rnns):
-        raise TypeError("compute_grad_samples needs an encoder prepared with to_per_sample()")
-    live = [g for g in grus if any(p.requires_grad for p in g.parameters())]
+        raise TypeError("per-sample gradients need an encoder prepared with to_per_sample()")
+    live = []
+    for g in grus:
+        flags = {p.requires_grad for p in g.parameters()}
+        if len(flags) > 1:
+            raise ValueError("per-sample gradients: freeze a GRU whole or not at all")
+        if flags == {True}:
+            live.append(g)
+    layers = _trainable_layers(encoder.neck, head)
     for g in live:
         g.record(True)
     try:
@@ -100,38 +230,52 @@ def compute_grad_samples(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tens
         else:
             with torch.no_grad():
                 pooled = encoder.pooled(x)
-        neck_params = {k: v.detach() for k, v in encoder.neck.named_parameters()}
-        head_params = {k: v.detach() for k, v in head.named_parameters()}
-
-        def loss_one(npar: dict[str, torch.Tensor], hpar: dict[str, torch.Tensor], zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            emb = functional_call(encoder.neck, npar, (zi.unsqueeze(0),))
-            return _head_loss(head, hpar, emb, yi.unsqueeze(0))
-
-        per_sample = vmap(grad(loss_one, argnums=(0, 1, 2)), in_dims=(None, None, 0, 0), randomness="different")
-        g_neck, g_head, d_pooled = per_sample(neck_params, head_params, pooled.detach(), y)
-        if live:
-            probes = [p for g in live for p in g.probes]
-            probe_grads = torch.autograd.grad(pooled, probes, grad_outputs=d_pooled)
-            start = 0
-            for g in live:
-                n = len(g.probes)
-                g.compute_grad_samples(list(probe_grads[start : start + n]))
-                start += n
+        emb: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+        if layers is not None:
+            leaf = None if live else pooled.detach().requires_grad_(True)
+            targets = [t for g in live for t in g.probes] if live else [leaf]
+            terms, emb, logits = _after_grus_terms(encoder, head, layers, pooled if live else leaf, y, targets)  # type: ignore[arg-type]
+        else:
+            terms, d_pooled = _after_grus_terms_vmap(encoder, head, pooled, y)
+            if live:
+                torch.autograd.grad(pooled, [t for g in live for t in g.probes], grad_outputs=d_pooled)
+        for g in live:
+            terms += g.per_sample_terms()
     finally:
         for g in live:
             g.record(False)
-    for name, p in encoder.neck.named_parameters():
-        if p.requires_grad:
-            p.grad_sample = g_neck[name]
-    for name, p in head.named_parameters():
-        if p.requires_grad:
-            p.grad_sample = g_head[name]
     with torch.no_grad():
-        emb = encoder.neck(pooled.detach())
-        args = (emb, y) if isinstance(head, MarginHead) else (emb,)
-        losses = F.cross_entropy(head(*args), y, reduction="none")
-        plain = head(emb) if isinstance(head, MarginHead) else head(*args)
-        return PerSampleOutput(losses=losses, predictions=plain.argmax(dim=1))
+        if emb is None or logits is None:
+            emb = encoder.neck(pooled.detach())
+            logits = head(emb, y) if isinstance(head, MarginHead) else head(emb)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        plain = head(emb) if isinstance(head, MarginHead) else logits
+    return terms, PerSampleOutput(losses=losses, predictions=plain.argmax(dim=1))
 
 
-__all__ = ["PerSampleFaceEncoder", "PerSampleOutput", "compute_grad_samples", "to_per_sample"]
+def compute_grad_samples(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> PerSampleOutput:
+    """Set ``p.grad_sample`` (N, *p.shape) on every trainable parameter (see :func:`per_sample_terms`).
+
+    The per-example gradients themselves, the form Opacus' ``DPOptimizer`` clips; DP-SGD in
+    fedface uses :func:`clip_grad_samples`, which does not form them where it need not.
+    """
+    terms, out = per_sample_terms(encoder, head, x, y)
+    set_grad_samples(terms)
+    return out
+
+
+def clip_grad_samples(
+    encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+) -> tuple[PerSampleOutput, torch.Tensor]:
+    """Clip each example's gradient to ``max_grad_norm`` and leave their sum in ``p.grad``.
+
+    Returns the batch's losses and predictions, and each example's gradient norm before
+    clipping. ``p.grad`` is what Opacus' ``DPOptimizerFastGradientClipping`` noises.
+    """
+    terms, out = per_sample_terms(encoder, head, x, y)
+    norms = clip_and_sum(terms, max_grad_norm)
+    return out, norms
+
+
+__all__ = ["PerSampleFaceEncoder", "PerSampleOutput", "clip_grad_samples", "compute_grad_samples", "per_sample_terms", "to_per_sample"]

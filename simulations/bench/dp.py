@@ -106,7 +106,12 @@ def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, cl
         model = GradSampleModule(ModuleValidator.fix(_EncoderWithMargin(copy.deepcopy(encoder), head)))
         base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
         dp_opt = make_dp_optimizer(
-            base, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch, generator=torch.Generator().manual_seed(0)
+            base,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=batch,
+            generator=torch.Generator().manual_seed(0),
+            presummed=False,  # Opacus' hooks fill p.grad_sample; its DPOptimizer clips
         )
 
         def opacus_dpgru() -> None:

@@ -18,6 +18,7 @@ from fedface.common.data import load_faces, to_tensor
 from fedface.common.errors import BudgetExhaustedError
 from fedface.common.models import GRUFaceEncoder, MarginHead
 from fedface.common.privacy.accounting import compute_epsilon
+from fedface.common.privacy.clipping import OuterSum
 from fedface.common.privacy.dpsgd import dp_step, make_dp_optimizer, plan_mechanism, poisson_batches
 from fedface.common.privacy.ledger import PrivacyLedger
 from fedface.common.privacy.per_sample import to_per_sample
@@ -33,9 +34,9 @@ def faces(orl_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return to_tensor(fs.images[idx]).clone(), torch.from_numpy(fs.labels[idx]).clone()
 
 
-def _models(seed: int = 0) -> tuple[nn.Module, MarginHead]:
+def _models(seed: int = 0, hidden: int = 4) -> tuple[nn.Module, MarginHead]:
     torch.manual_seed(seed)
-    encoder = to_per_sample(GRUFaceEncoder(image_size=SIZE, hidden_size=4, embedding_dim=6, downsample=1))
+    encoder = to_per_sample(GRUFaceEncoder(image_size=SIZE, hidden_size=hidden, embedding_dim=6, downsample=1))
     head = MarginHead.cosface(6, 4, scale=8.0)
     return encoder, head
 
@@ -76,12 +77,23 @@ def test_poisson_batches_secure_mode_ignores_the_seeded_generator() -> None:
 # --- one DP step -------------------------------------------------------------------------------
 
 
+# hidden 4: every GRU weight's per-example gradient is formed; hidden 32: the hidden-to-hidden
+# weights are clipped from Gram matrices (ghost norms) and never formed
+@pytest.mark.parametrize("hidden", [4, 32])
 def test_dp_step_without_noise_applies_the_mean_of_clipped_per_example_gradients(
-    faces: tuple[torch.Tensor, torch.Tensor],
+    faces: tuple[torch.Tensor, torch.Tensor], hidden: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Arrange: plain SGD with lr 1, so the parameter change is minus the DP gradient
     x, y = faces
-    encoder, head = _models()
+    encoder, head = _models(hidden=hidden)
+    formed: list[tuple[int, ...]] = []
+    original = OuterSum.per_example
+
+    def spy(term: OuterSum) -> torch.Tensor:
+        formed.append((sum(b.shape[-1] for b in term.g), term.a.shape[-1]))
+        return original(term)
+
+    monkeypatch.setattr(OuterSum, "per_example", spy)
     params = list(encoder.parameters()) + list(head.parameters())
     clip, expected_batch = 0.05, 10
     per_example = []
@@ -101,6 +113,7 @@ def test_dp_step_without_noise_applies_the_mean_of_clipped_per_example_gradients
     # Assert
     for p, b, e in zip(params, before, expected, strict=True):
         torch.testing.assert_close(b - p.detach(), e, atol=1e-6, rtol=1e-4)
+    assert ((3 * hidden, hidden) in formed) == (hidden == 4)
 
 
 def test_dp_step_on_an_empty_batch_adds_noise_of_the_planned_scale() -> None:
