@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedface.common.data.transforms import AugmentConfig, augment
+from fedface.common.errors import ConfigError
 from fedface.common.models.heads import MarginHead
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,22 @@ class EpochStats:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when present, else CPU; ``cuda`` fails clearly when absent."""
+    """``auto`` is CUDA when present, else CPU; ``cuda`` (or ``cuda:N``) fails clearly when absent.
+
+    Raises
+    ------
+    ConfigError
+        For a name other than auto, cpu, cuda or cuda:N, or CUDA asked for where there is none.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available: use --device auto or cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"unknown device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here: use --device auto or cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 

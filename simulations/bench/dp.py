@@ -14,7 +14,8 @@ optimizer step) three ways:
 The variants take turns (``--repeats`` rounds of ``--steps`` steps each, after warm-up), so
 drifts of a shared machine hit them alike; the figure of each is the median over rounds of the
 mean step time. Peak memory of each variant is measured in a fresh process of its own
-(warm-up and a few steps). The last stdout line is one JSON object.
+(warm-up and a few steps; on CUDA also its peak GPU memory). ``--device`` picks CPU or CUDA
+(CUDA when present, by default). The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from fedface.common.data import load_faces, to_tensor
 from fedface.common.models import MarginHead, build_encoder, build_margin_head
 from fedface.common.privacy.dpsgd import dp_step, make_dp_optimizer
 from fedface.common.privacy.per_sample import to_per_sample
+from fedface.common.training import select_device
 from fedface.simulations.bench.common import peak_rss_mb, process_peak_mb, scenario_config
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
 
@@ -68,10 +70,10 @@ def _batch(cfg: TrainConfig, orl: Path, batch_size: int, seed: int) -> tuple[tor
 
 
 def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, classes: int) -> Step:
-    """A closure running one training step of variant ``name`` (fresh models, same init)."""
+    """A closure running one training step of variant ``name`` (fresh models, same init), on ``x``'s device."""
     torch.manual_seed(cfg.training.seed)
-    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
-    head = build_margin_head(cfg.head, embedding_dim=cfg.model.embedding_dim, num_classes=classes)
+    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size).to(x.device)
+    head = build_margin_head(cfg.head, embedding_dim=cfg.model.embedding_dim, num_classes=classes).to(x.device)
     lr, wd = cfg.training.lr, cfg.training.weight_decay
     batch = len(x)
     if name == "nonprivate":
@@ -92,7 +94,7 @@ def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, cl
             max_grad_norm=1.0,
             expected_batch_size=batch,
             secure_mode=name == "fedface_dp_secure",
-            generator=torch.Generator().manual_seed(0),
+            generator=torch.Generator(device=x.device).manual_seed(0),
         )
 
         def fedface_dp() -> None:
@@ -110,7 +112,7 @@ def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, cl
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             expected_batch_size=batch,
-            generator=torch.Generator().manual_seed(0),
+            generator=torch.Generator(device=x.device).manual_seed(0),
             presummed=False,  # Opacus' hooks fill p.grad_sample; its DPOptimizer clips
         )
 
@@ -128,16 +130,21 @@ def _quiet_opacus_hooks() -> None:
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
-def _memory_probe(name: str, cfg_toml: dict[str, Any], orl: str, batch_size: int, threads: int, steps: int) -> float:
-    """Peak RSS (MiB) of a fresh process that builds variant ``name`` and runs a few steps."""
+def _memory_probe(
+    name: str, cfg_toml: dict[str, Any], orl: str, batch_size: int, threads: int, steps: int, device: str
+) -> tuple[float, float]:
+    """Peak RSS and peak CUDA memory (MiB; 0 on CPU) of a fresh process that builds variant
+    ``name`` and runs a few steps."""
     torch.set_num_threads(threads)
     _quiet_opacus_hooks()
     cfg = TrainConfig.from_mapping(cfg_toml)
     x, y, classes = _batch(cfg, Path(orl), batch_size, cfg.training.seed)
-    step = _make_step(name, cfg, x, y, classes)
+    dev = torch.device(device)
+    step = _make_step(name, cfg, x.to(dev), y.to(dev), classes)
     for _ in range(steps):
         step()
-    return process_peak_mb()
+    gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
+    return process_peak_mb(), gpu
 
 
 def dp(
@@ -149,6 +156,7 @@ def dp(
     warmup: Annotated[int, typer.Option(help="Untimed steps per variant first.")] = 3,
     threads: Annotated[int, typer.Option(help="CPU threads for torch.")] = 1,
     memory: Annotated[bool, typer.Option(help="Also measure each variant's peak memory in a process of its own.")] = True,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail.")] = 0,
 ) -> None:
     """Seconds per training step: non-private nn.GRU vs fedface's DP-SGD vs Opacus DPGRU hooks."""
@@ -159,22 +167,27 @@ def dp(
     with user_errors():
         cfg = TrainConfig.from_toml(config) if config is not None else scenario_config("baseline.toml")
         x, y, classes = _batch(cfg, orl, batch_size, cfg.training.seed)
+        dev = select_device(device)
+    x, y = x.to(dev), y.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     m = cfg.model
     err_console.print(
         f"encoder: passes {'+'.join(m.passes)}, hidden {m.hidden_size} x {m.num_layers} layer(s)"
         f"{', bidirectional' if m.bidirectional else ''}, faces {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
-        f" read at 1/{m.downsample}; batch {batch_size}; {threads} thread(s)"
+        f" read at 1/{m.downsample}; batch {batch_size}; {dev.type}" + (f", {threads} CPU thread(s)" if dev.type == "cpu" else "")
     )
     steps_fns = {name: _make_step(name, cfg, x, y, classes) for name in VARIANTS}
     for fn in steps_fns.values():
         for _ in range(warmup):
             fn()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for r in range(repeats):
         for name, fn in steps_fns.items():
             start = time.perf_counter()
             for _ in range(steps):
                 fn()
+            sync()  # CUDA runs asynchronously: a step is done when the device is
             times[name].append((time.perf_counter() - start) / steps)
         err_console.print(f"round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1000:.1f} ms" for n in VARIANTS))
     med = {name: statistics.median(v) for name, v in times.items()}
@@ -189,6 +202,7 @@ def dp(
         "opacus_over_fedface": med["opacus_dpgru"] / med["fedface_dp"],
         "opacus_over_nonprivate": med["opacus_dpgru"] / med["nonprivate"],
         "batch_size": batch_size,
+        "device": dev.type,
         "threads": threads,
         "repeats": repeats,
         "steps_per_repeat": steps,
@@ -201,8 +215,10 @@ def dp(
         for name in VARIANTS:
             # one fresh process per variant, one at a time: its peak is its own
             with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                peaks[name] = pool.submit(_memory_probe, name, cfg_toml, str(orl), batch_size, threads, warmup + 2).result()
-        result.update({f"{name}_peak_mb": peaks[name] for name in VARIANTS})
+                peaks[name] = pool.submit(_memory_probe, name, cfg_toml, str(orl), batch_size, threads, warmup + 2, str(dev)).result()
+        result.update({f"{name}_peak_mb": peaks[name][0] for name in VARIANTS})
+        if dev.type == "cuda":
+            result.update({f"{name}_cuda_peak_mb": peaks[name][1] for name in VARIANTS})
     result["wall_s"] = time.perf_counter() - t0
     result["peak_rss_mb"] = peak_rss_mb()
     err_console.print(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedface.simulations.cli import app
@@ -78,6 +79,14 @@ def test_bench_dp_times_all_three_steps_in_one_run(orl_root: Path, tmp_path: Pat
         assert len(figures["step_s_all"][key.removesuffix("_step_s")]) == 2
     assert figures["dp_over_nonprivate"] == pytest.approx(figures["fedface_dp_step_s"] / figures["nonprivate_step_s"])
     assert figures["opacus_over_fedface"] == pytest.approx(figures["opacus_dpgru_step_s"] / figures["fedface_dp_step_s"])
+    assert figures["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+
+
+def test_bench_dp_refuses_an_unknown_device_in_one_line(orl_root: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "dp", "--orl", str(orl_root), "--device", "gpu", "--no-memory"])
+
+    assert result.exit_code == 3
+    assert result.stderr.strip() == "ConfigError: unknown device 'gpu': expected auto, cpu, cuda or cuda:N"
 
 
 # --- fedface bench privacy ----------------------------------------------------------------------

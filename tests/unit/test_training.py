@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fedface.common.data import AugmentConfig, load_faces, to_tensor
+from fedface.common.errors import ConfigError
 from fedface.common.models import ExpressionHead, GRUFaceEncoder, MarginHead
 from fedface.common.training import (
     EpochStats,
@@ -90,8 +91,14 @@ def test_select_device_cpu_is_cpu() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
 def test_select_device_cuda_without_cuda_raises_clear_error() -> None:
-    with pytest.raises(RuntimeError, match="device 'cuda' requested but CUDA is not available"):
+    with pytest.raises(ConfigError, match="device 'cuda' requested but CUDA is not available"):
         select_device("cuda")
+
+
+@pytest.mark.parametrize("name", ["gpu", "cpu:0", "cuda:x", ""])
+def test_select_device_rejects_unknown_names(name: str) -> None:
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda or cuda:N"):
+        select_device(name)
 
 
 # --- train_epoch -------------------------------------------------------------------------------
