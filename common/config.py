@@ -232,9 +232,27 @@ class FederationConfig(_Section):
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx proximal term")
     server_lr: float = Field(default=0.01, gt=0, description="FedAdam server learning rate")
     secagg: bool = Field(default=True, description="Flower SecAgg+: the server sees only the masked sum of updates")
-    num_shares: int = Field(default=0, ge=0, description="SecAgg+ shares per site (0: all sampled sites, at most 10; else more than 2)")
+    num_shares: int = Field(default=0, ge=0, description="SecAgg+ shares per site (0: all sampled sites, at most 10; else odd, above 2)")
     reconstruction_threshold: int = Field(default=0, ge=0, description="SecAgg+ shares needed to unmask (0: two thirds of the shares; else less than num-shares)")
     seed: int = Field(default=0, ge=0, description="seed of the partition and of site sampling")
+
+    @model_validator(mode="after")
+    def _check_secagg(self) -> FederationConfig:
+        k, t = self.num_shares, self.reconstruction_threshold
+        if k:
+            # SecAgg+ pairs each site with (k - 1) / 2 neighbours on either side; Flower 1.42
+            # sends an even count to the sites unchanged but builds the graph with k + 1, and
+            # every round then aborts (measured)
+            if k <= 2 or k % 2 == 0:
+                raise ValueError(f"num-shares must be 0 (automatic) or an odd number above 2, got {k}")
+            if k > self.sites:
+                raise ValueError(f"num-shares ({k}) cannot exceed sites ({self.sites})")
+        if t:
+            if t < 2:
+                raise ValueError(f"reconstruction-threshold must be 0 (automatic) or at least 2, got {t}")
+            if t >= (k or min(self.sites, 10)):
+                raise ValueError(f"reconstruction-threshold ({t}) must be less than the shares per site ({k or min(self.sites, 10)})")
+        return self
 
 
 class TrainConfig(_Section):

@@ -161,7 +161,9 @@ def run_federated(
     server_app = make_server_app(rounds, initial)
     client_app = make_client_app(site_factory, secagg=fc.secagg)
     cpus = os.cpu_count() or 1
-    per_site = client_cpus if client_cpus is not None else (1.0 if ray_address else cpus)
+    # one CPU per site: as many sites train at once as there are cores (each with one torch
+    # thread); measured on 2 cores, 10 sites: 1.7 s a round against 2.6 s one site at a time
+    per_site = client_cpus if client_cpus is not None else 1.0
     resources = {"num_cpus": per_site, "num_gpus": 1.0 if torch.cuda.is_available() else 0.0}
     saved_env = {k: os.environ.get(k) for k in (*QUIET_ENV, "FLWR_HOME", "RAY_TMPDIR")}
     ray_tmp = tempfile.mkdtemp(prefix="fedface-ray-")  # short: Ray's socket paths are length-limited
@@ -192,9 +194,15 @@ def run_federated(
                 },
             )
         completed = len(rounds.history) == fc.rounds - first_round + 1
-        status = "completed" if completed else "failed"
+        # Flower finishes a run whose every site failed as if it had succeeded (see
+        # ../shared/docs/STACK.md): a run in which no round aggregated a single update, and
+        # sites failed, did not train
+        nothing = bool(rounds.history) and all(r["answered"] == 0 and r["failed"] > 0 for r in rounds.history)
+        status = "completed" if completed and not nothing else "failed"
         if not completed:
             error = f"{first_round - 1 + len(rounds.history)} of {fc.rounds} rounds completed: see the log above"
+        elif nothing:
+            error = "no round aggregated any site's update (every sampled site failed in every round): see the rounds above"
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise

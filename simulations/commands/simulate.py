@@ -26,7 +26,7 @@ def simulate(
     strategy: Annotated[Optional[str], typer.Option(help="fedavg (default), fedprox or fedadam.")] = None,
     local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round at each site.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the partition and training.")] = None,
-    client_cpus: Annotated[Optional[float], typer.Option(help="CPUs Ray reserves per site (default: all, so sites train one at a time; lower it on many-core machines).")] = None,
+    client_cpus: Annotated[Optional[float], typer.Option(help="CPUs Ray reserves per site (default 1: as many sites train at once as there are cores).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the sites on; default: a private Ray instance on this machine.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to write (default runs/simulate-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that already holds a run.")] = False,

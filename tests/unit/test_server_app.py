@@ -25,7 +25,7 @@ from fedface.common.config import TrainConfig
 from fedface.common.errors import ConfigError
 from fedface.common.data import FaceSet, load_faces
 from fedface.common.models import build_encoder, encoder_weights
-from fedface.server.app import FedFaceRounds, make_strategy, secagg_workflow
+from fedface.server.app import ROUND_ABORTED, FedFaceRounds, make_strategy, secagg_workflow
 from fedface.server.store import RunStore
 
 RUN = "run-unit"
@@ -300,6 +300,24 @@ def test_evaluate_of_a_round_with_no_site_sampled_records_an_empty_round(
     assert rounds.history[-1]["answered"] == 0
 
 
+def test_evaluate_of_a_round_aborted_before_aggregation_records_every_sampled_site_failed(
+    tmp_path: Path, store: RunStore, test_faces: FaceSet
+) -> None:
+    """A SecAgg+ stage lost too many sites: Flower skips aggregate_fit and evaluates anyway."""
+    cfg = _config()
+    w = _weights(cfg)
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    rounds.filter_sampled(1, _pairs(["1", "2", "3"], cfg))
+
+    rounds.evaluate(1, w)  # no collect(): the round never reached the strategy
+
+    (record,) = store.rounds(RUN)
+    assert [p.status for p in record.participation] == ["failed"] * 3
+    assert all(p.reason == ROUND_ABORTED for p in record.participation)
+    row = rounds.history[-1]
+    assert (row["answered"], row["refused"], row["failed"], row["sampled"]) == (0, 0, 3, 3)
+
+
 # --- the strategy --------------------------------------------------------------------------------
 
 
@@ -396,9 +414,18 @@ def test_secagg_respects_fixed_shares_and_threshold_from_the_config() -> None:
     assert workflow.reconstruction_threshold == 3
 
 
-@pytest.mark.parametrize(("shares", "threshold", "match"), [(2, 0, "num-shares"), (5, 5, "less than"), (5, 9, "less than")])
+@pytest.mark.parametrize(
+    ("shares", "threshold", "match"),
+    [
+        (2, 0, "odd number above 2"),
+        (4, 0, "odd number above 2"),  # Flower 1.42 aborts every round with an even count
+        (11, 0, "cannot exceed sites"),
+        (5, 5, "less than"),
+        (5, 9, "less than"),
+        (5, 1, "at least 2"),
+        (0, 10, "less than the shares per site"),
+    ],
+)
 def test_secagg_invalid_fixed_shares_or_threshold_is_a_config_error(shares: int, threshold: int, match: str) -> None:
-    cfg = _config(federation={"sites": 10, "num-shares": shares, "reconstruction-threshold": threshold})
-
     with pytest.raises(ConfigError, match=match):
-        secagg_workflow(cfg, 10)
+        _config(federation={"sites": 10, "num-shares": shares, "reconstruction-threshold": threshold})
