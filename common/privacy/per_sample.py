@@ -116,12 +116,12 @@ def _layer_norm_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch
 def _cosine_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> list[Term]:
     # cos = normalize(e) . normalize(W)^T; for one example, d cos_c / d W_c is
     # (e_hat - W_hat_c * cos_c) / |W_c| (the row normalisation's Jacobian applied to e_hat).
-    w = m.weight  # type: ignore[attr-defined]
+    w = m.weight.detach()  # type: ignore[attr-defined]
     norms = w.norm(dim=1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
-    w_hat = w.detach() / norms
+    w_hat = w / norms
     e_hat = F.normalize(a, dim=1)
     tangent = e_hat.unsqueeze(1) - w_hat.unsqueeze(0) * out.unsqueeze(2)  # (N, C, D)
-    return [Materialized([w], (g.unsqueeze(2) * tangent / norms.detach().unsqueeze(0)).unsqueeze(0))]
+    return [Materialized([m.weight], (g.unsqueeze(2) * tangent / norms.unsqueeze(0)).unsqueeze(0))]  # type: ignore[list-item]
 
 
 _SAMPLERS = {nn.Linear: _linear_terms, nn.LayerNorm: _layer_norm_terms, CosineClassifier: _cosine_terms}
