@@ -66,7 +66,8 @@ class FedFaceRounds:
     evaluation on held-out identities, checkpoints and the run store.
 
     Sites are named by what they report (``wire.M_SITE``); a node not heard from yet is
-    ``node-<id>``.
+    ``node-<id>``. ``on_round(number, row)`` is called after each training round, and once
+    before the first with the starting encoder's metrics (``row["initial"]`` True).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class FedFaceRounds:
         self.exhausted: set[str] = set()
         self.rounds: dict[int, _RoundLog] = {}
         self.history: list[dict[str, Any]] = []
+        self.initial: dict[str, float] | None = None  # the starting encoder's metrics (round 0)
         self.encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -159,7 +161,12 @@ class FedFaceRounds:
         metrics = evaluate_open_set(self.encoder, self.test_faces, self.cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
         out = {k: float(v) for k, v in metrics.items()}
         if server_round == 0:
+            # the starting encoder (random, --init-from, or a resumed run's): reported as round 0,
+            # not recorded as a training round
             logger.info("initial encoder: verification accuracy %.4f", out.get("verif_acc", float("nan")))
+            self.initial = out
+            if self.on_round is not None:
+                self.on_round(self.first_round - 1, {"round": self.first_round - 1, "initial": True, **out})
             return out
         number = self.first_round - 1 + server_round
         ckpt_path = self.run_dir / "checkpoints" / f"round-{number:04d}.pt"

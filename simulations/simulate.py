@@ -126,18 +126,19 @@ def run_federated(
             encoder.load_state_dict(load_checkpoint(last[1]).encoder_state)
         logger.info("resuming run %s after round %d of %d", run_id, done, fc.rounds)
     else:
-        _prepare_run_dir(out_dir, overwrite)
-        run_dir = out_dir.resolve()
-        atomic_write_toml(run_dir / "config.toml", cfg.to_toml_dict())
-        fed = federation_data(cfg, faces)
-        fed.split.save(run_dir / "split.json", fed.faces)
-        fed.partition.save(run_dir / "partition.json", fed.train)
+        # the starting encoder first: a bad --init-from is refused before the run directory is made
         torch.manual_seed(cfg.training.seed)
         encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
         if cfg.training.init_from is not None:
             from fedface.simulations.centralized import load_encoder_init
 
             load_encoder_init(encoder, cfg)
+        _prepare_run_dir(out_dir, overwrite)
+        run_dir = out_dir.resolve()
+        atomic_write_toml(run_dir / "config.toml", cfg.to_toml_dict())
+        fed = federation_data(cfg, faces)
+        fed.split.save(run_dir / "split.json", fed.faces)
+        fed.partition.save(run_dir / "partition.json", fed.train)
         run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
         store = RunStore(run_dir / "runs.sqlite")
         store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)
@@ -228,7 +229,7 @@ def run_federated(
     )
     atomic_write_json(
         run_dir / "metrics.json",
-        {"run_id": run_id, "completed": result.completed, "error": error, "wall_s": result.wall_s, "rounds": rounds.history},
+        {"run_id": run_id, "completed": result.completed, "error": error, "wall_s": result.wall_s, "initial": rounds.initial, "rounds": rounds.history},
     )
     return result
 

@@ -26,6 +26,7 @@ def simulate(
     strategy: Annotated[Optional[str], typer.Option(help="fedavg (default), fedprox or fedadam.")] = None,
     local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round at each site.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the partition and training.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start the global encoder from this checkpoint's encoder (e.g. `fedface train` on a public data set).")] = None,
     client_cpus: Annotated[Optional[float], typer.Option(help="CPUs Ray reserves per site (default 1: as many sites train at once as there are cores).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the sites on; default: a private Ray instance on this machine.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to write (default runs/simulate-<time>).")] = None,
@@ -64,10 +65,11 @@ def simulate(
             "split.seed": seed,
             "privacy.epsilon": epsilon,
             "privacy.delta": delta,
+            "training.init-from": str(init_from) if init_from is not None else None,
         }
         if resume is not None:
-            if scenario is not None or out is not None:
-                raise typer.BadParameter("--resume takes the run's own config and directory: drop --scenario and --out")
+            if scenario is not None or out is not None or init_from is not None:
+                raise typer.BadParameter("--resume takes the run's own config and directory: drop --scenario, --out and --init-from")
             base = TrainConfig.from_toml(resume / "config.toml")
             overrides = {"federation.rounds": rounds}
         else:
@@ -83,6 +85,12 @@ def simulate(
 
         def on_round(number: int, row: dict[str, Any]) -> None:
             if quiet:
+                return
+            if row.get("initial"):
+                err_console.print(
+                    f"starting encoder (round {number}): verification acc {row.get('verif_acc', float('nan')):.3f} "
+                    f"(AUC {row.get('verif_auc', float('nan')):.3f})"
+                )
                 return
             eps = row.get("max_epsilon")
             spent = f", epsilon spent (max over sites) {format_epsilon(eps)}" if eps is not None else ""

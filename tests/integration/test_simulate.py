@@ -390,3 +390,26 @@ def test_simulate_runs_on_an_existing_ray_cluster(tmp_path: Path, orl_root: Path
         import shutil
 
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_simulate_init_from_starts_from_a_checkpoint_and_refuses_one_of_another_shape(tmp_path: Path, orl_root: Path) -> None:
+    # Arrange: a checkpoint of the same encoder shape (a first, short run), and a scenario whose
+    # encoder has another shape
+    scenario = _scenario(tmp_path, orl_root, federation={"sites": 2, "rounds": 1, "secagg": False})
+    first = _simulate(scenario, tmp_path / "first")
+    assert first.exit_code == 0, first.stderr
+    ckpt = tmp_path / "first" / "checkpoints" / "round-0001.pt"
+    other = tmp_path / "other"
+    other.mkdir()
+    wider = _scenario(other, orl_root, model={"hidden-size": 12}, federation={"sites": 2, "rounds": 1, "secagg": False})
+
+    # Act
+    same = _simulate(scenario, tmp_path / "second", "--init-from", str(ckpt))
+    refused = _simulate(wider, tmp_path / "third", "--init-from", str(ckpt))
+
+    # Assert: the run records where it started; a mismatched encoder is a one-line config error
+    assert same.exit_code == 0, same.stderr
+    assert TrainConfig.from_toml(tmp_path / "second" / "config.toml").training.init_from == ckpt
+    assert refused.exit_code == 3
+    assert "holds an encoder of another shape" in refused.stderr
+    assert not (tmp_path / "third").exists()  # refused before anything was written

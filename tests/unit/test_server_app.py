@@ -208,9 +208,10 @@ def test_collect_totals_answering_examples_and_records_refusals_and_failures(
 # --- evaluation, checkpoints and the run store ---------------------------------------------------
 
 
-def test_evaluate_round_0_returns_metrics_and_records_nothing(tmp_path: Path, store: RunStore, test_faces: FaceSet) -> None:
+def test_evaluate_round_0_reports_the_starting_encoder_and_records_no_round(tmp_path: Path, store: RunStore, test_faces: FaceSet) -> None:
     cfg = _config()
-    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    seen: list[tuple[int, dict[str, Any]]] = []
+    rounds = _rounds(cfg, store, test_faces, tmp_path, on_round=lambda n, row: seen.append((n, row)))
 
     metrics = rounds.evaluate(0, _weights(cfg))
 
@@ -221,6 +222,8 @@ def test_evaluate_round_0_returns_metrics_and_records_nothing(tmp_path: Path, st
     assert store.rounds(RUN) == []
     assert not (tmp_path / "checkpoints").exists()
     assert rounds.history == []
+    assert rounds.initial == metrics
+    assert seen == [(0, {"round": 0, "initial": True, **metrics})]
 
 
 def test_evaluate_after_a_round_checkpoints_and_records_it(tmp_path: Path, store: RunStore, test_faces: FaceSet) -> None:
