@@ -69,6 +69,14 @@ def _initial_accuracy(cfg: TrainConfig, faces: FaceSet) -> float:
     return float(metrics["verif_acc"])
 
 
+def _max_site_epsilon(cfg: TrainConfig, history: list[dict[str, Any]]) -> float | None:
+    """The largest epsilon any site reported spent; inf for a run without privacy."""
+    if not cfg.privacy.enabled:
+        return math.inf
+    spent = [r["max_epsilon"] for r in history if r.get("max_epsilon") is not None]
+    return max(spent) if spent else None
+
+
 def _round_seconds(history: list[dict[str, Any]]) -> float:
     """Median seconds per round, the first round excluded when there are more (it starts the actors)."""
     secs = [r["seconds"] for r in history]
@@ -160,7 +168,9 @@ def federated(
         "federated_dp_open_verif_acc": fed.final.get("verif_acc"),
         "federated_dp_open_verif_auc": fed.final.get("verif_auc"),
         "federated_dp_per_round": [r.get("verif_acc") for r in fed.history],
-        "federated_dp_max_site_epsilon": max((r["max_epsilon"] or 0.0) for r in fed.history) if fed.history else None,
+        # never 0 for a run that spent privacy without reporting it: inf when not private,
+        # None when no site reported a spend
+        "federated_dp_max_site_epsilon": _max_site_epsilon(cfg, fed.history),
         "plain_dp_open_verif_acc": plain.final.get("verif_acc"),
         "central_dp_open_verif_acc": central_dp["open_verif_acc"],
         "central_open_verif_acc": central["open_verif_acc"],

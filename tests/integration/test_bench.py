@@ -124,3 +124,20 @@ def test_bench_privacy_rejects_a_bad_epsilon_list() -> None:
 
     assert result.exit_code == 2
     assert "--epsilons" in result.stderr
+
+
+# --- fedface bench federated: the privacy figure it reports ---------------------------------------
+
+
+def test_bench_federated_site_epsilon_is_never_reported_as_zero_for_a_spending_run() -> None:
+    import math
+
+    from fedface.simulations.bench.common import scenario_config
+    from fedface.simulations.bench.federated import _max_site_epsilon
+
+    private = scenario_config("federated.toml")  # epsilon 8 at each site
+    public = private.with_overrides({"privacy.epsilon": math.inf})
+
+    assert _max_site_epsilon(private, [{"max_epsilon": 3.5}, {"max_epsilon": None}, {"max_epsilon": 7.9}]) == 7.9
+    assert _max_site_epsilon(private, [{"max_epsilon": None}]) is None  # nothing reported: unknown, not 0
+    assert _max_site_epsilon(public, [{"max_epsilon": None}]) == math.inf  # not private: unbounded
