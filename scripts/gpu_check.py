@@ -11,6 +11,8 @@ Usage (on a machine with CUDA and fedface installed)::
    autograd's own per-example loop on the GPU; the clipped sum within 1e-5.
 2. ``fedface train --epsilon 8 --device cuda`` for a few epochs: the run must say it trained on
    CUDA, and its ledger must hold the charge.
+3. Two federated rounds of one site (what a SuperNode runs: DP-SGD charged to its ledger,
+   FedProx, its head kept on disk) on the GPU it picks by itself.
 
 Prints one JSON object as the last line; exits non-zero if a check fails. The speed figures come
 from ``fedface bench dp --device cuda`` (run it beside this script).
@@ -103,6 +105,33 @@ def training_check(data: Path, out: Path) -> dict[str, object]:
     return {"train_final": final, "train_device": trained_on}
 
 
+def site_round_check(data: Path, out: Path) -> dict[str, object]:
+    """Two federated rounds of one site (DP-SGD, FedProx) on the GPU, as a SuperNode runs them."""
+    from fedface.client.site import Site
+    from fedface.common.data import load_faces
+    from fedface.common.models import build_encoder, encoder_weights
+    from fedface.simulations.bench.common import scenario_config
+
+    cfg = scenario_config("federated.toml").with_overrides({"training.device": "auto"})
+    faces = load_faces(data, size=cfg.data.image_size)
+    mine = faces.subset((faces.labels < 3).nonzero()[0])  # three people, as a site of the default scenario
+    site = Site("gpu-site", cfg, mine, out / "site", out / "site" / "ledger.sqlite")
+    weights = encoder_weights(build_encoder(cfg.model, image_size=cfg.data.image_size))
+    results = []
+    for r in (1, 2):
+        res = site.train_round(weights, run_id="gpu-check", round_=r, rounds=2, local_epochs=2, lr=cfg.training.lr, proximal_mu=0.01)
+        weights = res.weights
+        results.append(res)
+    moved = max(float(abs(a - b).max()) for a, b in zip(results[0].weights, results[1].weights, strict=True))
+    return {
+        "site_device": str(site.device),
+        "site_examples": [r.examples for r in results],
+        "site_epsilon": [r.metrics.get("epsilon") for r in results],
+        "site_weights_moved": moved,
+        "site_head_kept": (out / "site" / "head.pt").exists() or any((out / "site").rglob("head.pt")),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/orl"), help="ORL faces directory")
@@ -115,6 +144,7 @@ def main() -> int:
     result: dict[str, object] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
     result.update(gradient_check(args.data))
     result.update(training_check(args.data, args.out))
+    result.update(site_round_check(args.data, args.out))
     # fedface's float32 per-example gradients are within 1e-5 of the exact ones relative to the
     # largest gradient, and no further off than float32 autograd's own per-example loop (x2)
     tolerance = 1e-5 * max(1.0, result["largest_exact_gradient"])  # type: ignore[arg-type]
@@ -122,6 +152,9 @@ def main() -> int:
         result["per_example_max_abs_diff"] <= min(tolerance, 2 * result["float32_loop_max_abs_diff"] + 1e-7)  # type: ignore[operator]
         and result["clipped_sum_max_abs_diff"] <= 1e-5  # type: ignore[operator]
         and result["train_device"] == "cuda"
+        and str(result["site_device"]).startswith("cuda")
+        and all(e > 0 for e in result["site_examples"])  # type: ignore[attr-defined]
+        and all(e is not None and 0 < e <= 8.0 for e in result["site_epsilon"])  # type: ignore[attr-defined]
     )
     result["ok"] = bool(ok)
     print(json.dumps(result, default=str))
