@@ -30,7 +30,7 @@ from fedface.common.privacy.clipping import GramCache, Materialized, OuterSum, T
 @dataclass
 class _Trace:
     """What one layer (all its rows, i.e. GRUs x directions, at once) recorded for per-sample
-    gradients, each tensor contiguous as (R, T, N, .): rows, time steps, examples, units.
+    gradients, each tensor laid out (R, T, N, .): rows, time steps, examples, units.
 
     The forward pass fills ``inputs`` and ``h_prev``; the backward pass through
     :class:`_RecordedGRULayer` fills the gate gradients.
@@ -53,9 +53,10 @@ class _RecordedGRULayer(torch.autograd.Function):
     the summed weight gradients nor autograd's bookkeeping, only the gate gradients of every
     step (from which per-sample norms and clipped sums follow, see
     :mod:`fedface.common.privacy.clipping`). This backward is the GRU's BPTT: each step is a
-    few elementwise ops and one batched matmul to the previous hidden state. It writes the gate gradients into the layer's :class:`_Trace` and returns the
-    gradient of the input sequence (for the layer below); the weights, passed in detached, get
-    none here: their per-sample gradients are the product. ``token`` (a zero scalar that
+    few elementwise ops and one batched matmul to the previous hidden state. It writes the gate
+    gradients into the layer's :class:`_Trace` and returns the gradient of the input sequence
+    (for the layer below); the weights, passed in detached, get none here: their per-sample
+    gradients are the product. ``token`` (a zero scalar that
     requires grad) lets a caller differentiate the loss to this layer even when nothing below
     it requires grad.
     """
