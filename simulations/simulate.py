@@ -60,6 +60,7 @@ class FederatedResult:
     wall_s: float = 0.0
     completed: bool = False
     error: str | None = None
+    initial: dict[str, float] | None = None  # the server's evaluation of the starting encoder
 
 
 def _prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
@@ -226,10 +227,11 @@ def run_federated(
         wall_s=time.perf_counter() - t0,
         completed=status == "completed",
         error=error,
+        initial=rounds.initial,
     )
     atomic_write_json(
         run_dir / "metrics.json",
-        {"run_id": run_id, "completed": result.completed, "error": error, "wall_s": result.wall_s, "initial": rounds.initial, "rounds": rounds.history},
+        {"run_id": run_id, "completed": result.completed, "error": error, "wall_s": result.wall_s, "initial": result.initial, "rounds": rounds.history},
     )
     return result
 

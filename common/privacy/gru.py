@@ -331,11 +331,12 @@ class PerSampleGRU(nn.Module):
 
             # weight_hh first: weight_ih then reuses the reset/update Gram matrices (cache)
             grams = GramCache()
+            rz_sums = torch.cat([d_r.sum(dim=1), d_z.sum(dim=1)], dim=-1)  # shared by both biases
             terms += [
                 OuterSum(params("weight_hh"), (d_r, d_z, d_hn), tr.h_prev[part], grams),
                 OuterSum(params("weight_ih"), (d_r, d_z, d_n), tr.inputs[part], grams),
-                Materialized(params("bias_ih"), torch.cat([d_r.sum(dim=1), d_z.sum(dim=1), d_n.sum(dim=1)], dim=-1)),
-                Materialized(params("bias_hh"), torch.cat([d_r.sum(dim=1), d_z.sum(dim=1), d_hn.sum(dim=1)], dim=-1)),
+                Materialized(params("bias_ih"), torch.cat([rz_sums, d_n.sum(dim=1)], dim=-1)),
+                Materialized(params("bias_hh"), torch.cat([rz_sums, d_hn.sum(dim=1)], dim=-1)),
             ]
         self._traces, self._parts, self._tokens = [], [], []
         return terms

@@ -233,9 +233,12 @@ def per_sample_terms(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, 
         emb: torch.Tensor | None = None
         logits: torch.Tensor | None = None
         if layers is not None:
-            leaf = None if live else pooled.detach().requires_grad_(True)
-            targets = [t for g in live for t in g.probes] if live else [leaf]
-            terms, emb, logits = _after_grus_terms(encoder, head, layers, pooled if live else leaf, y, targets)  # type: ignore[arg-type]
+            if live:
+                source, targets = pooled, [t for g in live for t in g.probes]
+            else:  # frozen GRUs: differentiate to the pooled features only
+                source = pooled.detach().requires_grad_(True)
+                targets = [source]
+            terms, emb, logits = _after_grus_terms(encoder, head, layers, source, y, targets)
         else:
             terms, d_pooled = _after_grus_terms_vmap(encoder, head, pooled, y)
             if live:

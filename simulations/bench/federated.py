@@ -30,7 +30,7 @@ import torch
 import typer
 
 from fedface.common.config import TrainConfig
-from fedface.common.data import FaceSet, load_faces, split_open_set
+from fedface.common.data import load_faces, split_open_set
 from fedface.simulations.bench.common import peak_rss_mb, scenario_config
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
 
@@ -51,22 +51,6 @@ def _central(cfg: TrainConfig, orl: Path, eps: float | None, ledger: Path) -> di
     run = train_run(cfg.with_overrides(over), faces=faces, split=split)
     return {"open_verif_acc": run.metrics["verif_acc"], "open_verif_auc": run.metrics["verif_auc"], "train_s": run.wall_s,
             "epsilon_spent": (run.privacy or {}).get("epsilon")}
-
-
-def _initial_accuracy(cfg: TrainConfig, faces: FaceSet) -> float:
-    """Open-set verification accuracy of the encoder every model starts from (random or ``init-from``)."""
-    from fedface.common.evaluation import evaluate_open_set
-    from fedface.common.federated import federation_data
-    from fedface.common.models import build_encoder
-    from fedface.simulations.centralized import load_encoder_init
-
-    torch.manual_seed(cfg.training.seed)  # the federated run's initial encoder
-    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
-    if cfg.training.init_from is not None:
-        load_encoder_init(encoder, cfg)
-    test = federation_data(cfg, faces).test
-    metrics = evaluate_open_set(encoder, test, cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
-    return float(metrics["verif_acc"])
 
 
 def _max_site_epsilon(cfg: TrainConfig, history: list[dict[str, Any]]) -> float | None:
@@ -122,7 +106,8 @@ def federated(
         def show(tag: str) -> Any:
             def on_round(n: int, row: dict[str, Any]) -> None:
                 if row.get("initial"):
-                    return  # the starting encoder: measured once for all variants (_initial_accuracy)
+                    err_console.print(f"{tag} starting encoder: verification acc {row.get('verif_acc', float('nan')):.3f}")
+                    return
                 err_console.print(
                     f"{tag} round {n}/{fc.rounds}: {row['answered']}/{row['sampled']} answered, "
                     f"verification acc {row.get('verif_acc', float('nan')):.3f}, {row['seconds']:.1f} s"
@@ -148,8 +133,6 @@ def federated(
         # One thing at a time, so the seconds per round of the SecAgg+ and plain runs compare:
         # the two federated runs alone, then the two centralized baselines side by side.
         err_console.print(f"federated: {fc.sites} sites x {fc.rounds} rounds, SecAgg+, DP epsilon {epsilon} per site")
-        initial = _initial_accuracy(cfg, faces)
-        err_console.print(f"starting encoder ({'from ' + str(init_from) if init_from else 'random'}): verification acc {initial:.3f}")
         fed = run_federated(cfg, out_dir=work / "secagg", faces=faces, on_round=show("SecAgg+"))
         plain = run_federated(cfg.with_overrides({"federation.secagg": False}), out_dir=work / "plain", faces=faces, on_round=show("plain"))
         ctx = multiprocessing.get_context("spawn")
@@ -164,7 +147,8 @@ def federated(
         "rounds": fc.rounds,
         "epsilon": epsilon,
         "init_from": str(init_from) if init_from is not None else None,
-        "initial_open_verif_acc": initial,
+        # the server's round-0 evaluation: every variant starts from this encoder
+        "initial_open_verif_acc": (fed.initial or {}).get("verif_acc"),
         "federated_dp_open_verif_acc": fed.final.get("verif_acc"),
         "federated_dp_open_verif_auc": fed.final.get("verif_auc"),
         "federated_dp_per_round": [r.get("verif_acc") for r in fed.history],
