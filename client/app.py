@@ -14,7 +14,6 @@ clear, the margin head never travels.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +28,6 @@ from fedface.common.federated import scenario_from_run_config
 
 if TYPE_CHECKING:
     from fedface.client.site import Site
-
-SiteFactory = Callable[[Context], "Site"]
-
 
 class SiteClient(NumPyClient):
     """One site answering Flower's fit requests."""
@@ -62,15 +58,6 @@ class SiteClient(NumPyClient):
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
         """Not used: the server evaluates on held-out identities; a site evaluates nothing."""
         return 0.0, 0, {}
-
-
-def make_client_app(site_factory: SiteFactory, *, secagg: bool) -> ClientApp:
-    """A ClientApp whose node gets its :class:`Site` from ``site_factory(context)``."""
-
-    def client_fn(context: Context) -> Any:
-        return SiteClient(site_factory(context)).to_client()
-
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secagg else [])
 
 
 def secagg_policy_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
@@ -121,4 +108,4 @@ def _site_for_flwr_run(context: Context) -> Site:
 #: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml).
 app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[secagg_policy_mod])
 
-__all__ = ["SiteClient", "app", "make_client_app", "secagg_policy_mod"]
+__all__ = ["SiteClient", "app", "secagg_policy_mod"]

@@ -101,7 +101,6 @@ def federated(
             over["federation.recurring"] = True
         cfg = base.with_overrides(over)
         fc = cfg.federation
-        faces = load_faces(orl, size=cfg.data.image_size)
 
         def show(tag: str) -> Any:
             def on_round(n: int, row: dict[str, Any]) -> None:
@@ -116,7 +115,7 @@ def federated(
 
         if scale:
             err_console.print(f"scale: {fc.sites} sites x {fc.rounds} rounds, SecAgg+ {'on' if fc.secagg else 'off'}")
-            res = run_federated(cfg, out_dir=work / "scale", faces=faces, on_round=show("scale"))
+            res = run_federated(cfg, out_dir=work / "scale", on_round=show("scale"))
             result: dict[str, Any] = {
                 "bench": "federated-scale",
                 "sites": fc.sites,
@@ -133,8 +132,8 @@ def federated(
         # One thing at a time, so the seconds per round of the SecAgg+ and plain runs compare:
         # the two federated runs alone, then the two centralized baselines side by side.
         err_console.print(f"federated: {fc.sites} sites x {fc.rounds} rounds, SecAgg+, DP epsilon {epsilon} per site")
-        fed = run_federated(cfg, out_dir=work / "secagg", faces=faces, on_round=show("SecAgg+"))
-        plain = run_federated(cfg.with_overrides({"federation.secagg": False}), out_dir=work / "plain", faces=faces, on_round=show("plain"))
+        fed = run_federated(cfg, out_dir=work / "secagg", on_round=show("SecAgg+"))
+        plain = run_federated(cfg.with_overrides({"federation.secagg": False}), out_dir=work / "plain", on_round=show("plain"))
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
             central_f = pool.submit(_central, cfg, orl, None, work / "ledger.sqlite")
