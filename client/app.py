@@ -14,6 +14,7 @@ clear, the margin head never travels.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,16 +61,30 @@ class SiteClient(NumPyClient):
         return 0.0, 0, {}
 
 
-def secagg_policy_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
-    """SecAgg+ for training messages that carry its protocol, and a refusal of plain training
-    requests when the run's scenario requires SecAgg+ (a site never sends a clear update the
-    scenario promised to mask)."""
+def _route_secagg(msg: Message, ctxt: Context, call_next: Any, required: Callable[[], bool]) -> Message:
     if msg.metadata.message_type == MessageType.TRAIN:
         if RECORD_KEY_CONFIGS in msg.content.config_records:
             return secaggplus_mod(msg, ctxt, call_next)
-        if scenario_from_run_config(ctxt.run_config).federation.secagg:
+        if required():
             raise RuntimeError("this run's scenario requires SecAgg+, but the training request came without it")
     return call_next(msg, ctxt)
+
+
+def secagg_mod(*, required: bool) -> Callable[[Message, Context, Any], Message]:
+    """A mod running SecAgg+ for the training messages that carry its protocol; with
+    ``required``, a training request without it is refused (the site never sends a clear
+    update its scenario promised to mask)."""
+
+    def mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        return _route_secagg(msg, ctxt, call_next, lambda: required)
+
+    return mod
+
+
+def secagg_policy_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """:func:`secagg_mod` for ``flwr run`` nodes: SecAgg+ is required when the run's scenario
+    (its run config) says so."""
+    return _route_secagg(msg, ctxt, call_next, lambda: scenario_from_run_config(ctxt.run_config).federation.secagg)
 
 
 def _site_for_flwr_run(context: Context) -> Site:
@@ -108,4 +123,4 @@ def _site_for_flwr_run(context: Context) -> Site:
 #: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml).
 app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[secagg_policy_mod])
 
-__all__ = ["SiteClient", "app", "secagg_policy_mod"]
+__all__ = ["SiteClient", "app", "secagg_mod", "secagg_policy_mod"]

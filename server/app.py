@@ -31,6 +31,9 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # the simulation engine's grid
 
 from fedface.common import wire
@@ -93,6 +96,7 @@ class FedFaceRounds:
         self.rounds: dict[int, _RoundLog] = {}
         self.history: list[dict[str, Any]] = []
         self.initial: dict[str, float] | None = None  # the starting encoder's metrics (round 0)
+        self.secagg_rounds: dict[int, bool] = {}  # rounds whose kind was chosen per round (AlternatingFit)
         self.encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -208,6 +212,7 @@ class FedFaceRounds:
             "failed": sum(p.status == "failed" for p in log.participation) + len(log.failures),
             "sampled": len(log.sampled),
             "max_epsilon": max((p.epsilon for p in log.participation if p.epsilon is not None), default=None),
+            "secagg": self.secagg_rounds.get(server_round, self.cfg.federation.secagg),
             **out,
         }
         self.history.append(row)
@@ -272,13 +277,40 @@ def secagg_workflow(cfg: TrainConfig, sampled: int) -> SecAggPlusWorkflow:
     return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold)
 
 
-def run_rounds(grid: Any, context: Context, rounds: FedFaceRounds, initial: list[np.ndarray]) -> None:
-    """Run the remaining rounds of ``rounds`` on ``grid`` (SecAgg+ unless disabled)."""
+class AlternatingFit:
+    """A fit workflow that runs odd rounds through SecAgg+ and even rounds in the clear.
+
+    For measuring what SecAgg+ costs (``fedface bench federated``): the two kinds of round
+    alternate in one run, on the same processes and the same machine state, so neither pays
+    for a slower moment of a shared machine or for being the first run of a process. Records
+    each round's kind in ``rounds.secagg_rounds``. Not for training anything that matters:
+    the even rounds' updates reach the server unmasked.
+    """
+
+    def __init__(self, rounds: FedFaceRounds, secagg: SecAggPlusWorkflow) -> None:
+        self.rounds = rounds
+        self.secagg = secagg
+
+    def __call__(self, grid: Any, context: Context) -> None:
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])  # type: ignore[arg-type]
+        masked = server_round % 2 == 1
+        self.rounds.secagg_rounds[server_round] = masked
+        (self.secagg if masked else default_fit_workflow)(grid, context)
+
+
+def run_rounds(grid: Any, context: Context, rounds: FedFaceRounds, initial: list[np.ndarray], *, alternate_secagg: bool = False) -> None:
+    """Run the remaining rounds of ``rounds`` on ``grid`` (SecAgg+ unless disabled; with
+    ``alternate_secagg``, SecAgg+ on odd rounds only: :class:`AlternatingFit`)."""
     cfg = rounds.cfg
     strategy = make_strategy(rounds, initial)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - rounds.first_round + 1), strategy=strategy)
     sampled = max(1, int(cfg.federation.sites * cfg.federation.fraction_fit))
-    workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, sampled)) if cfg.federation.secagg else DefaultWorkflow()
+    if alternate_secagg:
+        workflow = DefaultWorkflow(fit_workflow=AlternatingFit(rounds, secagg_workflow(cfg, sampled)))
+    elif cfg.federation.secagg:
+        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, sampled))
+    else:
+        workflow = DefaultWorkflow()
     # When every site of a round refuses, SecAgg+'s unmasking divides by a total weight of 0;
     # fedface then discards that aggregate (FedFaceRounds keeps the encoder), so numpy's
     # warnings about it are noise.
@@ -286,8 +318,9 @@ def run_rounds(grid: Any, context: Context, rounds: FedFaceRounds, initial: list
         workflow(grid, legacy)
 
 
-def make_server_app(rounds: FedFaceRounds, initial: list[np.ndarray]) -> ServerApp:
-    """A ServerApp running ``rounds.cfg.federation.rounds`` rounds (SecAgg+ unless disabled)."""
+def make_server_app(rounds: FedFaceRounds, initial: list[np.ndarray], *, alternate_secagg: bool = False) -> ServerApp:
+    """A ServerApp running ``rounds.cfg.federation.rounds`` rounds (SecAgg+ unless disabled;
+    ``alternate_secagg``: :class:`AlternatingFit`)."""
     app = ServerApp()
 
     @app.main()
@@ -298,7 +331,7 @@ def make_server_app(rounds: FedFaceRounds, initial: list[np.ndarray]) -> ServerA
             # a round where plain FedAvg makes one (set-up, key shares, masked updates,
             # unmasking): at 100 ms the polling alone cost SecAgg+ rounds about 0.3 s.
             grid.pull_interval = SIMULATION_PULL_INTERVAL_S
-        run_rounds(grid, context, rounds, initial)
+        run_rounds(grid, context, rounds, initial, alternate_secagg=alternate_secagg)
 
     return app
 
@@ -336,4 +369,4 @@ def _flwr_run_main(grid: Any, context: Context) -> None:
             store.finish_run(run_id, status=status, error=error)  # type: ignore[arg-type]
 
 
-__all__ = ["FedFaceRounds", "app", "make_server_app", "make_strategy", "run_rounds", "secagg_workflow"]
+__all__ = ["AlternatingFit", "FedFaceRounds", "app", "make_server_app", "make_strategy", "run_rounds", "secagg_workflow"]

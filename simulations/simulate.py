@@ -100,9 +100,7 @@ def simulated_client_app(cfg_json: str, sites_dir: str) -> ClientApp:
     once per process from the config: :func:`~fedface.common.federated.cached_federation_data`)
     and keeps its head and ledger under ``<sites_dir>/<site>/``.
     """
-    from flwr.client.mod import secaggplus_mod
-
-    from fedface.client.app import SiteClient
+    from fedface.client.app import SiteClient, secagg_mod
     from fedface.client.site import Site
 
     cfg = TrainConfig.from_mapping(json.loads(cfg_json))
@@ -115,7 +113,8 @@ def simulated_client_app(cfg_json: str, sites_dir: str) -> ClientApp:
         faces = cached_federation_data(cfg_json).site_faces(pid)
         return SiteClient(Site(name, cfg, faces, root / name, root / name / "ledger.sqlite")).to_client()
 
-    app = _SimulatedClientApp(client_fn=client_fn, mods=[secaggplus_mod] if cfg.federation.secagg else [])
+    # SecAgg+ for the requests that carry it; clear requests refused when the scenario requires SecAgg+
+    app = _SimulatedClientApp(client_fn=client_fn, mods=[secagg_mod(required=cfg.federation.secagg)])
     app.recipe = (cfg_json, sites_dir)
     return app
 
@@ -129,6 +128,7 @@ def run_federated(
     client_cpus: float | None = None,
     resume: bool = False,
     ray_address: str | None = None,
+    alternate_secagg: bool = False,
 ) -> FederatedResult:
     """Run ``cfg.federation.rounds`` federated rounds over ``cfg.federation.sites`` simulated sites.
 
@@ -139,6 +139,10 @@ def run_federated(
     With ``ray_address`` (``HOST:PORT`` of a running Ray head, e.g. from ``ray start --head``)
     the sites run on that cluster's machines instead of a private local Ray instance; every
     machine needs fedface installed and the data at the scenario's path.
+
+    ``alternate_secagg`` is a timing mode (``fedface bench federated``): odd rounds through
+    SecAgg+, even rounds in the clear, in one run (:class:`~fedface.server.app.AlternatingFit`);
+    each round's row says which it was (``secagg``).
     """
     from flwr.simulation import run_simulation
 
@@ -195,9 +199,12 @@ def run_federated(
         store.finish_run(run_id, status="completed")
         store.close()
         return FederatedResult(run_id=run_id, run_dir=run_dir, wall_s=time.perf_counter() - t0, completed=True)
-    server_app = make_server_app(rounds, initial)
+    server_app = make_server_app(rounds, initial, alternate_secagg=alternate_secagg)
     # the data path made absolute: each site loads its own faces in its own process
-    site_cfg = cfg.with_overrides({"data.root": str(Path(cfg.data.root).resolve())})
+    site_over: dict[str, Any] = {"data.root": str(Path(cfg.data.root).resolve())}
+    if alternate_secagg:
+        site_over["federation.secagg"] = False  # the sites take the clear rounds too
+    site_cfg = cfg.with_overrides(site_over)
     client_app = simulated_client_app(json.dumps(site_cfg.to_toml_dict(), sort_keys=True), str(run_dir / "sites"))
     cpus = os.cpu_count() or 1
     # one CPU per site: as many sites train at once as there are cores (each with one torch

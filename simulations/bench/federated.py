@@ -5,7 +5,10 @@ the other 30 dealt to ``--sites`` identity-disjoint sites; one split for every v
 
 - ``federated_dp``: ``--sites`` sites, SecAgg+ on, DP-SGD at each site at ``--epsilon``
   (calibrated once per site for all rounds), open-set verification accuracy per round;
-- ``plain``: the same without SecAgg+ (for the seconds per round only);
+- ``plain``: the same without SecAgg+;
+- ``paired``: the seconds per round with and without SecAgg+, from one run in which odd rounds
+  go through SecAgg+ and even rounds in the clear (the same processes, the same moment of the
+  machine); the separate runs' seconds per round are reported too;
 - ``central_dp``: one model on all 30 training identities with DP-SGD at the same epsilon;
 - ``central``: the same recipe without privacy.
 
@@ -65,6 +68,12 @@ def _round_seconds(history: list[dict[str, Any]]) -> float:
     """Median seconds per round, the first round excluded when there are more (it starts the actors)."""
     secs = [r["seconds"] for r in history]
     return statistics.median(secs[1:] if len(secs) > 2 else secs)
+
+
+def _paired_seconds(history: list[dict[str, Any]], *, secagg: bool) -> float:
+    """Median seconds of the paired run's SecAgg+ (or plain) rounds, round 1 excluded (it starts the actors)."""
+    secs = [r["seconds"] for r in history[1:] if r.get("secagg") == secagg]
+    return statistics.median(secs) if secs else math.nan
 
 
 def federated(
@@ -129,17 +138,19 @@ def federated(
             }
             print_json(result)
             return
-        # One thing at a time, so the seconds per round of the SecAgg+ and plain runs compare:
-        # the two federated runs alone, then the two centralized baselines side by side.
+        # One thing at a time, so the seconds per round compare: the federated runs alone, then
+        # the two centralized baselines side by side.
         err_console.print(f"federated: {fc.sites} sites x {fc.rounds} rounds, SecAgg+, DP epsilon {epsilon} per site")
         fed = run_federated(cfg, out_dir=work / "secagg", on_round=show("SecAgg+"))
         plain = run_federated(cfg.with_overrides({"federation.secagg": False}), out_dir=work / "plain", on_round=show("plain"))
+        # the seconds per round, paired: SecAgg+ and plain rounds alternate in one run
+        paired = run_federated(cfg, out_dir=work / "paired", on_round=show("paired (odd rounds SecAgg+)"), alternate_secagg=True)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
             central_f = pool.submit(_central, cfg, orl, None, work / "ledger.sqlite")
             central_dp_f = pool.submit(_central, cfg, orl, epsilon if math.isfinite(epsilon) else None, work / "ledger.sqlite")
             central, central_dp = central_f.result(), central_dp_f.result()
-    secagg_s, plain_s = _round_seconds(fed.history), _round_seconds(plain.history)
+    secagg_s, plain_s = _paired_seconds(paired.history, secagg=True), _paired_seconds(paired.history, secagg=False)
     result = {
         "bench": "federated",
         "sites": fc.sites,
@@ -162,7 +173,11 @@ def federated(
         "secagg_round_s": secagg_s,
         "plain_round_s": plain_s,
         "secagg_over_plain": secagg_s / plain_s if plain_s else None,
-        "completed": fed.completed and plain.completed,
+        # the same figures from the two separate runs (one after the other: machine drift and
+        # the first run's slower start land on one of them)
+        "secagg_run_round_s": _round_seconds(fed.history),
+        "plain_run_round_s": _round_seconds(plain.history),
+        "completed": fed.completed and plain.completed and paired.completed,
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
     }

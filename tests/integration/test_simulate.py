@@ -413,3 +413,38 @@ def test_simulate_init_from_starts_from_a_checkpoint_and_refuses_one_of_another_
     assert refused.exit_code == 3
     assert "holds an encoder of another shape" in refused.stderr
     assert not (tmp_path / "third").exists()  # refused before anything was written
+
+
+def test_alternating_timing_run_masks_odd_rounds_and_every_site_answers_both_kinds(tmp_path: Path, orl_root: Path) -> None:
+    # bench federated's paired timing: SecAgg+ and clear rounds alternate in one run
+    from fedface.common.config import TrainConfig
+    from fedface.simulations.simulate import run_federated
+
+    cfg = TrainConfig.from_toml(_scenario(tmp_path, orl_root, federation={"rounds": 3}, privacy={"epsilon": 8.0}))
+    result = run_federated(cfg, out_dir=tmp_path / "paired", alternate_secagg=True)
+
+    assert result.completed, result.error
+    assert [r["secagg"] for r in result.history] == [True, False, True]
+    assert [r["answered"] for r in result.history] == [3, 3, 3]
+    # every round trained: each site charged its ledger once per round, whichever the kind
+    for site in SITES:
+        with PrivacyLedger(tmp_path / "paired" / "sites" / site / "ledger.sqlite") as ledger:
+            assert [s.round for s in ledger.sessions(site)] == [1, 2, 3]
+
+
+def test_simulated_sites_refuse_a_clear_round_when_their_scenario_requires_secagg(
+    tmp_path: Path, orl_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sites whose scenario requires SecAgg+ never send a clear update, even when the server asks
+    from fedface.common.config import TrainConfig
+    from fedface.server import app as server_app
+    from fedface.simulations.simulate import run_federated
+
+    cfg = TrainConfig.from_toml(_scenario(tmp_path, orl_root, federation={"rounds": 2}))
+    original = server_app.make_server_app
+    # a server that runs clear rounds although the scenario (and so the sites) require SecAgg+
+    monkeypatch.setattr(server_app, "make_server_app", lambda rounds, initial, **_: original(rounds, initial, alternate_secagg=True))
+    result = run_federated(cfg, out_dir=tmp_path / "run")
+
+    assert [r["secagg"] for r in result.history] == [True, False]
+    assert [(r["answered"], r["failed"]) for r in result.history] == [(3, 0), (0, 3)]
