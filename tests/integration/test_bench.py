@@ -141,3 +141,13 @@ def test_bench_federated_site_epsilon_is_never_reported_as_zero_for_a_spending_r
     assert _max_site_epsilon(private, [{"max_epsilon": 3.5}, {"max_epsilon": None}, {"max_epsilon": 7.9}]) == 7.9
     assert _max_site_epsilon(private, [{"max_epsilon": None}]) is None  # nothing reported: unknown, not 0
     assert _max_site_epsilon(public, [{"max_epsilon": None}]) == math.inf  # not private: unbounded
+
+
+def test_bench_federated_pairs_each_kind_of_round_and_leaves_out_the_first() -> None:
+    from fedface.simulations.bench.federated import _paired_seconds
+
+    # round 1 (SecAgg+) starts Ray's actors: never counted
+    history = [{"secagg": i % 2 == 1, "seconds": s} for i, s in enumerate([9.0, 1.5, 2.0, 1.4, 1.9, 1.6, 2.1], start=1)]
+
+    assert _paired_seconds(history, secagg=True) == 2.0  # rounds 3, 5, 7
+    assert _paired_seconds(history, secagg=False) == 1.5  # rounds 2, 4, 6
