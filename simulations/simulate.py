@@ -138,7 +138,8 @@ def run_federated(
 
     With ``ray_address`` (``HOST:PORT`` of a running Ray head, e.g. from ``ray start --head``)
     the sites run on that cluster's machines instead of a private local Ray instance; every
-    machine needs fedface installed and the data at the scenario's path.
+    machine needs fedface installed and the data at the same absolute path (sites load their
+    own faces).
 
     ``alternate_secagg`` is a timing mode (``fedface bench federated``): odd rounds through
     SecAgg+, even rounds in the clear, in one run (:class:`~fedface.server.app.AlternatingFit`);

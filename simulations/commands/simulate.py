@@ -28,7 +28,7 @@ def simulate(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the partition and training.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start the global encoder from this checkpoint's encoder (e.g. `fedface train` on a public data set).")] = None,
     client_cpus: Annotated[Optional[float], typer.Option(help="CPUs Ray reserves per site (default 1: as many sites train at once as there are cores).")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the sites on; default: a private Ray instance on this machine.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the sites on; each machine needs the data at the same absolute path. Default: a private Ray instance on this machine.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to write (default runs/simulate-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run directory that already holds a run.")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Go on with the run in this directory after its last checkpointed round (its config; --rounds may raise the plan).")] = None,
