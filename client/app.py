@@ -29,6 +29,8 @@ from fedface.common.federated import scenario_from_run_config
 
 if TYPE_CHECKING:
     from fedface.client.site import Site
+    from fedface.common.config import TrainConfig
+
 
 class SiteClient(NumPyClient):
     """One site answering Flower's fit requests."""
@@ -97,7 +99,6 @@ def _site_for_flwr_run(context: Context) -> Site:
     import torch
 
     from fedface.client.site import Site
-    from fedface.common.federated import cached_federation_data, site_name
 
     torch.set_num_threads(1)
     cfg = scenario_from_run_config(context.run_config)
@@ -113,14 +114,22 @@ def _site_for_flwr_run(context: Context) -> Site:
         cfg = cfg.with_overrides(overrides)
         faces = load_faces(sc.data, layout=sc.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
         return Site(sc.name, cfg, faces, sc.state_dir / "runs" / str(context.run_id), sc.ledger)
-    fed = cached_federation_data(json.dumps(cfg.to_toml_dict(), sort_keys=True))
-    pid = int(context.node_config["partition-id"])
     run_dir = Path(str(context.run_config.get("run-dir") or "runs/flwr-run")).resolve()
+    return partition_site(cfg, json.dumps(cfg.to_toml_dict(), sort_keys=True), int(context.node_config["partition-id"]), run_dir / "sites")
+
+
+def partition_site(cfg: TrainConfig, cfg_json: str, pid: int, sites_dir: Path) -> Site:
+    """Site number ``pid`` of a federation on shared data (a simulation, a test federation):
+    its faces are its share of the scenario's partition (``cfg_json``, computed once per
+    process), its head and ledger live under ``<sites_dir>/<site>/``."""
+    from fedface.client.site import Site
+    from fedface.common.federated import cached_federation_data, site_name
+
     name = site_name(pid)
-    return Site(name, cfg, fed.site_faces(pid), run_dir / "sites" / name, run_dir / "sites" / name / "ledger.sqlite")
+    return Site(name, cfg, cached_federation_data(cfg_json).site_faces(pid), sites_dir / name, sites_dir / name / "ledger.sqlite")
 
 
 #: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml).
 app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[secagg_policy_mod])
 
-__all__ = ["SiteClient", "app", "secagg_mod", "secagg_policy_mod"]
+__all__ = ["SiteClient", "app", "partition_site", "secagg_mod", "secagg_policy_mod"]

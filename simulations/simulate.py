@@ -34,7 +34,7 @@ from flwr.common import Context
 
 from fedface.common.checkpoint import load_checkpoint
 from fedface.common.config import TrainConfig
-from fedface.common.federated import cached_federation_data, federation_data, site_name
+from fedface.common.federated import federation_data
 from fedface.common.errors import RunDirError
 from fedface.common.io import atomic_write_json, atomic_write_toml
 from fedface.common.models import build_encoder, encoder_weights
@@ -100,18 +100,14 @@ def simulated_client_app(cfg_json: str, sites_dir: str) -> ClientApp:
     once per process from the config: :func:`~fedface.common.federated.cached_federation_data`)
     and keeps its head and ledger under ``<sites_dir>/<site>/``.
     """
-    from fedface.client.app import SiteClient, secagg_mod
-    from fedface.client.site import Site
+    from fedface.client.app import SiteClient, partition_site, secagg_mod
 
     cfg = TrainConfig.from_mapping(json.loads(cfg_json))
     root = Path(sites_dir)
 
     def client_fn(context: Context) -> Any:
         torch.set_num_threads(1)
-        pid = int(context.node_config["partition-id"])
-        name = site_name(pid)
-        faces = cached_federation_data(cfg_json).site_faces(pid)
-        return SiteClient(Site(name, cfg, faces, root / name, root / name / "ledger.sqlite")).to_client()
+        return SiteClient(partition_site(cfg, cfg_json, int(context.node_config["partition-id"]), root)).to_client()
 
     # SecAgg+ for the requests that carry it; clear requests refused when the scenario requires SecAgg+
     app = _SimulatedClientApp(client_fn=client_fn, mods=[secagg_mod(required=cfg.federation.secagg)])
