@@ -1,7 +1,8 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of either.
 
 Each write goes to a temporary file in the target's directory, is flushed and fsync'ed, then
-renamed over the target with ``os.replace`` (atomic on POSIX and Windows within a volume).
+renamed over the target with ``os.replace`` (atomic on POSIX and Windows within a volume);
+:func:`atomic_write_new` links it to the name instead, so that it never replaces a file (keys).
 """
 
 from __future__ import annotations
@@ -37,6 +38,36 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_new(path: str | Path, data: bytes, mode: int = 0o600) -> bool:
+    """Write ``data`` to ``path`` atomically with ``mode`` unless ``path`` exists; never overwrite.
+
+    The file has ``mode`` from the start (a private key is never readable by others, not even
+    for a moment). A complete, fsync'ed temporary file is hard-linked to the name, which fails
+    if the name exists, even when another process creates it at the same moment.
+
+    Returns
+    -------
+    bool
+        Whether ``path`` was written (``False``: it existed and is left as it was).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -63,6 +94,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
+    "atomic_write_new",
     "atomic_write_text",
     "atomic_write_toml",
 ]

@@ -24,7 +24,8 @@ Append-only and tamper-evident
     the ids, SQLite's autoincrement counters (a removed last row) and the triggers. The chain
     has no secret key: it detects edits by hand or by other tools, not an adversary who
     rewrites the whole file; keep the file where only the site's operator can write it, and
-    back it up.
+    back it up. Nor can it tell a file cut short or restored from an older backup from an honest
+    one: signed receipts kept outside the site can (:mod:`~fedface.common.privacy.receipts`).
 
 Durability: WAL journal with ``synchronous=FULL``, so a committed charge survives a power cut.
 """
@@ -467,6 +468,22 @@ class PrivacyLedger(SQLiteStore):
                     f"{', '.join(missing)} were removed; {fix}"
                 )
 
+    # --- receipts (fedface.common.privacy.receipts) --------------------------------------------
+
+    def head(self) -> dict[str, tuple[int, str]]:
+        """``(last id, its row_hash)`` of the ``budgets`` and ``sessions`` chains (``(0, GENESIS_HASH)``: empty)."""
+        with self._read() as conn:
+            tails = {table: _chain_tail(conn, table) for table in _HASHED_FIELDS}
+        return {table: (next_id - 1, row_hash) for table, (next_id, row_hash) in tails.items()}
+
+    def row_hash(self, table: str, row_id: int) -> str | None:
+        """The ``row_hash`` of row ``row_id`` of the ``budgets`` or ``sessions`` chain, or ``None``."""
+        if table not in _HASHED_FIELDS:
+            raise ValueError(f"table must be one of {', '.join(_HASHED_FIELDS)}, got {table!r}")
+        with self._read() as conn:
+            row = conn.execute(f"SELECT row_hash FROM {table} WHERE id = ?", (row_id,)).fetchone()
+        return None if row is None else str(row[0])
+
     # --- internals -----------------------------------------------------------------------------
 
     def _budget(self, conn: sqlite3.Connection, dataset: str) -> Budget | None:
@@ -592,6 +609,7 @@ def _session(row: dict[str, Any]) -> Session:
 
 __all__ = [
     "APPLICATION",
+    "GENESIS_HASH",
     "LEDGER_ENV",
     "SCHEMA_VERSION",
     "Budget",

@@ -1,4 +1,5 @@
-"""`fedface privacy`: a site's privacy ledger: budgets per data set and the epsilon spent on each."""
+"""`fedface privacy`: a site's privacy ledger: budgets per data set, the epsilon spent on each, and its
+integrity, checked against the site's signed receipts (docs/privacy.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from rich.table import Table
 from fedface.common.errors import ConfigError, LedgerError
 from fedface.common.privacy.accounting import ACCOUNTANTS, format_epsilon
 from fedface.common.privacy.ledger import LEDGER_ENV, PrivacyLedger, Spend, default_ledger_path
+from fedface.common.privacy.receipts import (
+    RECEIPT_PUBLIC_KEY_FILE,
+    ReceiptCheck,
+    check_ledger_against,
+    load_public_key,
+    read_receipts,
+)
 from fedface.simulations.console import err_console, print_json, user_errors
 
 privacy_app = typer.Typer(
@@ -73,6 +81,17 @@ def _check_format(output_format: str) -> None:
         raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
 
 
+def _existing_ledger(ledger: Path | None) -> Path:
+    """The ledger file named (or the default); LedgerError when there is none."""
+    path = ledger if ledger is not None else default_ledger_path()
+    if not path.is_file():
+        raise LedgerError(
+            f"no privacy ledger exists at {path}: create one with `fedface privacy budget --dataset NAME "
+            f"--epsilon E --delta D` or a private `fedface train`, or point --ledger / {LEDGER_ENV} at it"
+        )
+    return path
+
+
 def _report(ledger_path: Path, spends: list[Spend], output_format: str) -> None:
     """Print the spends as a table on stdout, or as one JSON object."""
     records = [spend_record(spend) for spend in spends]
@@ -127,12 +146,7 @@ def status(
     """
     _check_format(output_format)
     with user_errors():
-        path = ledger if ledger is not None else default_ledger_path()
-        if not path.is_file():
-            raise LedgerError(
-                f"no privacy ledger exists at {path}: create one with `fedface privacy budget --dataset NAME "
-                f"--epsilon E --delta D` or a private `fedface train`, or point --ledger / {LEDGER_ENV} at it"
-            )
+        path = _existing_ledger(ledger)
         with PrivacyLedger(path, create=False) as book:
             book.verify()
             names = book.datasets()
@@ -180,6 +194,95 @@ def budget(
             f"at or over the new budget {epsilon:g}: further private training on it will be refused"
         )
     _report(path, [spend], output_format)
+
+
+@privacy_app.command()
+def verify(
+    ledger: LedgerOption = None,
+    receipts: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--receipts",
+            exists=True,
+            dir_okay=False,
+            help="JSON-lines file of the site's signed receipts as the server keeps them (without it: no rollback check).",
+        ),
+    ] = None,
+    public_key: Annotated[
+        Optional[Path], typer.Option("--public-key", help="The site's receipt public key (default: --state-dir's receipt.pub).")
+    ] = None,
+    state_dir: Annotated[
+        Optional[Path], typer.Option("--state-dir", help="The site's state directory (default: the ledger's directory).")
+    ] = None,
+    output_format: FormatOption = "text",
+) -> None:
+    """Check the ledger's integrity and, with --receipts, that it was not rolled back.
+
+    Without --receipts: the hash chains, ids, counters and triggers only, which a deleted last
+    session or a restored older backup passes. With --receipts (the receipts the server keeps
+    for this site, each signed by its receipt key): every receipted session and budget must
+    still be in the ledger, unchanged, and no data set's epsilon below its receipted total.
+    Exits 11 with one line naming the problem.
+    """
+    _check_format(output_format)
+    if receipts is None and public_key is not None:
+        raise typer.BadParameter("--public-key checks receipts: pass --receipts FILE too", param_hint="--public-key")
+    with user_errors():
+        path = _existing_ledger(ledger)
+        key = None
+        if receipts is not None:
+            key_path = public_key if public_key is not None else (state_dir or path.parent) / RECEIPT_PUBLIC_KEY_FILE
+            if not key_path.is_file():
+                raise LedgerError(
+                    f"no receipt public key at {key_path}: pass --public-key (the site's {RECEIPT_PUBLIC_KEY_FILE}) "
+                    "or --state-dir"
+                )
+            key = load_public_key(key_path)
+        found = read_receipts(receipts, key) if receipts is not None else None
+        if found is not None and not found:
+            raise LedgerError(f"receipts file {receipts} holds no receipts: nothing to check privacy ledger {path} against")
+        with PrivacyLedger(path, create=False) as book:
+            if found is None:
+                book.verify()
+                sessions = book.head()["sessions"][0]
+                check = None
+            else:
+                check = check_ledger_against(book, found)
+                sessions = check.ledger_sessions
+    if output_format == "json":
+        print_json(_verify_record(path, sessions, check))
+    elif check is None:
+        typer.echo(
+            f"privacy ledger {path} ({sessions} sessions) passes its own integrity check (hash chains, ids, counters, triggers)"
+        )
+    else:
+        since = f"; {check.uncovered} sessions charged since have no receipt yet" if check.uncovered else ""
+        typer.echo(
+            f"privacy ledger {path} ({sessions} sessions) is intact and matches its {check.receipts} receipts "
+            f"(latest: {check.latest.describe()}){since}"
+        )
+    if check is None:
+        err_console.print(
+            "[yellow]warning:[/] without --receipts a deleted last session or a restored older backup cannot be "
+            "detected: pass the receipts the server keeps for this site"
+        )
+
+
+def _verify_record(path: Path, sessions: int, check: ReceiptCheck | None) -> dict[str, Any]:
+    """`fedface privacy verify --format json`'s object (``receipts`` and the rest ``null`` without receipts)."""
+    latest = None if check is None else check.latest
+    receipt = None
+    if latest is not None:
+        receipt = {"session_id": latest.session_id, "created_at": latest.created_at, "run_id": latest.run_id, "round": latest.round}
+    return {
+        "ledger": str(path),
+        "intact": True,
+        "rollback_checked": check is not None,
+        "sessions": sessions,
+        "receipts": None if check is None else check.receipts,
+        "latest_receipt": receipt,
+        "sessions_after_latest_receipt": None if check is None else check.uncovered,
+    }
 
 
 __all__ = ["privacy_app", "spend_record", "spend_state"]

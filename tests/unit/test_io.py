@@ -17,6 +17,7 @@ from fedface.common.io import (
     atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_new,
     atomic_write_text,
     atomic_write_toml,
 )
@@ -191,3 +192,18 @@ def test_atomic_write_does_not_change_the_process_umask(tmp_path: Path) -> None:
 
     current = os.umask(0o022)
     assert current == 0o022
+
+
+def test_atomic_write_new_writes_with_its_mode_and_never_overwrites(tmp_path: Path) -> None:
+    # Arrange
+    target = tmp_path / "keys" / "site.key"
+
+    # Act
+    first = atomic_write_new(target, b"first", 0o600)
+    second = atomic_write_new(target, b"second", 0o600)
+
+    # Assert
+    assert (first, second) == (True, False)
+    assert target.read_bytes() == b"first"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in target.parent.iterdir()] == ["site.key"]
