@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedface.common.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint
+from fedface.common.checkpoint import CHECKPOINT_FORMAT, Checkpoint, checkpoint_run_dir, find_checkpoint, load_checkpoint
 from fedface.common.config import TrainConfig
 from fedface.common.errors import CheckpointError
 from fedface.common.models import GRUFaceEncoder, MarginHead
@@ -247,3 +247,108 @@ def test_save_is_atomic_over_an_existing_checkpoint(
     # Assert
     assert saved.read_bytes() == before
     assert load_checkpoint(saved).epoch == 7
+
+
+def test_load_text_file_raises_checkpoint_error_naming_path(tmp_path: Path) -> None:
+    # Arrange: what `fedface evaluate /etc/passwd` reads (torch.load fails with an IndexError)
+    path = tmp_path / "passwd"
+    path.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+
+    # Act
+    with pytest.raises(CheckpointError, match="unreadable") as info:
+        load_checkpoint(path)
+
+    # Assert
+    _assert_one_line_naming(info.value, path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_checkpoint_with_non_finite_weights_raises_checkpoint_error(
+    tmp_path: Path, checkpoint: Checkpoint, bad: float
+) -> None:
+    # Arrange
+    state = {k: v.clone() for k, v in checkpoint.encoder_state.items()}
+    state["neck.project.weight"][0, 0] = bad
+    path = tmp_path / "nan.pt"
+    Checkpoint(checkpoint.config, "identity", 1, 0, state, {}).save(path)
+
+    # Act
+    with pytest.raises(CheckpointError, match="NaN or infinite weights") as info:
+        load_checkpoint(path)
+
+    # Assert
+    assert "neck.project.weight" in str(info.value)
+    _assert_one_line_naming(info.value, path)
+
+
+def test_load_checkpoint_whose_encoder_is_not_tensors_raises_checkpoint_error(tmp_path: Path, saved: Path) -> None:
+    raw = torch.load(saved, weights_only=True)
+    raw["encoder"] = {"neck.project.weight": [1.0, 2.0]}
+    path = tmp_path / "lists.pt"
+    torch.save(raw, path)
+
+    with pytest.raises(CheckpointError, match="not named tensors") as info:
+        load_checkpoint(path)
+
+    _assert_one_line_naming(info.value, path)
+
+
+def test_encoder_only_checkpoint_round_trips(tmp_path: Path, checkpoint: Checkpoint) -> None:
+    # Arrange: as the federated server writes a round (the heads stay at the sites)
+    path = tmp_path / "checkpoints" / "round-0003.pt"
+    Checkpoint(checkpoint.config, "identity", 3, 0, checkpoint.encoder_state, {}).save(path)
+
+    # Act
+    loaded = load_checkpoint(path)
+
+    # Assert
+    assert (loaded.num_classes, loaded.head_state, loaded.epoch) == (0, {}, 3)
+
+
+def test_find_checkpoint_of_a_file_is_the_file(saved: Path) -> None:
+    assert find_checkpoint(saved) == saved
+
+
+def test_find_checkpoint_of_a_train_run_dir_is_its_checkpoint(saved: Path) -> None:
+    assert find_checkpoint(saved.parent) == saved
+
+
+def test_find_checkpoint_of_a_simulate_run_dir_is_its_highest_round(tmp_path: Path) -> None:
+    # Arrange: rounds written out of order, and files that are no round checkpoint
+    rounds = tmp_path / "checkpoints"
+    rounds.mkdir()
+    for name in ("round-0002.pt", "round-0010.pt", "round-0009.pt", "round-0011.pt.tmp", "round-last.pt", "notes.txt"):
+        (rounds / name).write_bytes(b"")
+    (rounds / "round-0012.pt").mkdir()
+
+    # Act
+    found = find_checkpoint(tmp_path)
+
+    # Assert
+    assert found == rounds / "round-0010.pt"
+
+
+def test_find_checkpoint_in_a_dir_without_one_raises_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()
+
+    with pytest.raises(CheckpointError, match="no checkpoint in") as info:
+        find_checkpoint(tmp_path)
+
+    _assert_one_line_naming(info.value, tmp_path)
+
+
+def test_find_checkpoint_of_a_missing_path_raises_checkpoint_error(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "nope"
+
+    with pytest.raises(CheckpointError, match="not found") as info:
+        find_checkpoint(path)
+
+    _assert_one_line_naming(info.value, path)
+
+
+@pytest.mark.parametrize(
+    ("relative", "run"),
+    [("run/checkpoint.pt", "run"), ("run/checkpoints/round-0020.pt", "run"), ("models/checkpoints/best.pt", "models/checkpoints")],
+)
+def test_checkpoint_run_dir_is_where_the_runs_split_is(tmp_path: Path, relative: str, run: str) -> None:
+    assert checkpoint_run_dir(tmp_path / relative) == tmp_path / run
