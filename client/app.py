@@ -24,6 +24,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common import Context, Message, MessageType
 
+from fedface.client.trust import trusted_app_mod
 from fedface.common import wire
 from fedface.common.federated import scenario_from_run_config
 
@@ -129,7 +130,8 @@ def partition_site(cfg: TrainConfig, cfg_json: str, pid: int, sites_dir: Path) -
     return Site(name, cfg, cached_federation_data(cfg_json).site_faces(pid), sites_dir / name, sites_dir / name / "ledger.sqlite")
 
 
-#: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml).
-app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[secagg_policy_mod])
+#: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml). A deployed
+#: site first checks that a publisher it trusts signed the run (:mod:`fedface.client.trust`).
+app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[trusted_app_mod, secagg_policy_mod])
 
 __all__ = ["SiteClient", "app", "partition_site", "secagg_mod", "secagg_policy_mod"]

@@ -9,6 +9,7 @@ scenario, which the server sends. The file stays at the site.
 name = "hospital-a"
 data = "/data/faces"                 # ImageFolder, ORL, Yale or Extended Yale B layout
 state-dir = "/var/lib/fedface"       # ledger.sqlite and runs/<run-id>/head.pt
+trusted-publishers = ["publisher.pub"]  # run only apps these publisher keys signed (docs/deployment.md)
 budget-epsilon = 10.0                # optional: the site's budget over all runs (at the run's delta)
 ```
 """
@@ -38,6 +39,7 @@ class SiteConfig(BaseModel):
     layout: str = "auto"
     state_dir: Path = Field(description="ledger and heads; keep it, and back it up")
     budget_epsilon: float | None = Field(default=None, gt=0, description="the site's budget over all runs (set once in the ledger)")
+    trusted_publishers: tuple[Path, ...] = Field(default=(), description="publisher public keys (.pub): the site runs only apps they signed")
 
     @property
     def ledger(self) -> Path:
@@ -63,6 +65,7 @@ class SiteConfig(BaseModel):
             update={
                 "data": cfg.data if cfg.data.is_absolute() else base / cfg.data,
                 "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
+                "trusted_publishers": tuple(k if k.is_absolute() else base / k for k in cfg.trusted_publishers),
             }
         )
 

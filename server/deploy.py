@@ -8,16 +8,19 @@
   Flower's ``--auth-supernode-private-key`` and ``flwr supernode register`` read). The private
   key is created at the site and never leaves it; only the ``.pub`` file is registered with
   the SuperLink, which then refuses every node whose key is not registered.
+- **App signing**: the publisher of fedface's app (the coordinator) has an Ed25519 key pair in
+  OpenSSH format (:func:`create_publisher_key`). ``fedface server run --publisher-key`` signs
+  every app it sends with the private key; each site lists the ``.pub`` files it trusts
+  (``trusted-publishers`` in its site.toml) and runs nothing else (:mod:`fedface.common.signing`).
 
 Written with ``cryptography`` (Flower's own dependency); keys are written atomically with mode
-0600, certificates and public keys 0644, and an existing file is never overwritten.
+0600 from the start, certificates and public keys 0644, and an existing file is never overwritten.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedface.common.errors import ConfigError, RunDirError
-from fedface.common.io import atomic_write_bytes
+from fedface.common.io import atomic_write_new
+from fedface.common.signing import new_private_key, private_key_bytes, public_key_line
 
 CURVE = ec.SECP384R1()
 CA_DAYS = 3650
@@ -53,11 +57,17 @@ class NodeKey:
     public_key: Path
 
 
+@dataclass(frozen=True)
+class PublisherKey:
+    """Paths of the app publisher's signing key pair."""
+
+    private_key: Path
+    public_key: Path
+
+
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    if path.exists():
+    if not atomic_write_new(path, data, mode):
         raise RunDirError(f"{path} already exists: fedface never overwrites keys; choose another directory or remove it yourself")
-    atomic_write_bytes(path, data)
-    os.chmod(path, mode)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -128,17 +138,22 @@ def create_federation_keys(directory: str | Path, *, hosts: Sequence[str], name:
     return keys
 
 
-def create_node_key(directory: str | Path, name: str) -> NodeKey:
-    """A site's node-authentication key pair (OpenSSH, EC P-384): ``<name>.key`` and ``<name>.pub``."""
+def _key_pair_paths(directory: str | Path, name: str, what: str) -> tuple[Path, Path]:
     if not name or any(c in name for c in "/\\ \t\n") or name.startswith("."):
-        raise ConfigError(f"node name {name!r} must be a plain file name (letters, digits, '-', '_')")
+        raise ConfigError(f"{what} name {name!r} must be a plain file name (letters, digits, '-', '_')")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(CURVE)
-    node = NodeKey(out / f"{name}.key", out / f"{name}.pub")
-    for path in (node.private_key, node.public_key):
+    pair = out / f"{name}.key", out / f"{name}.pub"
+    for path in pair:
         if path.exists():
             raise RunDirError(f"{path} already exists: fedface never overwrites keys; choose another name or remove it yourself")
+    return pair
+
+
+def create_node_key(directory: str | Path, name: str) -> NodeKey:
+    """A site's node-authentication key pair (OpenSSH, EC P-384): ``<name>.key`` and ``<name>.pub``."""
+    node = NodeKey(*_key_pair_paths(directory, name, "node"))
+    key = ec.generate_private_key(CURVE)
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode()
     _write_new(node.private_key, private, 0o600)
@@ -146,4 +161,16 @@ def create_node_key(directory: str | Path, name: str) -> NodeKey:
     return node
 
 
-__all__ = ["FederationKeys", "NodeKey", "create_federation_keys", "create_node_key"]
+def create_publisher_key(directory: str | Path, name: str = "publisher") -> PublisherKey:
+    """The app publisher's signing key pair (OpenSSH, Ed25519): ``<name>.key`` and ``<name>.pub``.
+
+    The ``.pub`` file goes to every site (``trusted-publishers``); the private key stays with
+    whoever runs `fedface server run` (and never on a site)."""
+    pair = PublisherKey(*_key_pair_paths(directory, name, "publisher"))
+    key = new_private_key()
+    _write_new(pair.private_key, private_key_bytes(key), 0o600)
+    _write_new(pair.public_key, f"{public_key_line(key.public_key())} {name}\n".encode(), 0o644)
+    return pair
+
+
+__all__ = ["FederationKeys", "NodeKey", "PublisherKey", "create_federation_keys", "create_node_key", "create_publisher_key"]

@@ -4,6 +4,12 @@ SuperNodes, with TLS and node authentication unless ``--insecure`` (a local demo
 These commands start Flower's own processes with fedface's settings. Nothing is home-made:
 scaling out means adding SuperNodes. Every process gets an environment that switches off
 Flower's telemetry, update checks and runtime dependency installation.
+
+App signing: `fedface server run --publisher-key` signs the app it sends and hands it to the
+SuperLink as Flower's app hub would (:mod:`fedface.server.publisher`; the SuperLink of
+`fedface server start` takes its apps from ``--app-port``); `fedface site` starts its SuperNode
+with ``--trusted-entities`` made from the site's ``trusted-publishers``, so it runs only apps
+those keys signed (and fedface's ClientApp checks the signed run config, :mod:`fedface.client.trust`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from fedface.simulations.console import err_console, print_json, setup_logging, 
 from fedface.simulations.simulate import QUIET_ENV
 
 CONNECTION = "fedface"
+APP_PORT = 8001  # where `fedface server run` hands a signed app to the SuperLink (127.0.0.1)
 
 server_app = typer.Typer(
     help="The coordinator of a deployed federation: start the SuperLink, register sites, launch runs.",
@@ -84,11 +91,15 @@ def start(
     host: Annotated[str, typer.Option(help="Address the SuperLink listens on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="The SuperLink's port (Fleet, Control and ServerApp APIs).")] = 8000,
     database: Annotated[Path, typer.Option(help="The SuperLink's state database.")] = Path("superlink.db"),
+    app_port: Annotated[int, typer.Option(help="Port on 127.0.0.1 where `fedface server run` hands this SuperLink its signed apps.")] = APP_PORT,
 ) -> None:
     """Start a SuperLink: TLS with the federation's certificate and node authentication (only
-    registered sites are admitted) unless --insecure. Runs in the foreground; stop it with Ctrl-C
-    or by PID (this process becomes the SuperLink)."""
+    registered sites are admitted) unless --insecure. It takes signed apps from `fedface server
+    run` on this host (--app-port), never from Flower's platform. Runs in the foreground; stop it
+    with Ctrl-C or by PID (this process becomes the SuperLink)."""
     setup_logging()
+    from fedface.server.publisher import hub_url
+
     with user_errors():
         tls = _tls_files(keys, insecure)
         args = [_tool("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
@@ -99,7 +110,7 @@ def start(
         else:
             ca, cert, key = tls
             args += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--enable-supernode-auth"]
-    os.execvpe(args[0], args, _env())
+    os.execvpe(args[0], args, {**_env(), "FLWR_SUPERGRID_API_URL": hub_url(app_port)})
 
 
 @server_app.command("register")
@@ -137,8 +148,14 @@ def run(
     epsilon: Annotated[Optional[float], typer.Option(help="Each site's epsilon for the run (default from the scenario).")] = None,
     flwr_home: Annotated[Path, typer.Option(help="Where the flwr CLI's connection is written.")] = Path(".fedface-flwr"),
     output_format: Annotated[str, typer.Option("--format", help="text, or json: the run's summary as one JSON object on stdout's last line.")] = "text",
+    publisher_key: Annotated[Optional[Path], typer.Option(help="The publisher's signing key (<name>.key from `fedface keys publisher`): the app and its run config are signed with it. Sites that trust publishers refuse unsigned apps.")] = None,
+    app_port: Annotated[int, typer.Option(help="The SuperLink's --app-port: the signed app is handed to it there (run this on the SuperLink's host).")] = APP_PORT,
 ) -> None:
-    """Launch a federated run on the SuperLink (`flwr run` of fedface's App) and wait for it."""
+    """Launch a federated run on the SuperLink (`flwr run` of fedface's App) and wait for it.
+
+    With --publisher-key the app (its FAB, and its run config: the scenario's text, rounds,
+    sites, epsilon, run directory) is signed and handed to the SuperLink on 127.0.0.1:--app-port;
+    without it the app goes unsigned, and sites that trust publishers refuse it."""
     if output_format not in ("text", "json"):
         raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
     setup_logging()
@@ -151,15 +168,24 @@ def run(
             text = resources.files("fedface.simulations").joinpath("scenarios", "federated.toml").read_text()
         home = _connection_home(flwr_home, superlink, root_certificates, insecure)
         run_dir = run_dir.resolve()
+        from fedface.common.signing import load_private_key
+        from fedface.server.publisher import AppHandover, app_pyproject, build_app
+
+        key = load_private_key(publisher_key) if publisher_key is not None else None
+        pyproject = resources.files("fedface.simulations").joinpath("flwr_app", "pyproject.toml").read_text()
+        run_config = {"scenario-toml": text, "run-dir": str(run_dir), "rounds": rounds or 0, "sites": sites or 0, "epsilon": epsilon or 0.0}
         with tempfile.TemporaryDirectory(prefix="fedface-app-") as tmp:
-            app_dir = Path(tmp) / "app"
-            app_dir.mkdir()
-            (app_dir / "pyproject.toml").write_text(resources.files("fedface.simulations").joinpath("flwr_app", "pyproject.toml").read_text())
-            overrides = {"scenario-toml": text, "run-dir": str(run_dir), "rounds": rounds or 0, "sites": sites or 0, "epsilon": epsilon or 0.0}
-            over_path = Path(tmp) / "run-config.toml"
-            over_path.write_text(tomli_w.dumps(overrides))
-            done = subprocess.run([_tool("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--run-config", str(over_path)],
-                                  env=_env(home), capture_output=True, text=True)
+            flwr_run = [_tool("flwr"), "run"]
+            if key is None:
+                err_console.print("[yellow]unsigned app (no --publisher-key): sites that trust publishers refuse it[/]")
+                app_dir = Path(tmp) / "app"
+                app_dir.mkdir()
+                (app_dir / "pyproject.toml").write_text(app_pyproject(pyproject, run_config, None))
+                done = subprocess.run([*flwr_run, str(app_dir), CONNECTION, "--stream"], env=_env(home), capture_output=True, text=True, cwd=tmp)
+            else:
+                app = build_app(pyproject, run_config, key)
+                with AppHandover(app, app_port):
+                    done = subprocess.run([*flwr_run, app.spec, CONNECTION, "--stream"], env=_env(home), capture_output=True, text=True, cwd=tmp)
         if done.returncode != 0:
             err_console.print(done.stdout[-3000:] + done.stderr[-3000:])
             err_console.print(f"RunError: `flwr run` on {superlink} failed (exit {done.returncode})")
@@ -189,10 +215,13 @@ def site(
     port: Annotated[int, typer.Option(help="Port of this SuperNode's local API (one per SuperNode on a host).")] = 9094,
 ) -> None:
     """Join a federation as a site: a SuperNode running fedface's ClientApp on this site's own
-    faces, with its ledger and heads in its state directory. Runs in the foreground (this
-    process becomes the SuperNode)."""
+    faces, with its ledger and heads in its state directory. It runs only apps signed by the
+    publisher keys of `trusted-publishers` in the site's TOML (required unless --insecure).
+    Runs in the foreground (this process becomes the SuperNode)."""
     setup_logging()
     from fedface.client.siteconfig import SiteConfig
+    from fedface.common.io import atomic_write_text
+    from fedface.common.signing import load_public_key, trusted_entities
 
     with user_errors():
         sc = SiteConfig.from_toml(config)
@@ -201,6 +230,18 @@ def site(
         sc.state_dir.mkdir(parents=True, exist_ok=True)
         args = [_tool("flower-supernode"), "--superlink", superlink, "--port", str(port),
                 "--node-config", f"site-config={json.dumps(str(config.resolve()))}"]
+        if sc.trusted_publishers:
+            # Flower's own check, before the SuperNode installs or loads anything of an app
+            entities = trusted_entities(load_public_key(p) for p in sc.trusted_publishers)
+            entities_file = sc.state_dir / "trusted-entities.yaml"
+            atomic_write_text(entities_file, f"# written by `fedface site` from trusted-publishers in {config.resolve()}\n"
+                              + json.dumps(entities, indent=2) + "\n")  # JSON is YAML
+            args += ["--trusted-entities", str(entities_file)]
+        elif not insecure:
+            raise ConfigError(f"{config} trusts no publisher: add trusted-publishers = [\"publisher.pub\"] (the coordinator's public key "
+                              "from `fedface keys publisher`) so that this site runs only apps it signed, or pass --insecure for a local demo")
+        else:
+            err_console.print("[yellow]no trusted-publishers: this site runs any app the SuperLink sends (a local demo only)[/]")
         if insecure:
             args.append("--insecure")
         else:
@@ -210,7 +251,8 @@ def site(
                 if not f.is_file():
                     raise DataNotFoundError(f"{f} not found: the CA comes from the coordinator, the key from `fedface keys node`")
             args += ["--root-certificates", str(root_certificates), "--auth-supernode-private-key", str(key)]
-    err_console.print(f"site {sc.name}: joining {superlink} ({'insecure' if insecure else 'TLS, node authentication'})")
+    trust = f"apps signed by {len(sc.trusted_publishers)} trusted publisher key(s)" if sc.trusted_publishers else "any app"
+    err_console.print(f"site {sc.name}: joining {superlink} ({'insecure' if insecure else 'TLS, node authentication'}; runs {trust})")
     os.execvpe(args[0], args, _env())
 
 

@@ -1,4 +1,4 @@
-"""`fedface keys`: certificates and node keys of a deployed federation."""
+"""`fedface keys`: certificates, node keys and the app publisher's key of a deployed federation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from fedface.simulations.console import err_console, setup_logging, user_errors
 
 keys_app = typer.Typer(
-    help="TLS certificates for the SuperLink and node-authentication keys for the sites.",
+    help="TLS certificates for the SuperLink, node-authentication keys for the sites, the publisher's app-signing key.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -49,6 +49,25 @@ def node(
     with user_errors():
         key = create_node_key(directory, name)
     err_console.print(f"private key {key.private_key} (keep it at the site); public key {key.public_key} (register it)")
+
+
+@keys_app.command("publisher")
+def publisher(
+    directory: Annotated[Path, typer.Argument(help="Directory for <name>.key (private, mode 0600) and <name>.pub.")],
+    name: Annotated[str, typer.Option(help="The key's file name.")] = "publisher",
+) -> None:
+    """Create the app publisher's signing key pair (OpenSSH, Ed25519).
+
+    `fedface server run --publisher-key <name>.key` signs every app it sends with it. Give the
+    .pub file to every site (`trusted-publishers` in its site.toml): a site runs only apps
+    signed by a key it trusts.
+    """
+    setup_logging()
+    from fedface.server.deploy import create_publisher_key
+
+    with user_errors():
+        key = create_publisher_key(directory, name)
+    err_console.print(f"signing key {key.private_key} (keep it with the coordinator); public key {key.public_key} (give it to every site)")
 
 
 __all__ = ["keys_app"]

@@ -1,12 +1,20 @@
 """A real deployment on 127.0.0.1 with fedface's commands: `fedface server start` (a SuperLink
 with TLS and node authentication), `fedface server register` for three sites, `fedface site`
-for each (a SuperNode on the site's own faces: a directory of 4 ORL people, linked), and
-`fedface server run` (SecAgg+, DP-SGD at every site, 2 rounds); a fourth, unregistered site is
-refused; every process started here is stopped by its process group.
+for each (a SuperNode on the site's own faces: a directory of 4 ORL people, linked; it trusts
+one publisher key), and `fedface server run --publisher-key` (a signed app; SecAgg+, DP-SGD at
+every site, 2 rounds); a fourth, unregistered site is refused; apps that are unsigned, signed
+by an untrusted key, altered after signing (the FAB) or overridden after signing (the run
+config) are refused by every site, which trains and charges nothing for them; every process
+started here is stopped by its process group.
+
+The set-up is importable for other deployment tests: :class:`Processes`, :func:`_free_port`,
+:func:`_wait_for_port`, :func:`start_federation` (or the module fixture ``federation``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 import signal
@@ -14,14 +22,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
 
 from fedface.common.privacy.ledger import PrivacyLedger
-from fedface.server.deploy import create_federation_keys, create_node_key
+from fedface.common.signing import load_private_key
+from fedface.server.deploy import FederationKeys, PublisherKey, create_federation_keys, create_node_key, create_publisher_key
+from fedface.server.publisher import App, AppHandover, build_app
 from fedface.server.store import RunStore
 
 pytestmark = pytest.mark.integration
@@ -105,73 +120,218 @@ def _site_data(root: Path, identities: list[str], target: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> Iterator[dict[str, object]]:
+SCENARIO: dict[str, Any] = {
+    "data": {"image-size": [32, 32]},
+    "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 2},
+    "evaluation": {"shift-tta": 0, "occlusion-box": 8},
+    "training": {"batch-size": 16, "device": "cpu"},
+    "privacy": {"epsilon": 8.0},
+    "federation": {"sites": 3, "rounds": 2, "test-identities": 10, "secagg": True},
+}
+
+
+@dataclass
+class Federation:
+    """A running deployment on 127.0.0.1: a SuperLink, the registered sites' SuperNodes (each
+    trusting ``publisher``), and what a test needs to launch runs and read the sites' logs."""
+
+    work: Path
+    env: dict[str, str]
+    procs: Processes
+    port: int
+    app_port: int
+    keys: FederationKeys
+    publisher: PublisherKey
+    scenario: Path  # the scenario TOML of the runs (ORL, 3 sites, 2 rounds, SecAgg+, DP)
+    site_configs: dict[str, Path]  # every site's TOML, the unregistered "stranger" included
+    home: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.home = self.work / "flwr-home"
+
+    @property
+    def fedface(self) -> str:
+        return str(BIN / "fedface")
+
+    @property
+    def connection(self) -> list[str]:
+        """``--superlink`` and ``--root-certificates`` for fedface's commands."""
+        return ["--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.keys.ca_cert)]
+
+    def server_run(self, run_dir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """`fedface server run` of the federation's scenario into ``run_dir``, with ``args``."""
+        return subprocess.run(
+            [self.fedface, "server", "run", "-c", str(self.scenario), "--run-dir", str(run_dir), *self.connection,
+             "--flwr-home", str(self.home), "--app-port", str(self.app_port), "--format", "json", *args],
+            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def flwr_run(self, app: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """Flower's own `flwr run` on the connection `fedface server run` wrote (after one ran)."""
+        return subprocess.run([str(BIN / "flwr"), "run", app, "fedface", "--stream", *args], cwd=self.work,
+                              env={**self.env, "FLWR_HOME": str(self.home)}, capture_output=True, text=True, timeout=timeout)
+
+    def log(self, name: str) -> str:
+        """A process's log so far (``site-0``, ``superlink``, ...)."""
+        return (self.work / f"{name}.log").read_text(errors="replace")
+
+
+def _budget(epsilon: float) -> dict[str, Any]:
+    """A site's lifetime budget, in its [policy] table where the site config has one."""
+    from fedface.client.siteconfig import SiteConfig
+
+    return {"policy": {"budget-epsilon": epsilon}} if "policy" in SiteConfig.model_fields else {"budget-epsilon": epsilon}
+
+
+def start_federation(work: Path, orl_root: Path, procs: Processes, *, sites: Sequence[str] = SITES,
+                     site_extra: Mapping[str, Any] | None = None) -> Federation:
+    """Keys, a SuperLink, and one registered SuperNode per name in ``sites``, each on 4 of the
+    people the server does not hold out, trusting the federation's publisher key;
+    ``site_extra`` adds keys to every site's TOML. Also writes (does not start) the TOML of an
+    unregistered site, ``stranger``. The processes are ``procs``'s to stop."""
     from fedface.common.config import TrainConfig
     from fedface.common.federated import federation_data
 
-    work = tmp_path_factory.mktemp("deploy")
     keys = create_federation_keys(work / "keys", hosts=["127.0.0.1", "localhost"])
-    nodes = [create_node_key(work / "keys" / "nodes", name) for name in [*SITES, "stranger"]]
-    port = _free_port()
-    home = work / "flwr-home"
-    scenario_raw = {
-        "data": {"root": str(orl_root), "image-size": [32, 32]},
-        "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 2},
-        "evaluation": {"shift-tta": 0, "occlusion-box": 8},
-        "training": {"batch-size": 16, "device": "cpu"},
-        "privacy": {"epsilon": 8.0},
-        "federation": {"sites": 3, "rounds": 2, "test-identities": 10, "secagg": True},
-    }
+    nodes = {name: create_node_key(work / "keys" / "nodes", name) for name in [*sites, "stranger"]}
+    publisher = create_publisher_key(work / "keys", "publisher")
+    scenario_raw = {**SCENARIO, "data": {**SCENARIO["data"], "root": str(orl_root)}}
     scenario = work / "scenario.toml"
     scenario.write_text(tomli_w.dumps(scenario_raw))
     # each site holds 4 of the people the server does not hold out for its evaluation
     train_people = sorted(set(federation_data(TrainConfig.from_mapping(scenario_raw)).train.identity_names))
-    site_configs = []
-    for i, name in enumerate([*SITES, "stranger"]):
+    site_configs = {}
+    for i, name in enumerate(nodes):
         people = train_people[4 * (i % 3) : 4 * (i % 3) + 4]
         data = _site_data(orl_root, people, work / "data" / name)
-        cfg_path = work / f"{name}.toml"
-        cfg_path.write_text(tomli_w.dumps({"name": name, "data": str(data), "state-dir": str(work / "state" / name)}))
-        site_configs.append(cfg_path)
-    env = {
+        cfg = {"name": name, "data": str(data), "state-dir": str(work / "state" / name),
+               "trusted-publishers": [str(publisher.public_key)], **_budget(20.0), **(site_extra or {})}
+        site_configs[name] = work / f"{name}.toml"
+        site_configs[name].write_text(tomli_w.dumps(cfg))
+    fed = Federation(work, procs.env, procs, _free_port(), _free_port(), keys, publisher, scenario, site_configs)
+    procs.start("superlink", fed.fedface, "server", "start", "--keys", str(keys.ca_cert.parent), "--port", str(fed.port),
+                "--app-port", str(fed.app_port), "--database", str(work / "superlink.db"))
+    _wait_for_port(fed.port)
+    for name in sites:
+        reg = subprocess.run([fed.fedface, "server", "register", str(nodes[name].public_key), *fed.connection, "--flwr-home", str(fed.home)],
+                             cwd=REPO, env=fed.env, capture_output=True, timeout=120)
+        assert reg.returncode == 0, reg.stdout.decode() + reg.stderr.decode()
+    for i, name in enumerate(sites):
+        procs.start(f"site-{i}", fed.fedface, "site", "-c", str(site_configs[name]), *fed.connection,
+                    "--key", str(nodes[name].private_key), "--port", str(_free_port()))
+    return fed
+
+
+def deploy_env(work: Path) -> dict[str, str]:
+    """The environment of every process a deployment test starts."""
+    return {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(home),
+        "FLWR_HOME": str(work / "flwr-home"),
         "OMP_NUM_THREADS": "1",
     }
-    fedface = str(BIN / "fedface")
-    tls = ["--root-certificates", str(keys.ca_cert)]
-    link = ["--superlink", f"127.0.0.1:{port}"]
-    procs = Processes(env, work)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> Iterator[Federation]:
+    """A running federation of three sites for this module's tests; every process is stopped
+    after them (``federation.procs.stop_all()`` records what is left alive)."""
+    work = tmp_path_factory.mktemp("deploy")
+    procs = Processes(deploy_env(work), work)
+    try:
+        yield start_federation(work, orl_root, procs)
+    finally:
+        procs.stop_all()
+
+
+def _offsets(fed: Federation) -> dict[str, int]:
+    return {f"site-{i}": len(fed.log(f"site-{i}")) for i in range(len(SITES))}
+
+
+def _since(fed: Federation, offsets: dict[str, int]) -> dict[str, str]:
+    return {name: fed.log(name)[start:] for name, start in offsets.items()}
+
+
+def _refused_run(fed: Federation, name: str, launch: Any) -> dict[str, Any]:
+    """Launch a run that every site should refuse (``launch()`` returns the finished process)
+    and collect what each site logged meanwhile and what the coordinator's run store says."""
+    before = _offsets(fed)
+    done = launch()
+    time.sleep(2)  # the sites' last log lines
+    run_dir = fed.work / "refused" / name
+    stores = []
+    if (run_dir / "runs.sqlite").is_file():
+        with RunStore(run_dir / "runs.sqlite", create=False) as store:
+            stores = [[(x.answered, x.failed) for x in store.rounds(r.run_id)] for r in store.runs()]
+    return {"rc": done.returncode, "out": done.stdout[-3000:] + done.stderr[-3000:], "logs": _since(fed, before), "runs": stores}
+
+
+def _with_code(app: App, marker: Path) -> App:
+    """``app`` altered: its ClientApp is a module inside the FAB that writes ``marker`` when it
+    is imported; the verification records are still the original's."""
+    import tomllib
+
+    from flwr.cli.build import build_fab_from_files
+
+    with zipfile.ZipFile(io.BytesIO(app.fab)) as fab:
+        doc = tomllib.loads(fab.read("pyproject.toml").decode())
+    doc["tool"]["flwr"]["app"]["components"]["clientapp"] = "altered_client:app"
+    code = f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\nfrom fedface.client.app import app\n"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gitwildmatch.*", category=DeprecationWarning)  # Flower's builder, not ours
+        fab_bytes, _ = build_fab_from_files({"pyproject.toml": tomli_w.dumps(doc).encode(), "altered_client.py": code.encode()})
+    return dataclasses.replace(app, fab=fab_bytes)
+
+
+def _hand_over(fed: Federation, app: Any, *flwr_args: str) -> subprocess.CompletedProcess[str]:
+    """A coordinator that serves ``app`` itself and starts it with Flower's own `flwr run`."""
+    with AppHandover(app, fed.app_port):
+        return fed.flwr_run(app.spec, *flwr_args)
+
+
+@pytest.fixture(scope="module")
+def deployment(federation: Federation) -> Iterator[dict[str, object]]:
+    fed = federation
+    work = fed.work
     result: dict[str, object] = {"work": work}
     try:
-        procs.start("superlink", fedface, "server", "start", "--keys", str(keys.ca_cert.parent), "--port", str(port),
-                    "--database", str(work / "superlink.db"))
-        _wait_for_port(port)
-        for node in nodes[:3]:
-            reg = subprocess.run([fedface, "server", "register", str(node.public_key), *link, *tls, "--flwr-home", str(home)],
-                                 cwd=REPO, env=env, capture_output=True, timeout=120)
-            assert reg.returncode == 0, reg.stdout.decode() + reg.stderr.decode()
-        for i, node in enumerate(nodes[:3]):
-            procs.start(f"site-{i}", fedface, "site", "-c", str(site_configs[i]), *link, *tls,
-                        "--key", str(node.private_key), "--port", str(_free_port()))
-        stranger = procs.start("stranger", fedface, "site", "-c", str(site_configs[3]), *link, *tls,
-                               "--key", str(nodes[3].private_key), "--port", str(_free_port()))
+        stranger_key = work / "keys" / "nodes" / "stranger.key"
+        stranger = fed.procs.start("stranger", fed.fedface, "site", "-c", str(fed.site_configs["stranger"]), *fed.connection,
+                                   "--key", str(stranger_key), "--port", str(_free_port()))
         try:
             result["stranger_rc"] = stranger.wait(timeout=120)
         except subprocess.TimeoutExpired:
             result["stranger_rc"] = None
-        run = subprocess.run(
-            [fedface, "server", "run", "-c", str(scenario), "--run-dir", str(work / "run"), *link, *tls,
-             "--flwr-home", str(home), "--format", "json"],
-            cwd=REPO, env=env, capture_output=True, timeout=900,
-        )
+        t0 = time.monotonic()
+        run = fed.server_run(work / "run", "--publisher-key", str(fed.publisher.private_key))
+        result["run_s"] = time.monotonic() - t0
         result["run_rc"] = run.returncode
-        result["run_stdout"] = run.stdout.decode(errors="replace")
-        result["run_log"] = run.stdout.decode(errors="replace")[-4000:] + run.stderr.decode(errors="replace")[-4000:]
+        result["run_stdout"] = run.stdout
+        result["run_log"] = run.stdout[-4000:] + run.stderr[-4000:]
+
+        # apps every site must refuse (one round each: the refusal comes at the first message)
+        refused = work / "refused"
+        untrusted = create_publisher_key(work / "keys", "untrusted")
+        pyproject = resources.files("fedface.simulations").joinpath("flwr_app", "pyproject.toml").read_text()
+        key = load_private_key(fed.publisher.private_key)
+
+        def signed(name: str, **config: Any) -> Any:
+            cfg = {"scenario-toml": fed.scenario.read_text(), "run-dir": str(refused / name), "rounds": 1}
+            return build_app(pyproject, {**cfg, **config}, key)
+
+        result["refused"] = {
+            "unsigned": _refused_run(fed, "unsigned", lambda: fed.server_run(refused / "unsigned", "--rounds", "1")),
+            "untrusted": _refused_run(fed, "untrusted", lambda: fed.server_run(
+                refused / "untrusted", "--rounds", "1", "--publisher-key", str(untrusted.private_key))),
+            # the FAB changed after signing: its own ClientApp code, served with the original's signature
+            "altered-fab": _refused_run(fed, "altered-fab", lambda: _hand_over(fed, _with_code(signed("altered-fab"), work / "altered-code-ran"))),
+            # the FAB as signed, the run config overridden when the run is started
+            "overridden-config": _refused_run(fed, "overridden-config", lambda: _hand_over(
+                fed, signed("overridden-config"), "--run-config", "epsilon=50.0")),
+        }
+        result["refused_s"] = time.monotonic() - t0 - float(result["run_s"])  # type: ignore[arg-type]
     finally:
-        result["left_alive"] = procs.stop_all()
+        result["left_alive"] = fed.procs.stop_all()
     yield result
 
 
@@ -203,6 +363,32 @@ def test_an_unregistered_node_is_refused(deployment: dict[str, object]) -> None:
     log = (Path(str(deployment["work"])) / "stranger.log").read_text(errors="replace")
     assert deployment["stranger_rc"] != 0
     assert "Failed to activate SuperNode" in log
+
+
+@pytest.mark.parametrize("case", ["unsigned", "untrusted", "altered-fab", "overridden-config"])
+def test_an_app_not_signed_as_sent_by_a_trusted_publisher_is_refused_by_every_site(deployment: dict[str, object], case: str) -> None:
+    refused: dict[str, Any] = deployment["refused"][case]  # type: ignore[index]
+    expected = {
+        "unsigned": "The FAB could not be verified",  # Flower's SuperNode: the FAB has no signature at all
+        "untrusted": "FAB verification failed",  # Flower's SuperNode: no trusted key signed it
+        "altered-fab": "FAB verification failed",
+        "overridden-config": "app refused: the run config does not match what publisher",  # fedface's ClientApp
+    }[case]
+    for site, log in refused["logs"].items():
+        assert expected in log, f"{site} did not refuse the {case} app:\n{log[-3000:]}\n{refused['out']}"
+        assert "refuses round" not in log, log[-3000:]  # refused before the site even looked at the round
+    assert not (Path(str(deployment["work"])) / "altered-code-ran").exists()  # the altered FAB's code never ran
+    # the coordinator's ServerApp ran its round and recorded every site as failed, none as answered
+    assert refused["runs"] == [[(0, len(SITES))]], refused["out"]
+
+
+def test_refused_apps_leave_the_sites_ledgers_and_heads_untouched(deployment: dict[str, object]) -> None:
+    work = Path(str(deployment["work"]))
+    for site in SITES:
+        # the signed run's head and two sessions only: nothing was loaded, charged or trained for a refused app
+        assert len(list((work / "state" / site / "runs").iterdir())) == 1
+        with PrivacyLedger(work / "state" / site / "ledger.sqlite", create=False) as ledger:
+            assert [s.round for s in ledger.sessions(site)] == [1, 2]
 
 
 def test_every_process_started_is_stopped(deployment: dict[str, object]) -> None:
