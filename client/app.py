@@ -6,9 +6,12 @@ messages per round (key set-up, share exchange, unmasking) are answered by the m
 training, so they need neither (about 2 s of imports each on a small CPU).
 
 Flower's compatibility API (``NumPyClient`` + ``ClientApp(client_fn, mods)``) is used because
-SecAgg+ (``secaggplus_mod``) exists only there in Flower 1.42. The mod masks the site's
-weighted encoder update; the reply metrics (status, examples, privacy spend) travel in the
-clear, the margin head never travels.
+SecAgg+ (``secaggplus_mod``) exists only there in Flower 1.42. The site's mod
+(:func:`site_mod`) runs SecAgg+ for the requests that carry it and tells the site, in keys the
+server cannot set (``wire.LOCAL_*``), whether the training request came through SecAgg+ and
+how many sites' masks are tied to its update; the site's policy decides from that
+(:mod:`fedface.client.policy`). SecAgg+ masks the site's weighted encoder update; the reply
+metrics in ``wire.CLEAR_REPLY_KEYS`` travel in the clear, the margin head never travels.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common import Context, Message, MessageType
 
 from fedface.client.trust import trusted_app_mod
@@ -56,6 +59,9 @@ class SiteClient(NumPyClient):
             local_epochs=int(config[wire.CFG_LOCAL_EPOCHS]),
             lr=float(config[wire.CFG_LR]),
             proximal_mu=float(config.get(wire.CFG_PROXIMAL_MU, 0.0)),
+            # set by site_mod from what it saw, never by the server (it drops such keys first)
+            secagg=bool(config.get(wire.LOCAL_SECAGG, False)),
+            peers=int(config[wire.LOCAL_PEERS]) if wire.LOCAL_PEERS in config else None,
         )
         return result.weights, result.examples, result.metrics
 
@@ -64,30 +70,43 @@ class SiteClient(NumPyClient):
         return 0.0, 0, {}
 
 
-def _route_secagg(msg: Message, ctxt: Context, call_next: Any, required: Callable[[], bool]) -> Message:
-    if msg.metadata.message_type == MessageType.TRAIN:
-        if RECORD_KEY_CONFIGS in msg.content.config_records:
-            return secaggplus_mod(msg, ctxt, call_next)
-        if required():
-            raise RuntimeError("this run's scenario requires SecAgg+, but the training request came without it")
+FIT_CONFIG = "fitins.config"  # where Flower's compatibility layer keeps a FitIns' config
+
+
+def _mark_request(msg: Message, *, secagg: bool, peers: int | None) -> None:
+    """Write what this site saw of a training request into its fit config, after dropping any
+    ``wire.LOCAL_*`` key the server may have put there."""
+    config = msg.content.config_records.get(FIT_CONFIG)
+    if config is None:
+        return
+    for key in [k for k in config if k.startswith(wire.LOCAL_PREFIX)]:
+        del config[key]
+    config[wire.LOCAL_SECAGG] = secagg
+    if peers is not None:
+        config[wire.LOCAL_PEERS] = peers
+
+
+def site_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """The site's mod: SecAgg+ (Flower's ``secaggplus_mod``) for the training messages that
+    carry its protocol, plain training requests passed on as such; either way the site learns
+    how the request came (its policy refuses clear requests when it requires SecAgg+, and
+    masked ones with fewer peers than ``min-peers``).
+
+    The peers are counted at SecAgg+'s masked-vector stage: the sites whose encrypted key
+    shares reached this site (their pairwise masks are added to its update) and itself.
+    Flower's mod checks the stage order against the state it keeps, so a server cannot skip
+    the key exchange and claim peers.
+    """
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctxt)
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+        if configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+            sources = configs.get(Key.SOURCE_LIST) or []
+            _mark_request(msg, secagg=True, peers=len(sources) + 1)  # type: ignore[arg-type]
+        return secaggplus_mod(msg, ctxt, call_next)
+    _mark_request(msg, secagg=False, peers=None)
     return call_next(msg, ctxt)
-
-
-def secagg_mod(*, required: bool) -> Callable[[Message, Context, Any], Message]:
-    """A mod running SecAgg+ for the training messages that carry its protocol; with
-    ``required``, a training request without it is refused (the site never sends a clear
-    update its scenario promised to mask)."""
-
-    def mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
-        return _route_secagg(msg, ctxt, call_next, lambda: required)
-
-    return mod
-
-
-def secagg_policy_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
-    """:func:`secagg_mod` for ``flwr run`` nodes: SecAgg+ is required when the run's scenario
-    (its run config) says so."""
-    return _route_secagg(msg, ctxt, call_next, lambda: scenario_from_run_config(ctxt.run_config).federation.secagg)
 
 
 def _site_for_flwr_run(context: Context) -> Site:
@@ -109,29 +128,31 @@ def _site_for_flwr_run(context: Context) -> Site:
         from fedface.common.data import load_faces
 
         sc = SiteConfig.from_toml(site_config)
-        overrides: dict[str, Any] = {"privacy.dataset": sc.name}
-        if sc.budget_epsilon is not None:
-            overrides.update({"privacy.budget-epsilon": sc.budget_epsilon})
-        cfg = cfg.with_overrides(overrides)
+        # the site's own data set name and policy; the scenario's [site-policy] is the server's
+        # word and is ignored here
+        cfg = cfg.with_overrides({"privacy.dataset": sc.name})
         faces = load_faces(sc.data, layout=sc.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
-        return Site(sc.name, cfg, faces, sc.state_dir / "runs" / str(context.run_id), sc.ledger)
+        return Site(sc.name, cfg, faces, sc.state_dir / "runs" / str(context.run_id), sc.ledger, policy=sc.policy)
     run_dir = Path(str(context.run_config.get("run-dir") or "runs/flwr-run")).resolve()
     return partition_site(cfg, json.dumps(cfg.to_toml_dict(), sort_keys=True), int(context.node_config["partition-id"]), run_dir / "sites")
 
 
-def partition_site(cfg: TrainConfig, cfg_json: str, pid: int, sites_dir: Path) -> Site:
+def partition_site(cfg: TrainConfig, cfg_json: str, pid: int, sites_dir: Path, *, ledgers_dir: Path | None = None) -> Site:
     """Site number ``pid`` of a federation on shared data (a simulation, a test federation):
     its faces are its share of the scenario's partition (``cfg_json``, computed once per
-    process), its head and ledger live under ``<sites_dir>/<site>/``."""
+    process), its head lives under ``<sites_dir>/<site>/``, its ledger and receipt key under
+    ``<ledgers_dir>/<site>/`` (default: beside the head), and its policy is the scenario's
+    ``[site-policy]``."""
     from fedface.client.site import Site
     from fedface.common.federated import cached_federation_data, site_name
 
     name = site_name(pid)
-    return Site(name, cfg, cached_federation_data(cfg_json).site_faces(pid), sites_dir / name, sites_dir / name / "ledger.sqlite")
+    ledger = (ledgers_dir if ledgers_dir is not None else sites_dir) / name / "ledger.sqlite"
+    return Site(name, cfg, cached_federation_data(cfg_json).site_faces(pid), sites_dir / name, ledger)
 
 
 #: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml). A deployed
 #: site first checks that a publisher it trusts signed the run (:mod:`fedface.client.trust`).
-app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[trusted_app_mod, secagg_policy_mod])
+app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[trusted_app_mod, site_mod])
 
-__all__ = ["SiteClient", "app", "partition_site", "secagg_mod", "secagg_policy_mod"]
+__all__ = ["FIT_CONFIG", "SiteClient", "app", "partition_site", "site_mod"]

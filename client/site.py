@@ -3,17 +3,23 @@ local training.
 
 A round at a site (:meth:`Site.train_round`):
 
+0. check the request against the site's own policy (:mod:`fedface.client.policy`: SecAgg+
+   required, enough peers, private, delta, epsilon per run); a request asking for more
+   privacy loss than the policy allows is refused with a named reason, and nothing is trained
+   or charged;
 1. with privacy on, plan the site's DP-SGD for the *whole planned run* (Poisson sample rate
    ``q = batch / n``, local steps per round, noise calibrated so that all planned rounds
    together spend ``privacy.epsilon``; recomputed each round from the run's rounds already in
    the ledger, which gives the same noise unless the plan changed), then **charge this round to
-   the ledger before training**; a round that would pass the data set's budget is refused ("budget exhausted")
-   with the remaining budget, and nothing is trained or sent;
+   the ledger before training**; a round that would pass the data set's lifetime budget (the
+   policy's ``budget-epsilon``; every run's spend counts against it) is refused ("budget
+   exhausted") with the remaining budget, and nothing is trained or sent;
 2. load the global encoder weights and the site's own margin head (kept on disk in the
    site's state directory, so it survives rounds and restarts; it never leaves the site);
 3. train encoder and head for the configured local epochs (DP-SGD or plain), with FedProx's
    proximal term when asked (added after the noise: it does not depend on the data);
-4. save the head atomically and return the encoder weights only.
+4. save the head atomically and return the encoder weights only, with the round's signed
+   ledger receipt (:mod:`fedface.common.privacy.receipts`; the key lives beside the ledger).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import torch
 from torch import nn
 
 from fedface.common import wire
-from fedface.common.config import TrainConfig
+from fedface.client.policy import PolicyRefusal, RoundRequest, check_request, check_run_epsilon
+from fedface.common.config import SitePolicyConfig, TrainConfig
 from fedface.common.data import FaceSet, to_tensor
 from fedface.common.data.transforms import AugmentConfig
 from fedface.common.errors import BudgetExhaustedError
@@ -40,6 +47,7 @@ from fedface.common.privacy.accounting import Mechanism, calibrate_noise, comput
 from fedface.common.privacy.dpsgd import make_dp_optimizer, poisson_batches, secure_seed, train_epoch_dp
 from fedface.common.privacy.ledger import PrivacyLedger
 from fedface.common.privacy.per_sample import to_per_sample
+from fedface.common.privacy.receipts import ReceiptKey, issue_receipt, receipt_key
 from fedface.common.training import select_device, shuffled_batches, train_epoch
 
 logger = logging.getLogger(__name__)
@@ -69,11 +77,18 @@ class Site:
         Where the site keeps its head (``head.pt``) across rounds and restarts.
     ledger_path
         The site's privacy ledger (privacy on).
+    policy
+        The site's own privacy policy (default: the scenario's ``[site-policy]``, for
+        simulated sites; a deployed site passes the ``[policy]`` of its own ``site.toml``).
     """
 
-    def __init__(self, name: str, cfg: TrainConfig, faces: FaceSet, state_dir: Path, ledger_path: Path) -> None:
+    def __init__(
+        self, name: str, cfg: TrainConfig, faces: FaceSet, state_dir: Path, ledger_path: Path, policy: SitePolicyConfig | None = None
+    ) -> None:
         self.name = name
         self.cfg = cfg
+        self.policy = policy if policy is not None else cfg.site_policy
+        self._key: ReceiptKey | None = None
         self.faces = faces.relabel()
         self.state_dir = Path(state_dir)
         self.ledger_path = Path(ledger_path)
@@ -96,6 +111,7 @@ class Site:
         so the run still ends within its epsilon.
         """
         pc = self.cfg.privacy
+        accountant = self.policy.accountant  # the site's own, whatever the scenario names
         n = self.examples
         expected = min(self.cfg.training.batch_size, n)
         q = expected / n
@@ -103,7 +119,7 @@ class Site:
         if pc.noise_multiplier is not None:
             sigma = pc.noise_multiplier
         elif prior and compute_epsilon(
-            [*prior, (prior[-1][0], q, rounds * steps)], delta=pc.delta, accountant=pc.accountant
+            [*prior, (prior[-1][0], q, rounds * steps)], delta=pc.delta, accountant=accountant
         ) <= pc.epsilon:  # type: ignore[operator]
             sigma = prior[-1][0]  # the plan of the run's latest round still fits: keep its noise
         else:
@@ -113,7 +129,7 @@ class Site:
                 delta=pc.delta,
                 sample_rate=q,
                 steps=rounds * steps,
-                accountant=pc.accountant,
+                accountant=accountant,
                 prior=prior,
             )
         return Mechanism(
@@ -122,7 +138,7 @@ class Site:
             steps=steps,
             max_grad_norm=pc.max_grad_norm,
             delta=pc.delta,
-            accountant=pc.accountant,
+            accountant=accountant,
             secure_mode=pc.secure_mode,
         )
 
@@ -152,40 +168,78 @@ class Site:
         local_epochs: int,
         lr: float,
         proximal_mu: float = 0.0,
+        secagg: bool = False,
+        peers: int | None = None,
     ) -> RoundResult:
-        """Train one round from the global ``weights``; see the module docstring."""
+        """Train one round from the global ``weights``; see the module docstring.
+
+        ``secagg`` and ``peers`` are what the site's own mod saw of the request
+        (:class:`~fedface.client.policy.RoundRequest`); the request is checked against the
+        site's policy first, and refused with a named reason before anything is trained or
+        charged when it asks for more privacy loss than the policy allows.
+        """
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {wire.M_SITE: self.name, wire.M_EXAMPLES: self.examples}
+        pc = self.cfg.privacy
+        request = RoundRequest(
+            private=pc.enabled,
+            epsilon=pc.epsilon if pc.enabled and pc.noise_multiplier is None else None,
+            delta=pc.delta,
+            secagg=secagg,
+            peers=peers,
+        )
+        try:
+            check_request(self.policy, request)
+        except PolicyRefusal as exc:
+            return self._refuse(weights, metrics, exc.reason, str(exc), round_)
         mech: Mechanism | None = None
-        if self.cfg.privacy.enabled:
+        if pc.enabled:
             with PrivacyLedger(self.ledger_path) as ledger:
                 ledger.verify()
-                pc = self.cfg.privacy
-                if pc.budget_epsilon is not None and ledger.budget(self.dataset) is None:
-                    ledger.set_budget(self.dataset, epsilon=pc.budget_epsilon, delta=pc.delta, accountant=pc.accountant)
+                self._apply_budget(ledger)
                 prior = [x.mechanism.history_entry() for x in ledger.sessions(self.dataset) if x.run_id == run_id]
                 try:
-                    remaining = rounds - round_ + 1
-                    if remaining < 1:
+                    left = rounds - round_ + 1
+                    if left < 1:
                         raise BudgetExhaustedError(f"budget exhausted: round {round_} is past the run's {rounds} planned rounds")
                     try:
-                        mech = self.mechanism(rounds=remaining, local_epochs=local_epochs, prior=prior)
+                        mech = self.mechanism(rounds=left, local_epochs=local_epochs, prior=prior)
                     except ValueError as exc:  # the run's own epsilon is spent (e.g. rounds repeated)
                         raise BudgetExhaustedError(f"budget exhausted for this run: {exc}") from None
+                    # the whole run as planned now (its rounds so far and the ones left at this noise)
+                    planned = compute_epsilon(
+                        [*prior, (mech.noise_multiplier, mech.sample_rate, left * mech.steps)],
+                        delta=mech.delta, accountant=mech.accountant,
+                    )
+                    check_run_epsilon(self.policy, planned)
                     session = ledger.charge(self.dataset, mech, run_id=run_id, round=round_, examples=self.examples)
+                except PolicyRefusal as exc:
+                    return self._refuse(weights, metrics, exc.reason, str(exc), round_)
                 except BudgetExhaustedError as exc:
                     spend = ledger.spend(self.dataset)
-                    logger.warning("site %s refuses round %d: %s", self.name, round_, exc)
                     metrics.update(self._spend_metrics(spend.epsilon, spend.delta, spend.accountant, spend.budget, spend.remaining))
-                    metrics.update({wire.M_STATUS: wire.REFUSED, wire.M_REASON: wire.REASON_BUDGET, wire.M_TRAIN_S: 0.0})
-                    return RoundResult(weights=weights, examples=0, metrics=metrics)
+                    return self._refuse(weights, metrics, wire.REASON_BUDGET, str(exc), round_)
                 budget = ledger.budget(self.dataset)
+                # the signed receipt of this charge travels with the reply; the server keeps it,
+                # so a ledger later rolled back behind it is caught (fedface privacy verify)
+                receipt = issue_receipt(ledger, session, self._receipt_key())
+            run_epsilon = compute_epsilon([*prior, mech.history_entry()], delta=mech.delta, accountant=mech.accountant)
             # the charge already composed the whole history: no second composition for the reply
             remaining = max(0.0, budget.epsilon - session.epsilon_after) if budget is not None else None
             metrics.update(
                 self._spend_metrics(session.epsilon_after, session.epsilon_delta, session.epsilon_accountant, budget, remaining)
             )
-            metrics.update({wire.M_NOISE: mech.noise_multiplier, wire.M_SAMPLE_RATE: mech.sample_rate, wire.M_STEPS: mech.steps})
+            metrics.update(
+                {
+                    wire.M_RUN_EPSILON: run_epsilon,
+                    wire.M_RECEIPT: receipt.to_json(),
+                    wire.M_NOISE: mech.noise_multiplier,
+                    wire.M_SAMPLE_RATE: mech.sample_rate,
+                    wire.M_STEPS: mech.steps,
+                }
+            )
+        else:
+            logger.warning("site %s trains round %d without DP-SGD: its policy allows non-private rounds", self.name, round_)
 
         torch.manual_seed(self.cfg.training.seed + round_)
         encoder = build_encoder(self.cfg.model, image_size=self.cfg.data.image_size)
@@ -241,8 +295,33 @@ class Site:
                 )
                 losses.append(stats.loss)
         self._save_head(head)
-        metrics.update({wire.M_STATUS: wire.ANSWERED, wire.M_LOSS: float(np.mean(losses)), wire.M_TRAIN_S: time.perf_counter() - t0})
+        # the loss stays here: it is computed from the private images without noise (common/wire.py)
+        logger.info("site %s round %d: mean training loss %.4f", self.name, round_, float(np.mean(losses)))
+        metrics.update({wire.M_STATUS: wire.ANSWERED, wire.M_TRAIN_S: time.perf_counter() - t0})
         return RoundResult(weights=encoder_weights(encoder), examples=self.examples, metrics=metrics)
+
+    def _refuse(self, weights: list[np.ndarray], metrics: dict[str, Any], reason: str, detail: str, round_: int) -> RoundResult:
+        """A refusal: nothing trained or charged; the weights go back unchanged with weight 0."""
+        logger.warning("site %s refuses round %d: %s", self.name, round_, detail)
+        metrics.update({wire.M_STATUS: wire.REFUSED, wire.M_REASON: reason, wire.M_TRAIN_S: 0.0})
+        return RoundResult(weights=weights, examples=0, metrics=metrics)
+
+    def _receipt_key(self) -> ReceiptKey:
+        """The site's receipt key, beside its ledger (created with the first receipt)."""
+        if self._key is None:
+            self._key = receipt_key(self.ledger_path.parent)
+        return self._key
+
+    def _apply_budget(self, ledger: PrivacyLedger) -> None:
+        """Record the policy's lifetime budget in the ledger when the ledger has none or a
+        larger one (the site enforces the smaller of the two; a budget set in the ledger by
+        `fedface privacy budget` stays when it is the smaller)."""
+        cap = self.policy.budget_epsilon
+        if cap is None:
+            return
+        current = ledger.budget(self.dataset)
+        if current is None or current.epsilon > cap or current.delta > self.policy.delta:
+            ledger.set_budget(self.dataset, epsilon=cap, delta=self.policy.delta, accountant=self.policy.accountant)
 
     @staticmethod
     def _spend_metrics(epsilon: float, delta: float | None, accountant: str, budget: Any, remaining: float | None) -> dict[str, Any]:

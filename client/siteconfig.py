@@ -1,8 +1,11 @@
 """A deployed site's own configuration (`fedface site --config site.toml`).
 
-It names the site, its own face directory and its state directory. The state directory keeps
-the privacy ledger across every run the site joins, and each run's margin head under
-``runs/<run-id>/``. It may also set the site's budget. Everything else comes from the run's
+It names the site, its own face directory and its state directory, and holds the site's
+**privacy policy** (``[policy]``, :class:`~fedface.common.config.SitePolicyConfig`), which the
+site enforces before it trains or charges anything: the server may ask for less privacy loss,
+never more (:mod:`fedface.client.policy`). The state directory keeps the privacy ledger across
+every run the site joins, and each run's margin head under ``runs/<run-id>/``. Everything else
+(the model, the training recipe, how much privacy the run asks for) comes from the run's
 scenario, which the server sends. The file stays at the site.
 
 ```toml
@@ -10,7 +13,14 @@ name = "hospital-a"
 data = "/data/faces"                 # ImageFolder, ORL, Yale or Extended Yale B layout
 state-dir = "/var/lib/fedface"       # ledger.sqlite and runs/<run-id>/head.pt
 trusted-publishers = ["publisher.pub"]  # run only apps these publisher keys signed (docs/deployment.md)
-budget-epsilon = 10.0                # optional: the site's budget over all runs (at the run's delta)
+
+[policy]
+budget-epsilon = 10.0                # required: the lifetime budget over every run (at delta)
+delta = 1e-5                         # the largest delta the site accepts
+epsilon-per-run = 8.0                # optional: the most one run may spend
+require-secagg = true                # default: updates leave only through SecAgg+
+min-peers = 3                        # default: fewest sites (this one included) in a masked sum
+allow-non-private = false            # default: never train without DP-SGD
 ```
 """
 
@@ -21,7 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedface.common.config import format_validation_error
+from fedface.common.config import SitePolicyConfig, format_validation_error
 from fedface.common.errors import ConfigError
 
 
@@ -30,7 +40,7 @@ def _kebab(name: str) -> str:
 
 
 class SiteConfig(BaseModel):
-    """A site's name, data and state, and its optional privacy budget."""
+    """A site's name, data and state, and its privacy policy."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=_kebab, populate_by_name=True)
 
@@ -38,7 +48,7 @@ class SiteConfig(BaseModel):
     data: Path = Field(description="the site's own face directory")
     layout: str = "auto"
     state_dir: Path = Field(description="ledger and heads; keep it, and back it up")
-    budget_epsilon: float | None = Field(default=None, gt=0, description="the site's budget over all runs (set once in the ledger)")
+    policy: SitePolicyConfig = Field(description="the site's privacy policy; budget-epsilon is required")
     trusted_publishers: tuple[Path, ...] = Field(default=(), description="publisher public keys (.pub): the site runs only apps they signed")
 
     @property
@@ -56,6 +66,13 @@ class SiteConfig(BaseModel):
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"site config {p} is not valid TOML: {exc}") from None
+        if "budget-epsilon" in raw:
+            raise ConfigError(f"site config {p}: budget-epsilon now lives in the [policy] table; move it there")
+        if not isinstance(raw.get("policy"), dict) or raw["policy"].get("budget-epsilon") is None:
+            raise ConfigError(
+                f"site config {p} sets no lifetime privacy budget: a deployed site must set budget-epsilon in its "
+                "[policy] table (e.g. budget-epsilon = 10.0)"
+            )
         try:
             cfg = cls.model_validate(raw)
         except ValidationError as exc:

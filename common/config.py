@@ -235,6 +235,9 @@ class FederationConfig(_Section):
     num_shares: int = Field(default=0, ge=0, description="SecAgg+ shares per site (0: all sampled sites, at most 10; else odd, above 2)")
     reconstruction_threshold: int = Field(default=0, ge=0, description="SecAgg+ shares needed to unmask (0: two thirds of the shares; else less than num-shares)")
     seed: int = Field(default=0, ge=0, description="seed of the partition and of site sampling")
+    min_sites_per_aggregate: int = Field(
+        default=3, ge=1, description="fewest site updates one aggregate may sum: a round with fewer is aborted before unmasking"
+    )
 
     @model_validator(mode="after")
     def _check_secagg(self) -> FederationConfig:
@@ -255,6 +258,41 @@ class FederationConfig(_Section):
         return self
 
 
+class SitePolicyConfig(_Section):
+    """A site's own privacy policy, enforced by the site before it trains or charges anything
+    (``fedface.client.policy``; docs/privacy.md). The server may ask for less privacy loss than
+    the policy allows, never more.
+
+    A deployed site sets it in its own ``site.toml`` (``[policy]``; a lifetime budget is
+    mandatory there) and ignores any policy in the scenario the server sends; simulated sites
+    take the scenario's ``[site-policy]`` (no lifetime budget unless set: their spend is
+    tracked and reported, not capped).
+    """
+
+    budget_epsilon: float | None = Field(
+        default=None, gt=0, description="the site's lifetime budget per data set, over every run it joins (at delta)"
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="the largest delta the site accepts; its budget is accounted at it")
+    accountant: Literal["rdp", "prv"] = Field(default="rdp", description="how the site composes its spend (it ignores the server's)")
+    epsilon_per_run: float | None = Field(default=None, gt=0, description="the most one run may spend (none: only the lifetime budget caps it)")
+    require_secagg: bool = Field(default=True, description="refuse any training request that does not come through SecAgg+")
+    min_peers: int = Field(
+        default=3, ge=1, description="fewest sites (this one included) whose updates SecAgg+ may sum with this site's"
+    )
+    allow_non_private: bool = Field(default=False, description="train without DP-SGD when the server asks (nothing is charged)")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> SitePolicyConfig:
+        for name, value in (("budget-epsilon", self.budget_epsilon), ("epsilon-per-run", self.epsilon_per_run)):
+            if value is not None and value == float("inf"):
+                raise ValueError(f"{name} must be finite (leave it out for no cap)")
+        if self.budget_epsilon is not None and self.epsilon_per_run is not None and self.epsilon_per_run > self.budget_epsilon:
+            raise ValueError(
+                f"epsilon-per-run ({self.epsilon_per_run:g}) cannot exceed budget-epsilon ({self.budget_epsilon:g})"
+            )
+        return self
+
+
 class TrainConfig(_Section):
     """Everything `fedface train` needs; the resolved form is saved in each run directory."""
 
@@ -267,6 +305,7 @@ class TrainConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    site_policy: SitePolicyConfig = SitePolicyConfig()
 
     def to_toml_dict(self) -> dict[str, Any]:
         """Kebab-case, TOML-serialisable form of every section."""
@@ -348,6 +387,7 @@ __all__ = [
     "HeadConfig",
     "ModelConfig",
     "PrivacyConfig",
+    "SitePolicyConfig",
     "SplitConfig",
     "TrainConfig",
     "TrainingConfig",

@@ -3,9 +3,15 @@ of a site's reply metrics, and the statuses a site answers with. Defined once, h
 ``fedface.server`` and ``fedface.client`` (which never import each other) agree.
 
 A site's reply carries its encoder weights (through SecAgg+ when enabled: the server sees only
-their masked sum) and, in the clear, the metrics below: its status, how many examples it
-trained on, and its privacy spend as its ledger computed it. The class centres (the margin
-head) and the images never leave the site.
+their masked sum) and, in the clear, only the metrics in :data:`CLEAR_REPLY_KEYS`: its name
+and status (and a refusal's reason), how many examples it trained on, its local training
+time, its privacy spend as its ledger computed it, the DP-SGD parameters of the round and the
+signed ledger receipt. Each is justified in docs/threat-model.md ("What a reply carries in the
+clear"); none is computed from the images except through the DP mechanism's parameters and
+the count of examples. The training loss is *not* sent: it is computed from the private
+images without noise. The class centres (the margin head) and the images never leave the
+site. ``tests/integration/test_wire_audit.py`` records every message a site sends in a real
+SecAgg+ round and fails on any clear value outside this list.
 """
 
 from __future__ import annotations
@@ -20,13 +26,17 @@ CFG_LOCAL_EPOCHS: Final = "fedface.local-epochs"
 CFG_LR: Final = "fedface.lr"
 CFG_PROXIMAL_MU: Final = "fedface.proximal-mu"
 
+# --- facts a site's own mod adds to a training request (never taken from the server) ------------
+LOCAL_PREFIX: Final = "fedface.local."  # any incoming key with this prefix is dropped first
+LOCAL_SECAGG: Final = "fedface.local.secagg"  # True: the request came through SecAgg+'s stages
+LOCAL_PEERS: Final = "fedface.local.peers"  # sites whose masks are tied to this one's (itself included)
+
 # --- reply metrics: site -> server --------------------------------------------------------------
 M_SITE: Final = "site"
 M_STATUS: Final = "status"
 M_REASON: Final = "reason"
 M_EXAMPLES: Final = "examples"
 M_TRAIN_S: Final = "train_s"
-M_LOSS: Final = "loss"
 M_EPSILON: Final = "epsilon"  # the site's data set's total spend after this round (ledger)
 M_DELTA: Final = "delta"
 M_ACCOUNTANT: Final = "accountant"
@@ -35,6 +45,16 @@ M_REMAINING: Final = "remaining"
 M_NOISE: Final = "noise_multiplier"
 M_SAMPLE_RATE: Final = "sample_rate"
 M_STEPS: Final = "steps"
+M_RUN_EPSILON: Final = "run_epsilon"  # this run's own spend at the site after this round
+M_RECEIPT: Final = "receipt"  # the signed ledger receipt of this round's charge (JSON text)
+
+#: Every metric a site's reply may carry in the clear (docs/threat-model.md justifies each).
+CLEAR_REPLY_KEYS: Final = frozenset(
+    {
+        M_SITE, M_STATUS, M_REASON, M_EXAMPLES, M_TRAIN_S, M_EPSILON, M_DELTA, M_ACCOUNTANT, M_BUDGET,
+        M_REMAINING, M_NOISE, M_SAMPLE_RATE, M_STEPS, M_RUN_EPSILON, M_RECEIPT,
+    }
+)
 
 # --- statuses ------------------------------------------------------------------------------------
 Status = Literal["answered", "refused", "failed"]
@@ -42,6 +62,14 @@ ANSWERED: Final = "answered"
 REFUSED: Final = "refused"
 FAILED: Final = "failed"
 REASON_BUDGET: Final = "budget exhausted"
+# a site's policy (fedface.client.policy) refuses a request outside it with one of these
+REASON_SECAGG: Final = "policy: secagg required"
+REASON_NON_PRIVATE: Final = "policy: non-private round"
+REASON_EPSILON_PER_RUN: Final = "policy: epsilon-per-run"
+REASON_DELTA: Final = "policy: delta"
+REASON_PEERS: Final = "policy: too few peers"
+#: Reasons after which a site will refuse every later round of the same run: not asked again.
+FINAL_REASONS: Final = frozenset({REASON_BUDGET, REASON_SECAGG, REASON_NON_PRIVATE, REASON_EPSILON_PER_RUN, REASON_DELTA})
 
 __all__ = [
     "ANSWERED",
@@ -51,22 +79,33 @@ __all__ = [
     "CFG_ROUND",
     "CFG_ROUNDS",
     "CFG_RUN_ID",
+    "CLEAR_REPLY_KEYS",
     "FAILED",
+    "FINAL_REASONS",
+    "LOCAL_PEERS",
+    "LOCAL_PREFIX",
+    "LOCAL_SECAGG",
     "M_ACCOUNTANT",
     "M_BUDGET",
     "M_DELTA",
     "M_EPSILON",
     "M_EXAMPLES",
-    "M_LOSS",
     "M_NOISE",
     "M_REASON",
+    "M_RECEIPT",
     "M_REMAINING",
+    "M_RUN_EPSILON",
     "M_SAMPLE_RATE",
     "M_SITE",
     "M_STATUS",
     "M_STEPS",
     "M_TRAIN_S",
     "REASON_BUDGET",
+    "REASON_DELTA",
+    "REASON_EPSILON_PER_RUN",
+    "REASON_NON_PRIVATE",
+    "REASON_PEERS",
+    "REASON_SECAGG",
     "REFUSED",
     "Status",
 ]

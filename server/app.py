@@ -7,7 +7,10 @@ Each round (Flower's compatibility workflow, the only one with SecAgg+ in Flower
 2. with ``federation.secagg`` (default) the updates travel through Flower's SecAgg+ workflow:
    the server unmasks only their weighted sum; each site's reply metrics (status, examples,
    privacy spend) come in the clear;
-3. average (FedAvg weighted by examples; FedAdam as an option; FedProx's proximal term is
+3. unless at least ``federation.min-sites-per-aggregate`` sites' updates would enter the sum,
+   abort the round before unmasking (SecAgg+: :class:`GuardedSecAggPlus`) or before averaging
+   (clear rounds), and record why: the sum of fewer updates shows too much of each;
+4. average (FedAvg weighted by examples; FedAdam as an option; FedProx's proximal term is
    applied at the sites), evaluate the new global encoder on the held-out identities
    (verification accuracy, AUC, TAR@FAR), checkpoint it, and write the round to the run store
    (who was asked, who answered, refused or failed and why, metrics, reported spend, timing).
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +61,21 @@ class _RoundLog:
     participation: list[Participation] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     collected: bool = False  # the strategy received the round's results (aggregate_fit ran)
+    run_epsilon: dict[str, float] = field(default_factory=dict)  # each site's spend in this run so far
+    receipts: dict[str, str] = field(default_factory=dict)  # each site's signed ledger receipt (JSON)
 
 
 SIMULATION_PULL_INTERVAL_S = 0.01
 
 ROUND_ABORTED = "round aborted before aggregation: a secure-aggregation stage lost too many sites (run with -v for Flower's log)"
+
+
+def too_few_reason(updates: int, needed: int) -> str:
+    """Why a round with too few updates to sum was aborted (recorded for each site that trained)."""
+    return (
+        f"round aborted before aggregation: only {updates} site update(s) would enter the sum, "
+        f"fewer than min-sites-per-aggregate {needed}"
+    )
 
 
 class FedFaceRounds:
@@ -127,8 +141,12 @@ class FedFaceRounds:
             site = str(m.get(wire.M_SITE, self.site_name(proxy.cid)))
             self.names[proxy.cid] = site
             status = str(m.get(wire.M_STATUS, wire.ANSWERED))
-            if status == wire.REFUSED and m.get(wire.M_REASON) == wire.REASON_BUDGET:
-                self.exhausted.add(proxy.cid)
+            if status == wire.REFUSED and m.get(wire.M_REASON) in wire.FINAL_REASONS:
+                self.exhausted.add(proxy.cid)  # it would refuse every later round of this run too
+            if wire.M_RUN_EPSILON in m:
+                log.run_epsilon[site] = float(m[wire.M_RUN_EPSILON])  # type: ignore[arg-type]
+            if wire.M_RECEIPT in m:
+                log.receipts[site] = str(m[wire.M_RECEIPT])
             if status == wire.ANSWERED:
                 total += int(res.num_examples)
             log.participation.append(
@@ -154,6 +172,17 @@ class FedFaceRounds:
                 # Flower does not say which site an exception came from: counted, not attributed
                 log.failures.append(f"{type(failure).__name__}: {failure}"[:500])
         return total
+
+    def abort(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any], reason: str) -> None:
+        """Record a round aborted before aggregation: each site that trained is recorded as
+        failed with ``reason`` (its spend as reported; its update was never unmasked), the
+        others as they answered."""
+        self.collect(server_round, results, failures)
+        log = self.rounds[server_round]
+        log.participation = [
+            replace(p, status="failed", reason=reason) if p.status == wire.ANSWERED else p for p in log.participation
+        ]
+        logger.warning("round %d: %s; the global encoder is unchanged", self.first_round - 1 + server_round, reason)
 
     def site_name(self, cid: str) -> str:
         """The name a node reported, or ``node-<id>`` before it has answered."""
@@ -203,6 +232,7 @@ class FedFaceRounds:
             participation=log.participation,
             metrics=out,
             checkpoint=str(ckpt_path),
+            receipts=log.receipts,
         )
         row = {
             "round": number,
@@ -211,8 +241,13 @@ class FedFaceRounds:
             "refused": sum(p.status == "refused" for p in log.participation),
             "failed": sum(p.status == "failed" for p in log.participation) + len(log.failures),
             "sampled": len(log.sampled),
-            "max_epsilon": max((p.epsilon for p in log.participation if p.epsilon is not None), default=None),
+            # the run's own spend (largest over the sites) and the largest lifetime spend of a
+            # site's data set (every run it joined), as the sites' ledgers composed them
+            "max_epsilon": max(log.run_epsilon.values(), default=None),
+            "max_lifetime_epsilon": max((p.epsilon for p in log.participation if p.epsilon is not None), default=None),
             "secagg": self.secagg_rounds.get(server_round, self.cfg.federation.secagg),
+            # why sites refused or failed this round, with how many sites gave each reason
+            "reasons": dict(Counter(p.reason for p in log.participation if p.reason)),
             **out,
         }
         self.history.append(row)
@@ -236,8 +271,12 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
             return rounds.filter_sampled(server_round, pairs)
 
         def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
-            total = rounds.collect(server_round, results, failures)
             answered = [(c, r) for c, r in results if r.num_examples > 0]
+            if answered and len(answered) < fc.min_sites_per_aggregate:
+                # a clear round (SecAgg+ rounds stop before unmasking: GuardedSecAggPlus)
+                rounds.abort(server_round, results, failures, too_few_reason(len(answered), fc.min_sites_per_aggregate))
+                return None, {}
+            total = rounds.collect(server_round, results, failures)
             if total == 0 or not answered:
                 logger.warning("round %d: no site trained (all refused or failed); the global encoder is unchanged", server_round)
                 return None, {}
@@ -261,7 +300,30 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
     return Strategy(**kwargs)
 
 
-def secagg_workflow(cfg: TrainConfig, sampled: int) -> SecAggPlusWorkflow:
+class GuardedSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow that stops before unmasking when fewer than
+    ``federation.min-sites-per-aggregate`` of the masked vectors carry an update (sites that
+    refused send zeros with weight 0): the unmasked sum of one or two updates shows too much of
+    each. The round is recorded as aborted (:meth:`FedFaceRounds.abort`)."""
+
+    def __init__(self, rounds: FedFaceRounds, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fedface_rounds = rounds
+
+    def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        if not super().collect_masked_vectors_stage(grid, context, state):
+            return False
+        needed = self.fedface_rounds.cfg.federation.min_sites_per_aggregate
+        updates = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
+        if 0 < updates < needed:
+            server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+            self.fedface_rounds.abort(server_round, state.legacy_results, state.failures, too_few_reason(updates, needed))
+            del state.aggregate_ndarrays  # never unmasked
+            return False
+        return True
+
+
+def secagg_workflow(cfg: TrainConfig, sampled: int, rounds: FedFaceRounds | None = None) -> SecAggPlusWorkflow:
     """SecAgg+ for about ``sampled`` sites per round.
 
     Defaults are fractions, so they follow the sites actually asked in each round (fewer when
@@ -274,7 +336,9 @@ def secagg_workflow(cfg: TrainConfig, sampled: int) -> SecAggPlusWorkflow:
     # (the config has checked fixed values: odd num-shares above 2, threshold below it)
     shares: int | float = fc.num_shares if fc.num_shares else min(1.0, 10 / max(1, sampled))
     threshold: int | float = fc.reconstruction_threshold if fc.reconstruction_threshold else 2 / 3
-    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold)
+    if rounds is None:
+        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold)
+    return GuardedSecAggPlus(rounds, num_shares=shares, reconstruction_threshold=threshold)
 
 
 class AlternatingFit:
@@ -306,9 +370,9 @@ def run_rounds(grid: Any, context: Context, rounds: FedFaceRounds, initial: list
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.federation.rounds - rounds.first_round + 1), strategy=strategy)
     sampled = max(1, int(cfg.federation.sites * cfg.federation.fraction_fit))
     if alternate_secagg:
-        workflow = DefaultWorkflow(fit_workflow=AlternatingFit(rounds, secagg_workflow(cfg, sampled)))
+        workflow = DefaultWorkflow(fit_workflow=AlternatingFit(rounds, secagg_workflow(cfg, sampled, rounds)))
     elif cfg.federation.secagg:
-        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, sampled))
+        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, sampled, rounds))
     else:
         workflow = DefaultWorkflow()
     # When every site of a round refuses, SecAgg+'s unmasking divides by a total weight of 0;
@@ -316,6 +380,21 @@ def run_rounds(grid: Any, context: Context, rounds: FedFaceRounds, initial: list
     # warnings about it are noise.
     with np.errstate(divide="ignore", invalid="ignore"):
         workflow(grid, legacy)
+
+
+def run_outcome(history: list[dict[str, Any]], planned: int) -> tuple[str, str | None]:
+    """A finished run's status and error from its rounds: failed unless every planned round was
+    recorded and at least one aggregated an update (Flower finishes a run whose every site
+    refused or failed as if it had succeeded)."""
+    if len(history) != planned:
+        return "failed", f"{len(history)} of {planned} rounds completed: see the log above"
+    if all(r["answered"] == 0 for r in history):
+        reasons = Counter[str]()
+        for r in history:
+            reasons.update(r.get("reasons", {}))
+        why = "; ".join(f"{reason} ({n} site-rounds)" for reason, n in reasons.items()) or "no site answered"
+        return "failed", f"no round aggregated any site's update: {why}"
+    return "completed", None
 
 
 def make_server_app(rounds: FedFaceRounds, initial: list[np.ndarray], *, alternate_secagg: bool = False) -> ServerApp:
@@ -361,7 +440,7 @@ def _flwr_run_main(grid: Any, context: Context) -> None:
         status, error = "failed", None
         try:
             run_rounds(grid, context, rounds, initial)
-            status = "completed" if len(rounds.history) == cfg.federation.rounds else "failed"
+            status, error = run_outcome(rounds.history, cfg.federation.rounds)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise
@@ -369,4 +448,15 @@ def _flwr_run_main(grid: Any, context: Context) -> None:
             store.finish_run(run_id, status=status, error=error)  # type: ignore[arg-type]
 
 
-__all__ = ["AlternatingFit", "FedFaceRounds", "app", "make_server_app", "make_strategy", "run_rounds", "secagg_workflow"]
+__all__ = [
+    "AlternatingFit",
+    "FedFaceRounds",
+    "GuardedSecAggPlus",
+    "app",
+    "make_server_app",
+    "make_strategy",
+    "run_outcome",
+    "run_rounds",
+    "secagg_workflow",
+    "too_few_reason",
+]

@@ -49,6 +49,7 @@ from typing import Any, Literal, get_args
 from fedface.common.errors import ConfigError, RunDirError
 from fedface.common.sqlite_store import SQLiteStore
 from fedface.common.wire import Status
+from fedface.server import receipts as receipts_table
 
 RunStatus = Literal["running", "completed", "failed", "stopped"]
 ParticipationStatus = Status  # defined once, in fedface.common.wire
@@ -317,6 +318,13 @@ class RunStore(SQLiteStore):
     ERROR = RunDirError
     ELSEWHERE = "point the server at another run-store file"
 
+    def _init_schema(self) -> None:
+        super()._init_schema()
+        # the sites' ledger receipts (fedface.server.receipts): added to stores made before them too
+        if "receipts" not in self._tables():
+            with self._write() as conn:
+                receipts_table.ensure_schema(conn)
+
     # --- writing -------------------------------------------------------------------------------
 
     def start_run(
@@ -426,6 +434,7 @@ class RunStore(SQLiteStore):
         participation: Sequence[Participation],
         metrics: Mapping[str, float],
         checkpoint: str | Path | None = None,
+        receipts: Mapping[str, str] | None = None,
     ) -> None:
         """Record one finished round in one transaction: all of it or nothing.
 
@@ -448,6 +457,10 @@ class RunStore(SQLiteStore):
             The server's metrics for the round; NaN values are kept as NaN.
         checkpoint
             The checkpoint written after the round, if any (write it before recording).
+        receipts
+            Each site's signed ledger receipt of the round (JSON text), checked and kept by
+            :mod:`fedface.server.receipts`; a receipt that fails its checks is kept with the
+            problem found.
 
         Raises
         ------
@@ -511,6 +524,8 @@ class RunStore(SQLiteStore):
                 "INSERT INTO metrics (run_id, round, position, key, value) VALUES (?, ?, ?, ?, ?)",
                 [(run_id, int(round), i, key, None if math.isnan(v) else v) for i, (key, v) in enumerate(values)],
             )
+            if receipts:
+                receipts_table.insert(conn, run_id, int(round), receipts, _now())
 
     def finish_run(
         self, run_id: str, *, status: Literal["completed", "failed", "stopped"], error: str | None = None
@@ -673,6 +688,11 @@ class RunStore(SQLiteStore):
                 (run_id,),
             ).fetchall()
         return [(rnd, _participation(values)) for rnd, *values in rows]
+
+    def receipts(self, *, site: str | None = None, run_id: str | None = None) -> list[receipts_table.StoredReceipt]:
+        """The sites' ledger receipts in arrival order, of one site and/or one run (all runs by default)."""
+        with self._read() as conn:
+            return receipts_table.select(conn, site=site, run_id=run_id)
 
     def last_checkpoint(self, run_id: str) -> tuple[int, str] | None:
         """``(round, checkpoint)`` of the last round recorded with a checkpoint, or ``None``.

@@ -4,8 +4,12 @@
 people for the server's evaluation, partitions the others into identity-disjoint sites
 (:func:`~fedface.common.data.partition_sites`), and runs fedface's ServerApp and ClientApp on
 ``flwr.simulation.run_simulation`` with one virtual SuperNode per site. Every site keeps its
-head and its privacy ledger under ``<run>/sites/<site>/``; the server writes the run store
-``<run>/runs.sqlite``, a checkpoint per round under ``<run>/checkpoints/`` and ``metrics.json``.
+head under ``<run>/sites/<site>/`` and its privacy ledger in a **ledger directory that
+outlives runs** (:func:`ledger_dir_for`: ``--ledger-dir``, default ``$FEDFACE_LEDGER_DIR`` or
+``~/.fedface/ledgers``, one folder per data set and site partition), so a second simulation on
+the same faces continues the sites' lifetime spend, and ``--overwrite`` never deletes a
+ledger; the server writes the run store ``<run>/runs.sqlite``, a checkpoint per round under
+``<run>/checkpoints/`` and ``metrics.json``.
 
 Nothing leaves the machine: Flower's telemetry, update checks and runtime installs and Ray's
 usage statistics are switched off for the run, and Flower's home is inside the run directory.
@@ -15,6 +19,7 @@ Past one machine, the same App runs on a multi-machine Ray cluster (docs/simulat
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +47,9 @@ from fedface.simulations.engine import prompt_dispatch
 
 logger = logging.getLogger(__name__)
 
+LEDGER_DIR_ENV = "FEDFACE_LEDGER_DIR"
+"""Environment variable naming the simulated sites' ledger directory; default ``~/.fedface/ledgers``."""
+
 #: Environment for every Flower/Ray process of a run: send nothing anywhere, install nothing.
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -66,6 +74,40 @@ class FederatedResult:
     error: str | None = None
     initial: dict[str, float] | None = None  # the server's evaluation of the starting encoder
 
+    def refusals(self) -> dict[str, int]:
+        """Each reason sites gave for refusing or failing, with its count of site-rounds."""
+        total: dict[str, int] = {}
+        for row in self.history:
+            for reason, n in row.get("reasons", {}).items():
+                total[reason] = total.get(reason, 0) + int(n)
+        return total
+
+
+def default_ledger_dir() -> Path:
+    """``$FEDFACE_LEDGER_DIR`` if set, else ``~/.fedface/ledgers`` (read at each call)."""
+    env = os.environ.get(LEDGER_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".fedface" / "ledgers"
+
+
+def ledger_dir_for(root: Path, cfg: TrainConfig, fed: Any) -> Path:
+    """The folder of one federation's site ledgers under ``root``: named by the data set and a
+    hash of the site partition (which images each site holds), so that every simulation of the
+    same sites on the same faces composes into the same ledgers, and another partition of the
+    same faces (other sites, other people per site) gets its own."""
+    sites = [sorted(fed.train.sources[int(i)] for i in site) for site in fed.partition.sites]
+    digest = hashlib.sha256(json.dumps(sites, separators=(",", ":")).encode()).hexdigest()[:12]
+    return root / f"{Path(cfg.data.root).resolve().name}-{len(sites)}sites-{digest}"
+
+
+def _run_ledgers(run_dir: Path, cfg: TrainConfig, fed: Any, ledger_dir: Path | None) -> Path | None:
+    """The ledger folder a resumed run started with (``ledgers.json``), unless ``ledger_dir`` is given."""
+    if ledger_dir is not None:
+        return ledger_dir_for(ledger_dir.expanduser().resolve(), cfg, fed)
+    try:
+        return Path(json.loads((run_dir / "ledgers.json").read_text())["ledger_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a run from before ledger folders: its ledgers are beside each site's head
+
 
 def _prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
@@ -86,32 +128,44 @@ class _SimulatedClientApp(ClientApp):
     it costs microseconds, and each Ray worker builds the app once (:func:`simulated_client_app`).
     """
 
-    recipe: tuple[str, str] = ("", "")
+    recipe: tuple[str, str, str, str] = ("", "", "", "")
 
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+    def __reduce__(self) -> tuple[Any, tuple[str, str, str, str]]:
         return simulated_client_app, self.recipe
 
 
-@functools.lru_cache(maxsize=4)
-def simulated_client_app(cfg_json: str, sites_dir: str) -> ClientApp:
+def simulated_client_app(cfg_json: str, sites_dir: str, ledgers_dir: str = "", wire_log: str = "") -> ClientApp:
     """The ClientApp of a simulated federation, built once per process.
 
     Site number ``partition-id`` loads its own faces (the run's split and partition, computed
-    once per process from the config: :func:`~fedface.common.federated.cached_federation_data`)
-    and keeps its head and ledger under ``<sites_dir>/<site>/``.
+    once per process from the config: :func:`~fedface.common.federated.cached_federation_data`),
+    keeps its head under ``<sites_dir>/<site>/`` and its ledger and receipt key under
+    ``<ledgers_dir>/<site>/`` (default: beside its head). With ``wire_log``, every message a site sends is recorded there
+    (:func:`~fedface.client.wire_log.wire_log_mod`).
     """
-    from fedface.client.app import SiteClient, partition_site, secagg_mod
+    return _simulated_client_app(cfg_json, sites_dir, ledgers_dir, wire_log)  # one cache key however it is called
+
+
+@functools.lru_cache(maxsize=4)
+def _simulated_client_app(cfg_json: str, sites_dir: str, ledgers_dir: str, wire_log: str) -> ClientApp:
+    from fedface.client.app import SiteClient, partition_site, site_mod
 
     cfg = TrainConfig.from_mapping(json.loads(cfg_json))
     root = Path(sites_dir)
+    ledgers = Path(ledgers_dir) if ledgers_dir else None
 
     def client_fn(context: Context) -> Any:
         torch.set_num_threads(1)
-        return SiteClient(partition_site(cfg, cfg_json, int(context.node_config["partition-id"]), root)).to_client()
+        site = partition_site(cfg, cfg_json, int(context.node_config["partition-id"]), root, ledgers_dir=ledgers)
+        return SiteClient(site).to_client()
 
-    # SecAgg+ for the requests that carry it; clear requests refused when the scenario requires SecAgg+
-    app = _SimulatedClientApp(client_fn=client_fn, mods=[secagg_mod(required=cfg.federation.secagg)])
-    app.recipe = (cfg_json, sites_dir)
+    mods: list[Any] = [site_mod]  # SecAgg+ for the requests that carry it; the site's policy decides the rest
+    if wire_log:
+        from fedface.client.wire_log import wire_log_mod
+
+        mods.insert(0, wire_log_mod(Path(wire_log)))
+    app = _SimulatedClientApp(client_fn=client_fn, mods=mods)
+    app.recipe = (cfg_json, sites_dir, ledgers_dir, wire_log)
     return app
 
 
@@ -125,6 +179,8 @@ def run_federated(
     resume: bool = False,
     ray_address: str | None = None,
     alternate_secagg: bool = False,
+    ledger_dir: Path | None = None,
+    wire_log: Path | None = None,
 ) -> FederatedResult:
     """Run ``cfg.federation.rounds`` federated rounds over ``cfg.federation.sites`` simulated sites.
 
@@ -139,11 +195,17 @@ def run_federated(
 
     ``alternate_secagg`` is a timing mode (``fedface bench federated``): odd rounds through
     SecAgg+, even rounds in the clear, in one run (:class:`~fedface.server.app.AlternatingFit`);
-    each round's row says which it was (``secagg``).
+    each round's row says which it was (``secagg``); the sites' policy is told to take the
+    clear rounds too.
+
+    The sites' ledgers live under ``ledger_dir`` (default :func:`default_ledger_dir`), in the
+    folder of this data set and partition (:func:`ledger_dir_for`); a resumed run uses the
+    folder it started with (``ledgers.json`` in the run directory). ``wire_log``: a JSON-lines
+    file recording every message the sites send (:mod:`fedface.client.wire_log`).
     """
     from flwr.simulation import run_simulation
 
-    from fedface.server.app import FedFaceRounds, make_server_app
+    from fedface.server.app import FedFaceRounds, make_server_app, run_outcome
     from fedface.server.store import RunStore
 
     t0 = time.perf_counter()
@@ -166,6 +228,7 @@ def run_federated(
         store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg, resume=True)
         first_round = done + 1
         fed = federation_data(cfg)
+        ledgers = _run_ledgers(run_dir, cfg, fed, ledger_dir)
         torch.manual_seed(cfg.training.seed)
         encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
         if last is not None:
@@ -185,6 +248,8 @@ def run_federated(
         fed = federation_data(cfg)
         fed.split.save(run_dir / "split.json", fed.faces)
         fed.partition.save(run_dir / "partition.json", fed.train)
+        ledgers = ledger_dir_for((ledger_dir or default_ledger_dir()).expanduser().resolve(), cfg, fed)
+        atomic_write_json(run_dir / "ledgers.json", {"ledger_dir": str(ledgers)})
         run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
         store = RunStore(run_dir / "runs.sqlite")
         store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)
@@ -200,9 +265,11 @@ def run_federated(
     # the data path made absolute: each site loads its own faces in its own process
     site_over: dict[str, Any] = {"data.root": str(Path(cfg.data.root).resolve())}
     if alternate_secagg:
-        site_over["federation.secagg"] = False  # the sites take the clear rounds too
+        site_over["site-policy.require-secagg"] = False  # the sites take the clear rounds too
     site_cfg = cfg.with_overrides(site_over)
-    client_app = simulated_client_app(json.dumps(site_cfg.to_toml_dict(), sort_keys=True), str(run_dir / "sites"))
+    client_app = simulated_client_app(
+        json.dumps(site_cfg.to_toml_dict(), sort_keys=True), str(run_dir / "sites"), str(ledgers or ""), str(wire_log or "")
+    )
     cpus = os.cpu_count() or 1
     # one CPU per site: as many sites train at once as there are cores (each with one torch
     # thread); measured on 2 cores, 10 sites: 1.7 s a round against 2.6 s one site at a time
@@ -237,16 +304,11 @@ def run_federated(
                     else {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
                 },
             )
-        completed = len(rounds.history) == fc.rounds - first_round + 1
-        # Flower finishes a run whose every site failed as if it had succeeded (see
-        # ../shared/docs/STACK.md): a run in which no round aggregated a single update, and
-        # sites failed, did not train
-        nothing = bool(rounds.history) and all(r["answered"] == 0 and r["failed"] > 0 for r in rounds.history)
-        status = "completed" if completed and not nothing else "failed"
-        if not completed:
+        # failed unless every round ran and one aggregated an update (Flower finishes a run whose
+        # every site refused or failed as if it had succeeded: ../shared/docs/STACK.md)
+        status, error = run_outcome(rounds.history, fc.rounds - first_round + 1)
+        if len(rounds.history) != fc.rounds - first_round + 1:
             error = f"{first_round - 1 + len(rounds.history)} of {fc.rounds} rounds completed: see the log above"
-        elif nothing:
-            error = "no round aggregated any site's update (every sampled site failed in every round): see the rounds above"
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         raise

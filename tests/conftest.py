@@ -54,9 +54,19 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_home_ledgers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Ledgers made before a test's own fixtures run (module-scoped runs) never go to ~/.fedface."""
+    root = tmp_path_factory.mktemp("session-ledgers")
+    os.environ["FEDFACE_LEDGER"] = str(root / "privacy-ledger.sqlite")
+    os.environ["FEDFACE_LEDGER_DIR"] = str(root / "site-ledgers")
+
+
 @pytest.fixture(autouse=True)
 def _private_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test's default privacy ledger is its own temporary file, never ~/.fedface."""
     path = tmp_path_factory.mktemp("ledger") / "privacy-ledger.sqlite"
     monkeypatch.setenv("FEDFACE_LEDGER", str(path))
+    # and simulated sites' ledgers (fedface simulate --ledger-dir) go under it too
+    monkeypatch.setenv("FEDFACE_LEDGER_DIR", str(path.parent / "site-ledgers"))
     return path

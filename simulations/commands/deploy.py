@@ -200,14 +200,17 @@ def run(
         f"run {summary.run_id}: {summary.status}, {summary.rounds_done}/{summary.rounds_planned} rounds; "
         f"final verification acc {last.get('verif_acc', float('nan')):.4f}; run directory {run_dir}"
     )
+    if summary.error:
+        err_console.print(f"run {summary.run_id} failed: {summary.error}", markup=False)
     if output_format == "json":
-        print_json({"run_id": summary.run_id, "status": summary.status, "rounds": summary.rounds_done, "run_dir": str(run_dir), **last})
+        print_json({"run_id": summary.run_id, "status": summary.status, "error": summary.error, "rounds": summary.rounds_done,
+                    "run_dir": str(run_dir), **last})
     if summary.status != "completed":
         raise typer.Exit(1)
 
 
 def site(
-    config: Annotated[Path, typer.Option("--config", "-c", help="The site's TOML (name, data, state-dir, budget-epsilon).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="The site's TOML (name, data, state-dir, trusted-publishers, and its [policy] with budget-epsilon).")],
     superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
     root_certificates: Annotated[Optional[Path], typer.Option(help="The federation's CA (ca.pem).")] = None,
     key: Annotated[Optional[Path], typer.Option(help="The site's private key (<name>.key from `fedface keys node`).")] = None,

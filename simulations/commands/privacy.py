@@ -268,6 +268,34 @@ def verify(
         )
 
 
+@privacy_app.command()
+def receipts(
+    run_store: Annotated[Path, typer.Option("--run-store", help="The server's run store (runs.sqlite of a run directory).")],
+    out: Annotated[Path, typer.Option("--out", help="JSON-lines file to write, for `fedface privacy verify --receipts`.")],
+    site: Annotated[Optional[str], typer.Option("--site", help="Only this site's receipts (default: every site's).")] = None,
+) -> None:
+    """Export the sites' signed ledger receipts that the server keeps.
+
+    Run by the coordinator; a site checks its ledger against them with `fedface privacy verify
+    --receipts`. Receipts the server found unreadable or signed by another key than the site's first are
+    left out; those that showed a ledger going back are kept (they are the evidence). Each
+    problem the server found on arrival is printed.
+    """
+    from fedface.server.receipts import export_receipts
+    from fedface.server.store import RunStore
+
+    with user_errors():
+        with RunStore(run_store, create=False) as store:
+            stored = store.receipts(site=site)
+        if not stored:
+            raise LedgerError(f"run store {run_store} holds no receipts{f' of site {site}' if site else ''}: nothing to export")
+        for r in stored:
+            if r.problem is not None:
+                err_console.print(f"run {r.run_id} round {r.round}, {r.site}: {r.problem}", markup=False)
+        written = export_receipts(stored, out)
+    err_console.print(f"wrote {written} receipts of {len({r.site for r in stored})} site(s) to {out}")
+
+
 def _verify_record(path: Path, sessions: int, check: ReceiptCheck | None) -> dict[str, Any]:
     """`fedface privacy verify --format json`'s object (``receipts`` and the rest ``null`` without receipts)."""
     latest = None if check is None else check.latest

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from fedface.common.privacy.accounting import format_epsilon
 from fedface.common.config import TrainConfig
@@ -29,8 +30,10 @@ def simulate(
     init_from: Annotated[Optional[Path], typer.Option(help="Start the global encoder from this checkpoint's encoder (e.g. `fedface train` on a public data set).")] = None,
     client_cpus: Annotated[Optional[float], typer.Option(help="CPUs Ray reserves per site (default 1: as many sites train at once as there are cores).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="HOST:PORT of a running Ray cluster's head (`ray start --head`) to run the sites on; each machine needs the data at the same absolute path. Default: a private Ray instance on this machine.")] = None,
+    allow_non_private: Annotated[bool, typer.Option("--allow-non-private", help="Let the simulated sites' policy train without DP-SGD (needed with --epsilon inf; default: they refuse).")] = False,
+    ledger_dir: Annotated[Optional[Path], typer.Option(help="Where the simulated sites keep their privacy ledgers across runs, one folder per data set and partition (default $FEDFACE_LEDGER_DIR or ~/.fedface/ledgers); never deleted by --overwrite.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory to write (default runs/simulate-<time>).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run directory that already holds a run.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run directory that already holds a run (the sites' ledgers stay).")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Go on with the run in this directory after its last checkpointed round (its config; --rounds may raise the plan).")] = None,
     output_format: Annotated[str, typer.Option("--format", help="text, or json: the summary as one JSON object on stdout's last line.")] = "text",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-v also shows Flower's and Ray's logs).")] = 0,
@@ -39,10 +42,12 @@ def simulate(
     """Federated training of the GRU face encoder over many simulated sites (Flower simulation engine).
 
     Holds out federation.test-identities people for the server's evaluation, gives each site
-    its own people, trains with DP-SGD at every site when --epsilon is set (each round charged
-    to the site's ledger before its update leaves), aggregates through SecAgg+, and writes the
-    run directory: config, split, partition, run store (runs.sqlite), a checkpoint per round,
-    each site's head and ledger under sites/, and metrics.json.
+    its own people, trains with DP-SGD at every site (each round charged to the site's ledger
+    before its update leaves), aggregates through SecAgg+, and writes the run directory:
+    config, split, partition, run store (runs.sqlite), a checkpoint per round, each site's head
+    under sites/, and metrics.json. Each site enforces the scenario's [site-policy] (SecAgg+
+    required, at least 3 sites per sum, no non-private rounds unless allowed) and keeps its
+    ledger in --ledger-dir, so its lifetime spend composes over every run on the same faces.
     """
     if output_format not in ("text", "json"):
         raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
@@ -66,12 +71,13 @@ def simulate(
             "privacy.epsilon": epsilon,
             "privacy.delta": delta,
             "training.init-from": str(init_from) if init_from is not None else None,
+            "site-policy.allow-non-private": True if allow_non_private else None,
         }
         if resume is not None:
             if scenario is not None or out is not None or init_from is not None:
                 raise typer.BadParameter("--resume takes the run's own config and directory: drop --scenario, --out and --init-from")
             base = TrainConfig.from_toml(resume / "config.toml")
-            overrides = {"federation.rounds": rounds}
+            overrides = {"federation.rounds": rounds, "site-policy.allow-non-private": overrides["site-policy.allow-non-private"]}
         else:
             base = TrainConfig.from_toml(scenario) if scenario is not None else scenario_config("federated.toml")
         cfg = base.with_overrides(overrides)
@@ -92,8 +98,10 @@ def simulate(
                     f"(AUC {row.get('verif_auc', float('nan')):.3f})"
                 )
                 return
-            eps = row.get("max_epsilon")
-            spent = f", epsilon spent (max over sites) {format_epsilon(eps)}" if eps is not None else ""
+            eps, life = row.get("max_epsilon"), row.get("max_lifetime_epsilon")
+            spent = f", epsilon spent this run (max over sites) {format_epsilon(eps)}" if eps is not None else ""
+            if life is not None:
+                spent += f", lifetime {format_epsilon(life)}"
             err_console.print(
                 f"round {number}/{fc.rounds}: {row['answered']}/{row['sampled']} sites answered"
                 + (f", {row['refused']} refused" if row["refused"] else "")
@@ -111,15 +119,38 @@ def simulate(
             client_cpus=client_cpus,
             resume=resume is not None,
             ray_address=ray_address,
+            ledger_dir=ledger_dir,
         )
+        refusals = result.refusals()
+        if refusals and result.completed:  # (an incomplete run's error names them)
+            err_console.print("sites refused or failed: " + "; ".join(f"{escape(reason)} ({n} site-rounds)" for reason, n in refusals.items()))
         if not result.completed:
-            err_console.print(f"[red]run incomplete[/]: {result.error} (run directory {run_dir})")
+            hint = escape(_refusal_hint(refusals))
+            err_console.print(f"[red]run incomplete[/]: {escape(str(result.error))} (run directory {run_dir}){hint}")
             raise typer.Exit(1)
+    life = max((r["max_lifetime_epsilon"] for r in result.history if r.get("max_lifetime_epsilon") is not None), default=None)
     err_console.print(
-        f"[bold]final verification acc[/] {result.final.get('verif_acc', float('nan')):.4f}  run directory: {run_dir}  ({result.wall_s:.0f} s)"
+        f"[bold]final verification acc[/] {result.final.get('verif_acc', float('nan')):.4f}"
+        + (f"  max lifetime epsilon {format_epsilon(life)}" if life is not None else "")
+        + f"  run directory: {run_dir}  ({result.wall_s:.0f} s)"
     )
     if output_format == "json":
         print_json({"run_id": result.run_id, "run_dir": str(run_dir), "wall_s": result.wall_s, "rounds": result.history, **result.final})
+
+
+def _refusal_hint(refusals: dict[str, int]) -> str:
+    """What to change when the simulated sites' policy refused the run."""
+    from fedface.common import wire
+
+    hints = {
+        wire.REASON_NON_PRIVATE: "pass --allow-non-private (or set [site-policy] allow-non-private = true) for a non-private run",
+        wire.REASON_SECAGG: "set [site-policy] require-secagg = false in the scenario to let simulated sites send clear updates",
+        wire.REASON_PEERS: "use at least 3 sites (or lower [site-policy] min-peers and [federation] min-sites-per-aggregate)",
+        wire.REASON_EPSILON_PER_RUN: "ask for a smaller --epsilon, or raise [site-policy] epsilon-per-run",
+        wire.REASON_DELTA: "ask for a smaller --delta, or raise [site-policy] delta",
+    }
+    found = [hints[r] for r in refusals if r in hints]
+    return ("; " + "; ".join(found)) if found else ""
 
 
 __all__ = ["simulate"]

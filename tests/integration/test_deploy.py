@@ -130,6 +130,11 @@ SCENARIO: dict[str, Any] = {
 }
 
 
+# Each site's own policy: a lifetime budget of 10 (the signed honest run of 2 rounds at epsilon 8
+# spends 7.996 of it; one more run at epsilon 8 would compose to 10.9) and at most 8.5 a run.
+SITE_POLICY: dict[str, Any] = {"budget-epsilon": 10.0, "epsilon-per-run": 8.5, "delta": 1e-5, "min-peers": 3}
+
+
 @dataclass
 class Federation:
     """A running deployment on 127.0.0.1: a SuperLink, the registered sites' SuperNodes (each
@@ -176,13 +181,6 @@ class Federation:
         return (self.work / f"{name}.log").read_text(errors="replace")
 
 
-def _budget(epsilon: float) -> dict[str, Any]:
-    """A site's lifetime budget, in its [policy] table where the site config has one."""
-    from fedface.client.siteconfig import SiteConfig
-
-    return {"policy": {"budget-epsilon": epsilon}} if "policy" in SiteConfig.model_fields else {"budget-epsilon": epsilon}
-
-
 def start_federation(work: Path, orl_root: Path, procs: Processes, *, sites: Sequence[str] = SITES,
                      site_extra: Mapping[str, Any] | None = None) -> Federation:
     """Keys, a SuperLink, and one registered SuperNode per name in ``sites``, each on 4 of the
@@ -205,7 +203,7 @@ def start_federation(work: Path, orl_root: Path, procs: Processes, *, sites: Seq
         people = train_people[4 * (i % 3) : 4 * (i % 3) + 4]
         data = _site_data(orl_root, people, work / "data" / name)
         cfg = {"name": name, "data": str(data), "state-dir": str(work / "state" / name),
-               "trusted-publishers": [str(publisher.public_key)], **_budget(20.0), **(site_extra or {})}
+               "trusted-publishers": [str(publisher.public_key)], "policy": dict(SITE_POLICY), **(site_extra or {})}
         site_configs[name] = work / f"{name}.toml"
         site_configs[name].write_text(tomli_w.dumps(cfg))
     fed = Federation(work, procs.env, procs, _free_port(), _free_port(), keys, publisher, scenario, site_configs)
@@ -264,6 +262,35 @@ def _refused_run(fed: Federation, name: str, launch: Any) -> dict[str, Any]:
         with RunStore(run_dir / "runs.sqlite", create=False) as store:
             stores = [[(x.answered, x.failed) for x in store.rounds(r.run_id)] for r in store.runs()]
     return {"rc": done.returncode, "out": done.stdout[-3000:] + done.stderr[-3000:], "logs": _since(fed, before), "runs": stores}
+
+
+def _variant(fed: Federation, name: str, **sections: dict[str, Any]) -> Path:
+    """The federation's scenario with ``sections`` changed, as a TOML file of its own."""
+    import tomllib
+
+    raw = tomllib.loads(fed.scenario.read_text())
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = fed.work / "scenarios" / f"{name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def _policy_run(fed: Federation, run_dir: Path, *args: str) -> dict[str, Any]:
+    """A signed one-round run that asks for more than the sites' policy allows: what the
+    coordinator's run store recorded of each site, and how `fedface server run` ended."""
+    done = fed.server_run(run_dir, "--rounds", "1", "--publisher-key", str(fed.publisher.private_key), *args)
+    recorded: list[tuple[str, str, str | None]] = []
+    if (run_dir / "runs.sqlite").is_file():
+        with RunStore(run_dir / "runs.sqlite", create=False) as store:
+            for run in store.runs():
+                for record in store.rounds(run.run_id):
+                    recorded += [(p.site, p.status, p.reason) for p in record.participation]
+                status = run.status
+    else:
+        status = "no run store"
+    return {"rc": done.returncode, "out": done.stdout[-3000:] + done.stderr[-3000:], "recorded": sorted(recorded), "status": status}
 
 
 def _with_code(app: App, marker: Path) -> App:
@@ -330,6 +357,24 @@ def deployment(federation: Federation) -> Iterator[dict[str, object]]:
                 fed, signed("overridden-config"), "--run-config", "epsilon=50.0")),
         }
         result["refused_s"] = time.monotonic() - t0 - float(result["run_s"])  # type: ignore[arg-type]
+
+        # signed apps whose scenario asks for more privacy loss than the sites' own policy allows
+        t1 = time.monotonic()
+        policy_dir = work / "policy"
+        result["policy"] = {
+            case: _policy_run(fed, policy_dir / case, *args)
+            for case, args in {
+                "eps-inf": ("--epsilon", "inf"),
+                "secagg-off": ("-c", str(_variant(fed, "secagg-off", federation={"secagg": False}))),
+                "delta-too-large": ("-c", str(_variant(fed, "delta", privacy={"delta": 0.01}))),
+                "epsilon-per-run": ("--epsilon", "9.0"),
+                # two of the three sites sampled: SecAgg+ ties only two sites' masks together
+                "too-few-peers": ("-c", str(_variant(fed, "two-sampled", federation={"fraction-fit": 0.67}))),
+                # a new run id (a fresh run of one round) cannot reset the lifetime spend
+                "new-run-past-lifetime-budget": ("--epsilon", "8.0"),
+            }.items()
+        }
+        result["policy_s"] = time.monotonic() - t1
     finally:
         result["left_alive"] = fed.procs.stop_all()
     yield result
@@ -382,11 +427,35 @@ def test_an_app_not_signed_as_sent_by_a_trusted_publisher_is_refused_by_every_si
     assert refused["runs"] == [[(0, len(SITES))]], refused["out"]
 
 
-def test_refused_apps_leave_the_sites_ledgers_and_heads_untouched(deployment: dict[str, object]) -> None:
+POLICY_REASONS = {
+    "eps-inf": "policy: non-private round",
+    "secagg-off": "policy: secagg required",
+    "delta-too-large": "policy: delta",
+    "epsilon-per-run": "policy: epsilon-per-run",
+    "too-few-peers": "policy: too few peers",
+    "new-run-past-lifetime-budget": "budget exhausted",
+}
+
+
+@pytest.mark.parametrize("case", sorted(POLICY_REASONS))
+def test_a_request_outside_a_sites_own_policy_is_refused_with_its_reason_in_the_run_store(
+    deployment: dict[str, object], case: str
+) -> None:
+    got: dict[str, Any] = deployment["policy"][case]  # type: ignore[index]
+    reason = POLICY_REASONS[case]
+    sampled = 2 if case == "too-few-peers" else len(SITES)
+    assert len(got["recorded"]) == sampled, got["out"]
+    assert {(status, why) for _, status, why in got["recorded"]} == {("refused", reason)}, got["out"]
+    # nothing aggregated: the run is recorded as failed and `fedface server run` says so
+    assert got["status"] == "failed" and got["rc"] == 1, got["out"]
+    assert reason in got["out"]
+
+
+def test_refused_apps_and_requests_leave_the_sites_ledgers_and_heads_untouched(deployment: dict[str, object]) -> None:
     work = Path(str(deployment["work"]))
     for site in SITES:
-        # the signed run's head and two sessions only: nothing was loaded, charged or trained for a refused app
-        assert len(list((work / "state" / site / "runs").iterdir())) == 1
+        # the signed run's head and two sessions only: nothing was charged or trained for a refused app or request
+        assert len(list((work / "state" / site / "runs").glob("*/head.pt"))) == 1
         with PrivacyLedger(work / "state" / site / "ledger.sqlite", create=False) as ledger:
             assert [s.round for s in ledger.sessions(site)] == [1, 2]
 

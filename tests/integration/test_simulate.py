@@ -1,6 +1,7 @@
 """`fedface simulate` end to end on Flower's simulation engine (Ray): 3 sites of real ORL faces,
 2 rounds, SecAgg+ and DP-SGD at every site; the run directory, the run store, the sites'
-ledgers, refusals on an exhausted budget, user errors, and no Ray process left behind.
+ledgers (in a ledger directory that outlives runs), refusals on an exhausted budget and by the
+sites' policy, user errors, and no Ray process left behind.
 """
 
 from __future__ import annotations
@@ -49,12 +50,19 @@ def _scenario(tmp_path: Path, orl_root: Path, **extra: dict[str, Any]) -> Path:
         "evaluation": {"shift-tta": 0, "occlusion-box": 8},
         "training": {"batch-size": 16, "device": "cpu"},
         "federation": {"sites": 3, "rounds": 2, "identities-per-site": 4, "test-identities": 10, "secagg": True},
+        # scenarios here are non-private unless a test asks for an epsilon
+        "site-policy": {"allow-non-private": True},
     }
     for section, values in extra.items():
         raw.setdefault(section, {}).update(values)
     path = tmp_path / "scenario.toml"
     path.write_text(tomli_w.dumps(raw))
     return path
+
+
+def _ledger(out: Path, site: str) -> Path:
+    """A simulated site's ledger: in the run's ledger folder (``ledgers.json``)."""
+    return Path(json.loads((out / "ledgers.json").read_text())["ledger_dir"]) / site / "ledger.sqlite"
 
 
 def _last_json(stdout: str) -> dict[str, Any]:
@@ -114,6 +122,8 @@ def _assert_no_ray_process_left(before: set[int], run_dir: Path, *, wait_s: floa
 
 
 def _simulate(scenario: Path, out: Path, *args: str) -> Any:
+    if "--ledger-dir" not in args:  # each run's own ledgers (module-scoped runs share an environment)
+        args = (*args, "--ledger-dir", str(out.parent / f"{out.name}-ledgers"))
     result = runner.invoke(app, ["simulate", "-c", str(scenario), "--out", str(out), "--format", "json", "-q", *args])
     gc.collect()  # collect Ray's dropped Popen objects now, under this module's warning filters
     return result
@@ -148,7 +158,7 @@ def refusing_run(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> tu
     tmp = tmp_path_factory.mktemp("refuse")
     after_1, after_2 = _planned_spend(orl_root, _scenario(tmp, orl_root))
     budget = (after_1 + after_2) / 2
-    scenario = _scenario(tmp, orl_root, privacy={"budget-epsilon": budget})
+    scenario = _scenario(tmp, orl_root, **{"site-policy": {"budget-epsilon": budget}})
     out = tmp / "run"
     before = _ray_pids()
     result = _simulate(scenario, out, "--epsilon", "8")
@@ -189,7 +199,7 @@ def test_simulate_writes_the_run_directory(private_run: tuple[Any, Path, set[int
         assert (out / name).is_file(), name
     for site in SITES:
         assert (out / "sites" / site / "head.pt").is_file(), site
-        assert (out / "sites" / site / "ledger.sqlite").is_file(), site
+        assert (_ledger(out, site)).is_file(), site
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["completed"] is True and metrics["error"] is None
     assert [row["round"] for row in metrics["rounds"]] == [1, 2]
@@ -223,7 +233,7 @@ def test_simulate_run_store_and_ledgers_agree(private_run: tuple[Any, Path, set[
     assert refusals == []
     assert sorted(spend) == SITES
     for site in SITES:
-        with PrivacyLedger(out / "sites" / site / "ledger.sqlite", create=False) as ledger:
+        with PrivacyLedger(_ledger(out, site), create=False) as ledger:
             ledger.verify()
             own = ledger.spend(site)
             sessions = ledger.sessions(site)
@@ -271,7 +281,7 @@ def test_simulate_sites_past_their_budget_refuse_and_the_run_completes(
         assert p.remaining == pytest.approx(budget - after_1, rel=1e-6)
     for site in SITES:
         assert spend[site].epsilon == pytest.approx(after_1, rel=1e-9)
-        with PrivacyLedger(out / "sites" / site / "ledger.sqlite", create=False) as ledger:
+        with PrivacyLedger(_ledger(out, site), create=False) as ledger:
             assert len(ledger.sessions(site)) == 1
     one, two = load_checkpoint(out / "checkpoints/round-0001.pt"), load_checkpoint(out / "checkpoints/round-0002.pt")
     for key, a in one.encoder_state.items():
@@ -307,15 +317,67 @@ def test_simulate_into_an_existing_run_dir_without_overwrite_exits_9(tmp_path: P
     assert (out / "metrics.json").read_text() == "{}"
 
 
-def test_simulate_two_sites_with_secagg_completes(tmp_path: Path, orl_root: Path) -> None:
-    # SecAgg+ needs its share counts derived per round: two sites is the smallest federation
+def test_simulate_two_sites_are_refused_for_too_few_peers_unless_the_policy_allows_two(tmp_path: Path, orl_root: Path) -> None:
+    # the sum of two sites' updates shows each to the other: refused by default
     scenario = _scenario(tmp_path, orl_root, federation={"sites": 2, "rounds": 1, "secagg": True})
+    refused = _simulate(scenario, tmp_path / "refused")
+    assert refused.exit_code == 1
+    assert "policy: too few peers (2 site-rounds)" in refused.stderr
+    assert "min-peers" in refused.stderr  # the summary says what to change
 
-    result = _simulate(scenario, tmp_path / "run")
+    # SecAgg+ needs its share counts derived per round: two sites is the smallest federation
+    allowed = _scenario(
+        tmp_path, orl_root,
+        federation={"sites": 2, "rounds": 1, "secagg": True, "min-sites-per-aggregate": 2},
+        **{"site-policy": {"allow-non-private": True, "min-peers": 2}},
+    )
+    result = _simulate(allowed, tmp_path / "run")
 
     assert result.exit_code == 0, result.stderr
     rounds = _last_json(result.stdout)["rounds"]
     assert [r["answered"] for r in rounds] == [2]
+
+
+def test_simulate_non_private_run_is_refused_by_every_site_unless_allowed(tmp_path: Path, orl_root: Path) -> None:
+    scenario = _scenario(tmp_path, orl_root, federation={"rounds": 1}, **{"site-policy": {"allow-non-private": False}})
+
+    refused = _simulate(scenario, tmp_path / "refused", "--epsilon", "inf")
+    allowed = _simulate(scenario, tmp_path / "allowed", "--epsilon", "inf", "--allow-non-private")
+
+    assert refused.exit_code == 1
+    assert "policy: non-private round (3 site-rounds)" in refused.stderr
+    assert "--allow-non-private" in refused.stderr
+    assert allowed.exit_code == 0, allowed.stderr
+    assert [r["answered"] for r in _last_json(allowed.stdout)["rounds"]] == [3]
+
+
+def test_simulate_ledgers_outlive_runs_and_overwrite(tmp_path: Path, orl_root: Path) -> None:
+    # Arrange: two private runs of the same sites on the same faces, the second over the first's directory
+    scenario = _scenario(tmp_path, orl_root, privacy={"epsilon": 4.0})
+    ledgers = tmp_path / "ledgers"
+    out = tmp_path / "run"
+
+    first = _simulate(scenario, out, "--ledger-dir", str(ledgers))
+    assert first.exit_code == 0, first.stderr
+    first_rounds = _last_json(first.stdout)["rounds"]
+    second = _simulate(scenario, out, "--ledger-dir", str(ledgers), "--overwrite")
+
+    # Assert: the second run's lifetime spend continues from where the first ended; its own does not
+    assert second.exit_code == 0, second.stderr
+    second_rounds = _last_json(second.stdout)["rounds"]
+    assert second_rounds[0]["max_lifetime_epsilon"] > first_rounds[-1]["max_lifetime_epsilon"]
+    assert second_rounds[0]["max_epsilon"] == pytest.approx(first_rounds[0]["max_epsilon"], rel=1e-9)
+    assert all(r["max_epsilon"] <= 4.0 for r in first_rounds + second_rounds)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["max_lifetime_epsilon"] for r in metrics["rounds"]] == [r["max_lifetime_epsilon"] for r in second_rounds]
+    assert "max lifetime epsilon" in second.stderr
+    (folder,) = ledgers.iterdir()  # one folder for this data set and partition, kept by --overwrite
+    for site in SITES:
+        assert _ledger(out, site).parent.parent == folder
+        with PrivacyLedger(folder / site / "ledger.sqlite", create=False) as ledger:
+            ledger.verify()
+            assert len({s.run_id for s in ledger.sessions(site)}) == 2
+            assert len(ledger.sessions(site)) == 4
 
 
 def test_simulate_resume_goes_on_after_the_last_round_with_the_sites_state(tmp_path: Path, orl_root: Path) -> None:
@@ -336,7 +398,7 @@ def test_simulate_resume_goes_on_after_the_last_round_with_the_sites_state(tmp_p
         assert run.status == "completed" and run.rounds_done == 3
         assert store.last_checkpoint(run.run_id) == (3, str((out / "checkpoints" / "round-0003.pt").resolve()))
     for site in SITES:
-        with PrivacyLedger(out / "sites" / site / "ledger.sqlite") as ledger:
+        with PrivacyLedger(_ledger(out, site)) as ledger:
             sessions = ledger.sessions(site)
             assert [s.round for s in sessions] == [1, 2, 3]
             assert ledger.spend(site).epsilon <= 8.0
@@ -395,13 +457,13 @@ def test_simulate_runs_on_an_existing_ray_cluster(tmp_path: Path, orl_root: Path
 def test_simulate_init_from_starts_from_a_checkpoint_and_refuses_one_of_another_shape(tmp_path: Path, orl_root: Path) -> None:
     # Arrange: a checkpoint of the same encoder shape (a first, short run), and a scenario whose
     # encoder has another shape
-    scenario = _scenario(tmp_path, orl_root, federation={"sites": 2, "rounds": 1, "secagg": False})
+    scenario = _scenario(tmp_path, orl_root, federation={"rounds": 1})
     first = _simulate(scenario, tmp_path / "first")
     assert first.exit_code == 0, first.stderr
     ckpt = tmp_path / "first" / "checkpoints" / "round-0001.pt"
     other = tmp_path / "other"
     other.mkdir()
-    wider = _scenario(other, orl_root, model={"hidden-size": 12}, federation={"sites": 2, "rounds": 1, "secagg": False})
+    wider = _scenario(other, orl_root, model={"hidden-size": 12}, federation={"rounds": 1})
 
     # Act
     same = _simulate(scenario, tmp_path / "second", "--init-from", str(ckpt))
@@ -428,7 +490,7 @@ def test_alternating_timing_run_masks_odd_rounds_and_every_site_answers_both_kin
     assert [r["answered"] for r in result.history] == [3, 3, 3]
     # every round trained: each site charged its ledger once per round, whichever the kind
     for site in SITES:
-        with PrivacyLedger(tmp_path / "paired" / "sites" / site / "ledger.sqlite") as ledger:
+        with PrivacyLedger(_ledger(tmp_path / "paired", site)) as ledger:
             assert [s.round for s in ledger.sessions(site)] == [1, 2, 3]
 
 
@@ -447,4 +509,51 @@ def test_simulated_sites_refuse_a_clear_round_when_their_scenario_requires_secag
     result = run_federated(cfg, out_dir=tmp_path / "run")
 
     assert [r["secagg"] for r in result.history] == [True, False]
-    assert [(r["answered"], r["failed"]) for r in result.history] == [(3, 0), (0, 3)]
+    assert [(r["answered"], r["refused"]) for r in result.history] == [(3, 0), (0, 3)]
+    assert result.history[1]["reasons"] == {"policy: secagg required": 3}
+
+
+# --- receipts: the server keeps them; a rolled-back ledger is caught --------------------------
+
+
+def test_receipts_kept_by_the_server_catch_a_truncated_site_ledger(tmp_path: Path, orl_root: Path) -> None:
+    import sqlite3
+
+    # Arrange: a private run; the server keeps each site's signed receipt of each round
+    scenario = _scenario(tmp_path, orl_root, privacy={"epsilon": 8.0})
+    out = tmp_path / "run"
+    first = _simulate(scenario, out)
+    assert first.exit_code == 0, first.stderr
+    with RunStore(out / "runs.sqlite", create=False) as store:
+        kept = store.receipts(site="site-000")
+    assert [(r.round, r.problem) for r in kept] == [(1, None), (2, None)]
+    exported = tmp_path / "site-000.receipts"
+    assert runner.invoke(app, ["privacy", "receipts", "--run-store", str(out / "runs.sqlite"), "--site", "site-000", "--out", str(exported)]).exit_code == 0
+    ledger = _ledger(out, "site-000")
+    ok = runner.invoke(app, ["privacy", "verify", "--ledger", str(ledger), "--receipts", str(exported)])
+    assert ok.exit_code == 0, ok.stderr
+
+    # Act: the last session deleted behind the triggers' back, the counter put back
+    with sqlite3.connect(ledger) as conn:
+        conn.executescript(
+            "DROP TRIGGER sessions_no_delete;"
+            "DELETE FROM sessions WHERE id = (SELECT max(id) FROM sessions);"
+            "UPDATE sqlite_sequence SET seq = seq - 1 WHERE name = 'sessions';"
+            "CREATE TRIGGER sessions_no_delete BEFORE DELETE ON sessions BEGIN SELECT RAISE(ABORT, 'fedface ledger is append-only'); END;"
+        )
+    with PrivacyLedger(ledger) as book:
+        book.verify()  # the ledger's own check cannot see it
+    caught = runner.invoke(app, ["privacy", "verify", "--ledger", str(ledger), "--receipts", str(exported)])
+    # the run goes on (resumed into the same run store) with the truncated ledger
+    again = runner.invoke(app, ["simulate", "--resume", str(out), "--rounds", "3", "--format", "json", "-q"])
+
+    # Assert: the site's own check fails in one line; the server sees the next receipt not follow
+    assert caught.exit_code == 11
+    assert len(caught.stderr.strip().splitlines()) == 1 and "behind its receipts" in caught.stderr
+    assert again.exit_code == 0, again.stderr
+    with RunStore(out / "runs.sqlite", create=False) as store:
+        later = store.receipts(site="site-000")
+        others = store.receipts(site="site-001")
+    assert [r.round for r in later] == [1, 2, 3]
+    assert later[2].problem_kind == "not-following" and "site-000" in (later[2].problem or "")
+    assert [r.problem for r in others] == [None, None, None]

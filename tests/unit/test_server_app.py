@@ -25,7 +25,7 @@ from fedface.common.config import TrainConfig
 from fedface.common.errors import ConfigError
 from fedface.common.data import FaceSet, load_faces
 from fedface.common.models import build_encoder, encoder_weights
-from fedface.server.app import ROUND_ABORTED, FedFaceRounds, make_strategy, secagg_workflow
+from fedface.server.app import ROUND_ABORTED, FedFaceRounds, make_strategy, secagg_workflow, too_few_reason
 from fedface.server.store import RunStore
 
 RUN = "run-unit"
@@ -81,7 +81,7 @@ def _answered(site: str, weights: list[np.ndarray], examples: int, epsilon: floa
         wire.M_EPSILON: epsilon,
         wire.M_DELTA: 1e-5,
         wire.M_ACCOUNTANT: "rdp",
-        wire.M_LOSS: 3.0,
+        wire.M_RUN_EPSILON: epsilon,
     }
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), examples, metrics)
 
@@ -265,7 +265,8 @@ def test_evaluate_after_a_round_checkpoints_and_records_it(tmp_path: Path, store
     # the history row and the progress callback
     (row,) = rounds.history
     assert (row["round"], row["answered"], row["refused"], row["failed"], row["sampled"]) == (1, 2, 1, 1, 4)
-    assert row["max_epsilon"] == 2.0
+    assert row["max_epsilon"] == 1.5  # the run's own spend, from the sites that trained
+    assert row["max_lifetime_epsilon"] == 2.0  # every site's lifetime spend, the refusing one's too
     assert seen == [(1, row)]
 
 
@@ -349,12 +350,44 @@ def test_aggregate_fit_averages_only_the_answering_sites_by_examples(
     rounds.filter_sampled(1, _pairs(["1", "2", "3"], cfg))
 
     params, _ = strategy.aggregate_fit(
-        1, [(_proxy("1"), _answered("site-a", a, 10)), (_proxy("2"), _refused("site-b", b)), (_proxy("3"), _answered("site-c", c, 30))], []
+        1,
+        [
+            (_proxy("1"), _answered("site-a", a, 10)),
+            (_proxy("2"), _refused("site-b", b)),
+            (_proxy("3"), _answered("site-c", c, 30)),
+            (_proxy("4"), _answered("site-d", c, 20)),
+        ],
+        [],
     )
 
     assert params is not None
     for got, wa, wc in zip(parameters_to_ndarrays(params), a, c, strict=True):
-        np.testing.assert_allclose(got, (10 * wa + 30 * wc) / 40, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, (10 * wa + 50 * wc) / 60, rtol=1e-5, atol=1e-6)
+
+
+def test_aggregate_fit_refuses_to_sum_fewer_updates_than_min_sites_per_aggregate(
+    tmp_path: Path, store: RunStore, test_faces: FaceSet
+) -> None:
+    # Arrange: two of three sites trained; the third refused, so the sum would be of two
+    cfg = _config()
+    a, b = _weights(cfg, 1), _weights(cfg, 2)
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    strategy = make_strategy(rounds, a)
+    rounds.filter_sampled(1, _pairs(["1", "2", "3"], cfg))
+
+    # Act
+    result = strategy.aggregate_fit(
+        1, [(_proxy("1"), _answered("site-a", a, 10)), (_proxy("2"), _refused("site-b", b)), (_proxy("3"), _answered("site-c", b, 30))], []
+    )
+
+    # Assert: no aggregate; the trained sites are recorded with why their updates were not used
+    assert result == (None, {})
+    participation = {p.site: p for p in rounds.rounds[1].participation}
+    assert participation["site-b"].status == "refused"
+    for site in ("site-a", "site-c"):
+        assert participation[site].status == "failed"
+        assert participation[site].reason == too_few_reason(2, 3)
+        assert participation[site].epsilon == 1.5  # the spend it reported stays on record
 
 
 def test_strategy_configure_fit_skips_exhausted_sites_and_sends_the_round_config(

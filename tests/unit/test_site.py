@@ -31,6 +31,8 @@ TINY: dict[str, dict[str, Any]] = {
     "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 2},
     "evaluation": {"shift-tta": 0, "occlusion-box": 8},
     "training": {"batch-size": 16, "device": "cpu"},
+    # these tests train the head without DP too; tests/unit/test_policy.py checks the refusals
+    "site-policy": {"allow-non-private": True},
 }
 
 
@@ -59,9 +61,10 @@ def _initial(cfg: TrainConfig, seed: int = 0) -> list[np.ndarray]:
 
 
 def _round(site: Site, weights: list[np.ndarray], round_: int, *, rounds: int = 3, **kwargs: Any) -> RoundResult:
-    args: dict[str, Any] = {"local_epochs": 1, "lr": 1e-2}
+    # as the site's mod reports a request that came through SecAgg+ with 3 sites' masks
+    args: dict[str, Any] = {"run_id": RUN, "local_epochs": 1, "lr": 1e-2, "secagg": True, "peers": 3}
     args.update(kwargs)
-    return site.train_round(weights, run_id=RUN, round_=round_, rounds=rounds, **args)
+    return site.train_round(weights, round_=round_, rounds=rounds, **args)
 
 
 def _distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -130,7 +133,7 @@ def test_site_refuses_a_round_past_its_budget_without_training(
     after_1 = compute_epsilon([mech.history_entry()], delta=mech.delta, accountant=mech.accountant)
     after_2 = compute_epsilon([mech.history_entry()] * 2, delta=mech.delta, accountant=mech.accountant)
     budget = (after_1 + after_2) / 2
-    cfg = _config(privacy={"epsilon": 4.0, "budget-epsilon": budget})
+    cfg = _config(privacy={"epsilon": 4.0}, **{"site-policy": {"budget-epsilon": budget}})
     site = _site(site_faces, tmp_path, cfg)
     first = _round(site, _initial(cfg), 1)
     assert first.metrics[wire.M_STATUS] == wire.ANSWERED
@@ -162,7 +165,6 @@ def test_site_refuses_a_round_past_its_budget_without_training(
     assert m[wire.M_EPSILON] == pytest.approx(after_1, rel=1e-9)
     assert m[wire.M_BUDGET] == pytest.approx(budget)
     assert m[wire.M_TRAIN_S] == 0.0
-    assert wire.M_LOSS not in m
     with PrivacyLedger(site.ledger_path) as ledger:
         assert len(ledger.sessions()) == 1
         assert ledger.budget("site-a") is not None
@@ -170,8 +172,8 @@ def test_site_refuses_a_round_past_its_budget_without_training(
     assert head_path.stat().st_mtime_ns == head_mtime
 
 
-def test_budget_from_config_is_set_once_and_kept_in_the_ledger(site_faces: FaceSet, tmp_path: Path) -> None:
-    cfg = _config(privacy={"epsilon": 4.0, "budget-epsilon": 100.0})
+def test_budget_from_policy_is_set_once_and_kept_in_the_ledger(site_faces: FaceSet, tmp_path: Path) -> None:
+    cfg = _config(privacy={"epsilon": 4.0}, **{"site-policy": {"budget-epsilon": 100.0}})
     site = _site(site_faces, tmp_path, cfg)
     weights = _initial(cfg)
 
@@ -247,7 +249,7 @@ def test_non_private_site_writes_no_ledger_and_reports_no_epsilon(site_faces: Fa
     assert result.examples == 40
     for key in (wire.M_EPSILON, wire.M_DELTA, wire.M_BUDGET, wire.M_REMAINING, wire.M_NOISE):
         assert key not in result.metrics
-    assert np.isfinite(result.metrics[wire.M_LOSS])
+    assert set(result.metrics) <= wire.CLEAR_REPLY_KEYS  # and no training loss among them
     assert result.metrics[wire.M_TRAIN_S] > 0
 
 
@@ -304,11 +306,11 @@ def test_a_grown_plan_recalibrates_the_remaining_rounds_within_the_runs_epsilon(
     site = _site(site_faces, tmp_path, cfg)
     weights = _initial(cfg)
     for r in (1, 2):
-        weights = site.train_round(weights, run_id="run", round_=r, rounds=4, local_epochs=1, lr=1e-3).weights
+        weights = _round(site, weights, r, rounds=4, run_id="run", lr=1e-3).weights
 
     # Act
     for r in (3, 4, 5, 6):
-        res = site.train_round(weights, run_id="run", round_=r, rounds=6, local_epochs=1, lr=1e-3)
+        res = _round(site, weights, r, rounds=6, run_id="run", lr=1e-3)
         weights = res.weights
 
     # Assert: more noise for the added rounds, and the run still ends within its epsilon
@@ -324,7 +326,7 @@ def test_a_round_past_the_plan_is_refused(site_faces: FaceSet, tmp_path: Path) -
     cfg = _config(privacy={"epsilon": 4.0})
     site = _site(site_faces, tmp_path, cfg)
 
-    res = site.train_round(_initial(cfg), run_id="run", round_=3, rounds=2, local_epochs=1, lr=1e-3)
+    res = _round(site, _initial(cfg), 3, rounds=2, run_id="run", lr=1e-3)
 
     assert res.metrics[wire.M_STATUS] == wire.REFUSED and res.examples == 0
     assert res.metrics[wire.M_REASON] == wire.REASON_BUDGET
