@@ -22,10 +22,10 @@ EXIT_CODES: dict[int, str] = {
     5: "unreadable or corrupt image: replace or remove the named file, or set data.on-error = 'skip'",
     6: "unknown data layout: point at an ORL, Yale A, Extended Yale B, Olivetti or ImageFolder directory",
     7: "not enough data for the requested split: lower the split sizes or add images",
-    8: "checkpoint missing or unreadable: pass a checkpoint written by `fedface train`",
+    8: "checkpoint missing or unreadable: pass a checkpoint (or run directory) written by `fedface train` or `fedface simulate`",
     9: "run directory problem: choose a new --out directory or pass --overwrite",
     10: "privacy budget exhausted: the training would exceed the data set's budget; see `fedface privacy status`",
-    11: "privacy ledger unreadable or tampered: restore the ledger file from a backup; never edit it by hand",
+    11: "privacy ledger unreadable, tampered or behind its receipts: restore the newest backup of the ledger; never edit it by hand",
 }
 
 

@@ -138,7 +138,9 @@ def canonical_run_config(run_config: Mapping[str, Any]) -> bytes:
     """The bytes a run-config signature covers: every key but :data:`RUN_SIGNATURE_KEY`,
     as sorted compact JSON, after :data:`RUN_CONFIG_CONTEXT`."""
     body = {str(k): v for k, v in run_config.items() if k != RUN_SIGNATURE_KEY}
-    return RUN_CONFIG_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    # allow_nan: an infinite epsilon (a non-private run, which the sites' policy then refuses)
+    # is a value a run config may carry; "Infinity" is as canonical as any other float's text
+    return RUN_CONFIG_CONTEXT + json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode("utf-8")
 
 
 def sign_run_config(run_config: Mapping[str, Any], key: ed25519.Ed25519PrivateKey) -> str:

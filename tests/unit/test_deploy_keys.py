@@ -161,6 +161,17 @@ def test_fab_signature_is_the_one_flowers_supernode_verifies() -> None:
 RUN_CONFIG = {"scenario": "", "scenario-toml": "[federation]\nrounds = 2\n", "run-dir": "/srv/runs/a", "sites": 0, "rounds": 0, "epsilon": 8.0}
 
 
+def test_a_run_config_asking_for_an_infinite_epsilon_can_be_signed_and_checked() -> None:
+    # `fedface server run --epsilon inf`: signed like any other, then refused by the sites' policy
+    key = new_private_key()
+    config = {**RUN_CONFIG, "epsilon": float("inf")}
+    signed = {**config, RUN_SIGNATURE_KEY: sign_run_config(config, key)}
+
+    assert verify_run_config(signed, [key.public_key()]) == key_id(key.public_key())
+    with pytest.raises(UntrustedAppError, match="does not match"):
+        verify_run_config({**signed, "epsilon": 8.0}, [key.public_key()])
+
+
 def test_run_config_signature_covers_every_key_and_value() -> None:
     key = new_private_key()
     trusted = [key.public_key()]
