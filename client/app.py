@@ -17,6 +17,7 @@ metrics in ``wire.CLEAR_REPLY_KEYS`` travel in the clear, the margin head never 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.common import Context, Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.common import ConfigRecord, Context, Message, MessageType
 
 from fedface.client.trust import trusted_app_mod
 from fedface.common import wire
 from fedface.common.federated import scenario_from_run_config
+from fedface.common.signing import UntrustedAppError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fedface.client.site import Site
@@ -62,6 +66,7 @@ class SiteClient(NumPyClient):
             # set by site_mod from what it saw, never by the server (it drops such keys first)
             secagg=bool(config.get(wire.LOCAL_SECAGG, False)),
             peers=int(config[wire.LOCAL_PEERS]) if wire.LOCAL_PEERS in config else None,
+            pinned_run_id=str(config[wire.LOCAL_RUN_ID]) if wire.LOCAL_RUN_ID in config else None,
         )
         return result.weights, result.examples, result.metrics
 
@@ -71,11 +76,17 @@ class SiteClient(NumPyClient):
 
 
 FIT_CONFIG = "fitins.config"  # where Flower's compatibility layer keeps a FitIns' config
+SITE_STATE = "fedface.site"  # this node's own record in the Flower run's Context.state
 
 
-def _mark_request(msg: Message, *, secagg: bool, peers: int | None) -> None:
+class SecAggRequestError(Exception):
+    """A masked-vector request whose key-share list does not match this site's key agreement."""
+
+
+def _mark_request(msg: Message, ctxt: Context, *, secagg: bool, peers: int | None) -> None:
     """Write what this site saw of a training request into its fit config, after dropping any
-    ``wire.LOCAL_*`` key the server may have put there."""
+    ``wire.LOCAL_*`` key the server may have put there: how it came, with how many peers, and
+    the first fedface run id this Flower run used at this site (the site refuses another)."""
     config = msg.content.config_records.get(FIT_CONFIG)
     if config is None:
         return
@@ -84,6 +95,32 @@ def _mark_request(msg: Message, *, secagg: bool, peers: int | None) -> None:
     config[wire.LOCAL_SECAGG] = secagg
     if peers is not None:
         config[wire.LOCAL_PEERS] = peers
+    if wire.CFG_RUN_ID in config:
+        if SITE_STATE not in ctxt.state.config_records:
+            ctxt.state.config_records[SITE_STATE] = ConfigRecord({"run-id": str(config[wire.CFG_RUN_ID])})
+        config[wire.LOCAL_RUN_ID] = str(ctxt.state.config_records[SITE_STATE]["run-id"])
+
+
+def _secagg_peers(msg: Message, ctxt: Context) -> int:
+    """The sites whose pairwise masks SecAgg+ will add to this site's update, itself included.
+
+    Counted from the masked-vector request's key shares, but only after checking them against
+    the key agreement this site made at the share-keys stage (kept in Flower's SecAgg+ state):
+    each source once, one ciphertext each, every source a neighbour this site shares a key
+    with. Flower's mod trains (and so charges) before it decrypts the shares; a request that
+    fails here is refused before either (:class:`SecAggRequestError`).
+    """
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    sources = [int(x) for x in (configs.get(Key.SOURCE_LIST) or [])]  # type: ignore[union-attr]
+    ciphertexts = list(configs.get(Key.CIPHERTEXT_LIST) or [])  # type: ignore[arg-type]
+    state = ctxt.state.config_records.get(RECORD_KEY_STATE)
+    agreed = {int(x) for x in (state.get("ss2_dict:K") or [])} if state is not None else set()  # type: ignore[union-attr]
+    if len(set(sources)) != len(sources) or len(sources) != len(ciphertexts) or not set(sources) <= agreed:
+        raise SecAggRequestError(
+            f"the masked-vector request lists key shares from {sorted(sources)} ({len(ciphertexts)} ciphertexts), "
+            f"but this site agreed keys with {sorted(agreed)} only: refused before training"
+        )
+    return len(sources) + 1
 
 
 def site_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
@@ -93,20 +130,42 @@ def site_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     masked ones with fewer peers than ``min-peers``).
 
     The peers are counted at SecAgg+'s masked-vector stage: the sites whose encrypted key
-    shares reached this site (their pairwise masks are added to its update) and itself.
-    Flower's mod checks the stage order against the state it keeps, so a server cannot skip
-    the key exchange and claim peers.
+    shares reached this site (their pairwise masks are added to its update) and itself,
+    checked against the keys this site agreed (:func:`_secagg_peers`). Flower's mod checks the
+    stage order against the state it keeps, so a server cannot skip the key exchange. A server
+    that makes up neighbours of its own (Sybil keys) is not caught here: docs/threat-model.md.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         configs = msg.content.config_records[RECORD_KEY_CONFIGS]
         if configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
-            sources = configs.get(Key.SOURCE_LIST) or []
-            _mark_request(msg, secagg=True, peers=len(sources) + 1)  # type: ignore[arg-type]
+            _mark_request(msg, ctxt, secagg=True, peers=_secagg_peers(msg, ctxt))
         return secaggplus_mod(msg, ctxt, call_next)
-    _mark_request(msg, secagg=False, peers=None)
+    _mark_request(msg, ctxt, secagg=False, peers=None)
     return call_next(msg, ctxt)
+
+
+class SiteFailure(Exception):
+    """What the server is told when the site's ClientApp fails: the error's kind, not its text."""
+
+
+#: Errors whose text the server may see (they say nothing about the site's data).
+PUBLIC_ERRORS: tuple[type[Exception], ...] = (UntrustedAppError, SecAggRequestError)
+
+
+def private_errors_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """The outermost mod: an exception inside the ClientApp reaches the server (Flower sends
+    its text in the error reply, in the clear) only as its kind, e.g. ``CorruptImageError``,
+    whose message would name an image file (in an ImageFolder layout, a person's name). The
+    full error goes to the site's own log."""
+    try:
+        return call_next(msg, ctxt)
+    except PUBLIC_ERRORS:
+        raise
+    except Exception as exc:
+        logger.exception("the site's ClientApp failed on a %s message", msg.metadata.message_type)
+        raise SiteFailure(f"the site failed ({type(exc).__name__}); its operator finds the details in the site's log") from None
 
 
 def _site_for_flwr_run(context: Context) -> Site:
@@ -153,6 +212,19 @@ def partition_site(cfg: TrainConfig, cfg_json: str, pid: int, sites_dir: Path, *
 
 #: The ClientApp of ``flwr run`` (``[tool.flwr.app.components]`` in pyproject.toml). A deployed
 #: site first checks that a publisher it trusts signed the run (:mod:`fedface.client.trust`).
-app = ClientApp(client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[trusted_app_mod, site_mod])
+app = ClientApp(
+    client_fn=lambda context: SiteClient(_site_for_flwr_run(context)).to_client(), mods=[private_errors_mod, trusted_app_mod, site_mod]
+)
 
-__all__ = ["FIT_CONFIG", "SiteClient", "app", "partition_site", "site_mod"]
+__all__ = [
+    "FIT_CONFIG",
+    "PUBLIC_ERRORS",
+    "SITE_STATE",
+    "SecAggRequestError",
+    "SiteClient",
+    "SiteFailure",
+    "app",
+    "partition_site",
+    "private_errors_mod",
+    "site_mod",
+]

@@ -24,9 +24,11 @@ A round at a site (:meth:`Site.train_round`):
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,16 +172,25 @@ class Site:
         proximal_mu: float = 0.0,
         secagg: bool = False,
         peers: int | None = None,
+        pinned_run_id: str | None = None,
     ) -> RoundResult:
         """Train one round from the global ``weights``; see the module docstring.
 
-        ``secagg`` and ``peers`` are what the site's own mod saw of the request
-        (:class:`~fedface.client.policy.RoundRequest`); the request is checked against the
-        site's policy first, and refused with a named reason before anything is trained or
-        charged when it asks for more privacy loss than the policy allows.
+        ``secagg``, ``peers`` and ``pinned_run_id`` are what the site's own mod saw of the
+        request (:class:`~fedface.client.policy.RoundRequest`; ``pinned_run_id``: the first run
+        id of this Flower run at this site, which a request may not change: the per-run cap
+        counts the sessions of one run id). The request is checked against the site's policy
+        first, and refused with a named reason before anything is trained or charged when it
+        asks for more privacy loss than the policy allows.
         """
         t0 = time.perf_counter()
         metrics: dict[str, Any] = {wire.M_SITE: self.name, wire.M_EXAMPLES: self.examples}
+        if pinned_run_id is not None and run_id != pinned_run_id:
+            detail = f"this Flower run started as run {pinned_run_id!r} at this site and now asks for run {run_id!r}"
+            return self._refuse(weights, metrics, wire.REASON_RUN_ID, f"{wire.REASON_RUN_ID}: {detail}", round_)
+        if local_epochs < 1 or rounds < 1 or round_ < 1 or not run_id:
+            detail = f"run id {run_id!r}, round {round_} of {rounds}, {local_epochs} local epochs: each must be at least 1"
+            return self._refuse(weights, metrics, wire.REASON_BAD_REQUEST, f"{wire.REASON_BAD_REQUEST}: {detail}", round_)
         pc = self.cfg.privacy
         request = RoundRequest(
             private=pc.enabled,
@@ -194,7 +205,10 @@ class Site:
             return self._refuse(weights, metrics, exc.reason, str(exc), round_)
         mech: Mechanism | None = None
         if pc.enabled:
-            with PrivacyLedger(self.ledger_path) as ledger:
+            # one plan-and-charge at a time per ledger: the run's prior sessions, the per-run
+            # check and the charge must see the same ledger (the lifetime check is also inside
+            # the ledger's own write transaction)
+            with _ledger_lock(self.ledger_path), PrivacyLedger(self.ledger_path) as ledger:
                 ledger.verify()
                 self._apply_budget(ledger)
                 prior = [x.mechanism.history_entry() for x in ledger.sessions(self.dataset) if x.run_id == run_id]
@@ -321,7 +335,9 @@ class Site:
             return
         current = ledger.budget(self.dataset)
         if current is None or current.epsilon > cap or current.delta > self.policy.delta:
-            ledger.set_budget(self.dataset, epsilon=cap, delta=self.policy.delta, accountant=self.policy.accountant)
+            # never raise a smaller budget: the same epsilon at a smaller delta is at least as strict
+            epsilon = cap if current is None else min(cap, current.epsilon)
+            ledger.set_budget(self.dataset, epsilon=epsilon, delta=self.policy.delta, accountant=self.policy.accountant)
 
     @staticmethod
     def _spend_metrics(epsilon: float, delta: float | None, accountant: str, budget: Any, remaining: float | None) -> dict[str, Any]:
@@ -333,6 +349,20 @@ class Site:
         if remaining is not None:
             out[wire.M_REMAINING] = float(remaining)
         return out
+
+
+@contextmanager
+def _ledger_lock(ledger_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<ledger>.lock`` (``fcntl.flock``) while a round is planned and
+    charged, so that two requests to one site cannot both plan from the same prior sessions."""
+    lock = ledger_path.with_name(ledger_path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 __all__ = ["RoundResult", "Site"]

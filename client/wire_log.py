@@ -59,23 +59,33 @@ def describe_message(msg: Message, stage: str | None = None) -> dict[str, Any]:
     return {"message_type": msg.metadata.message_type, "stage": stage, "records": records}
 
 
+def _append(path: Path, entry: dict[str, Any]) -> None:
+    line = json.dumps(entry, sort_keys=True) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(line)
+        fh.flush()
+
+
 def wire_log_mod(path: Path) -> Callable[[Message, Context, Any], Message]:
     """A mod appending every reply of this ClientApp to ``path`` (see the module docstring)."""
     path = Path(path)
 
     def mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
         stage = secagg_stage(msg)  # before the mods below consume the request's SecAgg+ config
-        reply = call_next(msg, ctxt)
+        try:
+            reply = call_next(msg, ctxt)
+        except Exception as exc:
+            # Flower turns the exception into an error reply carrying its text: record that text
+            _append(path, {"node": ctxt.node_id, "message_type": msg.metadata.message_type, "stage": stage,
+                           "error": {"exception": type(exc).__name__, "reason": str(exc)}})
+            raise
         if reply.has_error():
             entry = {"message_type": msg.metadata.message_type, "stage": stage, "error": {"code": reply.error.code, "reason": reply.error.reason}}
         else:
             entry = describe_message(reply, stage)
-        line = json.dumps({"node": ctxt.node_id, **entry}, sort_keys=True) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            fh.write(line)
-            fh.flush()
+        _append(path, {"node": ctxt.node_id, **entry})
         return reply
 
     return mod

@@ -30,6 +30,7 @@ CFG_PROXIMAL_MU: Final = "fedface.proximal-mu"
 LOCAL_PREFIX: Final = "fedface.local."  # any incoming key with this prefix is dropped first
 LOCAL_SECAGG: Final = "fedface.local.secagg"  # True: the request came through SecAgg+'s stages
 LOCAL_PEERS: Final = "fedface.local.peers"  # sites whose masks are tied to this one's (itself included)
+LOCAL_RUN_ID: Final = "fedface.local.run-id"  # the first fedface run id this Flower run used at the site
 
 # --- reply metrics: site -> server --------------------------------------------------------------
 M_SITE: Final = "site"
@@ -68,8 +69,12 @@ REASON_NON_PRIVATE: Final = "policy: non-private round"
 REASON_EPSILON_PER_RUN: Final = "policy: epsilon-per-run"
 REASON_DELTA: Final = "policy: delta"
 REASON_PEERS: Final = "policy: too few peers"
+REASON_RUN_ID: Final = "policy: run id changed"  # one Flower run is one fedface run: no fresh id per round
+REASON_BAD_REQUEST: Final = "policy: malformed round config"
 #: Reasons after which a site will refuse every later round of the same run: not asked again.
-FINAL_REASONS: Final = frozenset({REASON_BUDGET, REASON_SECAGG, REASON_NON_PRIVATE, REASON_EPSILON_PER_RUN, REASON_DELTA})
+FINAL_REASONS: Final = frozenset(
+    {REASON_BUDGET, REASON_SECAGG, REASON_NON_PRIVATE, REASON_EPSILON_PER_RUN, REASON_DELTA, REASON_RUN_ID}
+)
 
 __all__ = [
     "ANSWERED",
@@ -84,6 +89,7 @@ __all__ = [
     "FINAL_REASONS",
     "LOCAL_PEERS",
     "LOCAL_PREFIX",
+    "LOCAL_RUN_ID",
     "LOCAL_SECAGG",
     "M_ACCOUNTANT",
     "M_BUDGET",
@@ -100,11 +106,13 @@ __all__ = [
     "M_STATUS",
     "M_STEPS",
     "M_TRAIN_S",
+    "REASON_BAD_REQUEST",
     "REASON_BUDGET",
     "REASON_DELTA",
     "REASON_EPSILON_PER_RUN",
     "REASON_NON_PRIVATE",
     "REASON_PEERS",
+    "REASON_RUN_ID",
     "REASON_SECAGG",
     "REFUSED",
     "Status",

@@ -40,7 +40,7 @@ from flwr.common import Context
 from fedface.common.checkpoint import load_checkpoint
 from fedface.common.config import TrainConfig
 from fedface.common.federated import federation_data
-from fedface.common.errors import RunDirError
+from fedface.common.errors import ConfigError, RunDirError
 from fedface.common.io import atomic_write_json, atomic_write_toml
 from fedface.common.models import build_encoder, encoder_weights
 from fedface.simulations.engine import prompt_dispatch
@@ -94,9 +94,15 @@ def ledger_dir_for(root: Path, cfg: TrainConfig, fed: Any) -> Path:
     hash of the site partition (which images each site holds), so that every simulation of the
     same sites on the same faces composes into the same ledgers, and another partition of the
     same faces (other sites, other people per site) gets its own."""
-    sites = [sorted(fed.train.sources[int(i)] for i in site) for site in fed.partition.sites]
+    data = Path(cfg.data.root).resolve()
+
+    def rel(source: str) -> str:  # relative to the data root: a moved or copied data set keeps its ledgers
+        path = Path(source).resolve()
+        return path.relative_to(data).as_posix() if path.is_relative_to(data) else path.as_posix()
+
+    sites = [sorted(rel(fed.train.sources[int(i)]) for i in site) for site in fed.partition.sites]
     digest = hashlib.sha256(json.dumps(sites, separators=(",", ":")).encode()).hexdigest()[:12]
-    return root / f"{Path(cfg.data.root).resolve().name}-{len(sites)}sites-{digest}"
+    return root / f"{data.name}-{len(sites)}sites-{digest}"
 
 
 def _run_ledgers(run_dir: Path, cfg: TrainConfig, fed: Any, ledger_dir: Path | None) -> Path | None:
@@ -148,7 +154,7 @@ def simulated_client_app(cfg_json: str, sites_dir: str, ledgers_dir: str = "", w
 
 @functools.lru_cache(maxsize=4)
 def _simulated_client_app(cfg_json: str, sites_dir: str, ledgers_dir: str, wire_log: str) -> ClientApp:
-    from fedface.client.app import SiteClient, partition_site, site_mod
+    from fedface.client.app import SiteClient, partition_site, private_errors_mod, site_mod
 
     cfg = TrainConfig.from_mapping(json.loads(cfg_json))
     root = Path(sites_dir)
@@ -159,7 +165,9 @@ def _simulated_client_app(cfg_json: str, sites_dir: str, ledgers_dir: str, wire_
         site = partition_site(cfg, cfg_json, int(context.node_config["partition-id"]), root, ledgers_dir=ledgers)
         return SiteClient(site).to_client()
 
-    mods: list[Any] = [site_mod]  # SecAgg+ for the requests that carry it; the site's policy decides the rest
+    # errors reach the server as their kind only; SecAgg+ for the requests that carry it; the
+    # site's policy decides the rest
+    mods: list[Any] = [private_errors_mod, site_mod]
     if wire_log:
         from fedface.client.wire_log import wire_log_mod
 
@@ -210,6 +218,11 @@ def run_federated(
 
     t0 = time.perf_counter()
     fc = cfg.federation
+    if cfg.privacy.budget_epsilon is not None:
+        raise ConfigError(
+            "privacy.budget-epsilon is not used by federated sites (it is `fedface train`'s): "
+            "set the sites' lifetime budget as [site-policy] budget-epsilon in the scenario"
+        )
     first_round = 1
     if resume:
         run_dir = out_dir.resolve()

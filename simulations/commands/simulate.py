@@ -123,10 +123,10 @@ def simulate(
         )
         refusals = result.refusals()
         if refusals and result.completed:  # (an incomplete run's error names them)
-            err_console.print("sites refused or failed: " + "; ".join(f"{escape(reason)} ({n} site-rounds)" for reason, n in refusals.items()))
+            err_console.print("sites refused or failed: " + "; ".join(f"{escape(reason)} ({n} site-rounds)" for reason, n in refusals.items()), soft_wrap=True)
         if not result.completed:
             hint = escape(_refusal_hint(refusals))
-            err_console.print(f"[red]run incomplete[/]: {escape(str(result.error))} (run directory {run_dir}){hint}")
+            err_console.print(f"[red]run incomplete[/]: {escape(str(result.error))} (run directory {run_dir}){hint}", soft_wrap=True)
             raise typer.Exit(1)
     life = max((r["max_lifetime_epsilon"] for r in result.history if r.get("max_lifetime_epsilon") is not None), default=None)
     err_console.print(

@@ -41,19 +41,24 @@ FITRES_OTHER = {"fitres.num_examples": {"num_examples"}, "fitres.status": {"code
 FITRES_ARRAYS = "fitres.parameters"
 
 
-@pytest.fixture(scope="module")
-def wire_log(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("wire")
-    cfg = TrainConfig.from_mapping(
+def _scenario(orl_root: Path, **federation: Any) -> TrainConfig:
+    """3 sites of 4 ORL people at 32x32, a tiny encoder, one round, SecAgg+, DP at epsilon 8."""
+    return TrainConfig.from_mapping(
         {
             "data": {"root": str(orl_root), "image-size": [32, 32]},
             "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 2},
             "evaluation": {"shift-tta": 0, "occlusion-box": 8},
             "training": {"batch-size": 16, "device": "cpu"},
             "privacy": {"epsilon": 8.0},
-            "federation": {"sites": 3, "rounds": 1, "identities-per-site": 4, "test-identities": 10, "secagg": True},
+            "federation": {"sites": 3, "rounds": 1, "identities-per-site": 4, "test-identities": 10, "secagg": True, **federation},
         }
     )
+
+
+@pytest.fixture(scope="module")
+def wire_log(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("wire")
+    cfg = _scenario(orl_root)
     log = tmp / "wire.jsonl"
     result = run_federated(cfg, out_dir=tmp / "run", wire_log=log)
     assert result.completed, result.error
@@ -108,3 +113,19 @@ def test_each_site_ran_every_secagg_stage_and_sent_its_masked_update(wire_log: l
 
 def test_the_clear_list_has_no_training_loss() -> None:
     assert not any("loss" in key for key in wire.CLEAR_REPLY_KEYS)
+
+
+def test_a_round_with_fewer_updates_than_min_sites_per_aggregate_is_never_unmasked(tmp_path: Path, orl_root: Path) -> None:
+    # three sites train, but the server needs four updates in a sum: it must stop before unmasking
+    from fedface.server.app import too_few_reason
+
+    cfg = _scenario(orl_root, **{"min-sites-per-aggregate": 4})
+    log = tmp_path / "wire.jsonl"
+
+    result = run_federated(cfg, out_dir=tmp_path / "run", wire_log=log)
+
+    stages = [json.loads(line).get("stage") for line in log.read_text().splitlines()]
+    assert stages.count(Stage.COLLECT_MASKED_VECTORS) == 3  # each site trained and sent its masked vector
+    assert Stage.UNMASK not in stages  # ... and no site was asked for the shares that unmask the sum
+    assert not result.completed
+    assert result.history[0]["reasons"] == {too_few_reason(3, 4): 3}

@@ -14,18 +14,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.common import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 import fedface.client.site as site_module
-from fedface.client.app import FIT_CONFIG, site_mod
+from fedface.client.app import FIT_CONFIG, SecAggRequestError, SiteFailure, private_errors_mod, site_mod
 from fedface.client.policy import PolicyRefusal, RoundRequest, check_request
 from fedface.client.site import Site
 from fedface.client.siteconfig import SiteConfig
 from fedface.common import wire
 from fedface.common.config import SitePolicyConfig, TrainConfig
 from fedface.common.data import FaceSet, load_faces
-from fedface.common.errors import ConfigError
+from fedface.common.errors import ConfigError, CorruptImageError
 from fedface.common.models import build_encoder, encoder_weights
 from fedface.common.privacy.ledger import PrivacyLedger
 
@@ -130,7 +130,8 @@ def test_a_new_run_id_per_round_gains_nothing_past_the_lifetime_budget(faces: Fa
     assert _sessions(site.ledger_path) == answered
     with PrivacyLedger(site.ledger_path) as ledger:
         assert ledger.spend("site-a").epsilon <= 6.0
-    assert sum(r.metrics[wire.M_RUN_EPSILON] for r in results[:answered]) + 4.0 > 6.0
+    # the refused run alone would have fitted its per-run cap: only the lifetime budget stops it
+    assert all(r.metrics[wire.M_REMAINING] < 4.0 for r in results[answered:])
 
 
 def test_the_server_may_ask_for_less_privacy_loss(faces: FaceSet, tmp_path: Path) -> None:
@@ -159,15 +160,18 @@ def test_non_private_rounds_only_when_the_policy_allows_them(faces: FaceSet, tmp
     assert not site.ledger_path.exists()
 
 
-def test_a_smaller_budget_already_in_the_ledger_is_kept(faces: FaceSet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ledger_delta", [1e-5, 1e-3])
+def test_a_smaller_budget_already_in_the_ledger_is_kept(faces: FaceSet, tmp_path: Path, ledger_delta: float) -> None:
+    # (at a larger delta than the policy's, the budget is re-recorded at the policy's delta, never raised)
     cfg = _config()
     with PrivacyLedger(tmp_path / "ledger.sqlite") as ledger:
-        ledger.set_budget("site-a", epsilon=5.0, delta=1e-5)
+        ledger.set_budget("site-a", epsilon=5.0, delta=ledger_delta)
     site = _site(faces, tmp_path, cfg, SitePolicyConfig(budget_epsilon=50.0))
 
     result = _train(site, cfg)
 
     assert result.metrics[wire.M_BUDGET] == 5.0
+    assert result.metrics[wire.M_DELTA] == 1e-5
 
 
 def test_check_request_min_peers_counts_this_site() -> None:
@@ -207,13 +211,30 @@ def test_site_mod_drops_local_keys_the_server_sends_on_a_clear_request() -> None
 
     msg = _train_message(secagg_stage=None, injected={wire.LOCAL_SECAGG: True, wire.LOCAL_PEERS: 99, "fedface.local.other": 1})
 
-    site_mod(msg, None, call_next)  # type: ignore[arg-type]
+    site_mod(msg, _context(), call_next)
 
     assert seen[wire.LOCAL_SECAGG] is False
     assert wire.LOCAL_PEERS not in seen and "fedface.local.other" not in seen
 
 
-def test_site_mod_counts_peers_at_the_masked_vector_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+def _context(*, agreed: list[int] | None = None, node_config: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None) -> Context:
+    """A node's Flower context; ``agreed``: the neighbours this site agreed SecAgg+ keys with."""
+    state = RecordDict()
+    if agreed is not None:
+        state.config_records[RECORD_KEY_STATE] = ConfigRecord({"ss2_dict:K": agreed, "ss2_dict:V": [b"k" * 32] * len(agreed)})
+    return Context(run_id=1, node_id=10, node_config=node_config or {}, state=state, run_config=run_config or {})
+
+
+def _masked_vector_request(sources: list[int], ciphertexts: int | None = None, injected: dict[str, Any] | None = None) -> Message:
+    msg = _train_message(secagg_stage=None, injected={wire.CFG_RUN_ID: "run", **(injected or {})})
+    n = len(sources) if ciphertexts is None else ciphertexts
+    msg.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(
+        {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: sources, Key.CIPHERTEXT_LIST: [b"c"] * n}
+    )
+    return msg
+
+
+def _seen_by_secaggplus(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     import fedface.client.app as app_module
 
     seen: dict[str, Any] = {}
@@ -223,12 +244,107 @@ def test_site_mod_counts_peers_at_the_masked_vector_stage(monkeypatch: pytest.Mo
         return msg
 
     monkeypatch.setattr(app_module, "secaggplus_mod", fake_secaggplus)
-    msg = _train_message(secagg_stage=Stage.COLLECT_MASKED_VECTORS, injected={wire.LOCAL_PEERS: 99})
+    return seen
 
-    site_mod(msg, None, lambda m, c: m)  # type: ignore[arg-type]
+
+def test_site_mod_counts_the_peers_it_agreed_keys_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _seen_by_secaggplus(monkeypatch)
+
+    site_mod(_masked_vector_request([11, 12, 13, 14], injected={wire.LOCAL_PEERS: 99}), _context(agreed=[11, 12, 13, 14]), lambda m, c: m)
 
     assert seen[wire.LOCAL_SECAGG] is True
-    assert seen[wire.LOCAL_PEERS] == 5  # four sources whose shares arrived, and this site
+    assert seen[wire.LOCAL_PEERS] == 5  # four neighbours whose shares arrived, and this site
+
+
+@pytest.mark.parametrize(
+    ("sources", "ciphertexts"),
+    [
+        pytest.param([11, 11], None, id="a-repeated-source"),  # the same pairwise mask twice: a sum of two passing as three
+        pytest.param([11, 77], None, id="a-source-without-an-agreed-key"),
+        pytest.param([11, 12], 1, id="fewer-ciphertexts-than-sources"),
+    ],
+)
+def test_site_mod_refuses_a_masked_vector_request_that_does_not_match_its_key_agreement_before_training(
+    monkeypatch: pytest.MonkeyPatch, sources: list[int], ciphertexts: int | None
+) -> None:
+    seen = _seen_by_secaggplus(monkeypatch)
+
+    with pytest.raises(SecAggRequestError, match="refused before training"):
+        site_mod(_masked_vector_request(sources, ciphertexts), _context(agreed=[11, 12]), lambda m, c: m)
+
+    assert seen == {}  # Flower's mod (which trains first) was never called
+
+
+def test_site_mod_pins_the_first_run_id_of_a_flower_run() -> None:
+    ctxt = _context()
+    seen: list[dict[str, Any]] = []
+
+    def call_next(msg: Message, _ctxt: Any) -> Message:
+        seen.append(dict(msg.content.config_records[FIT_CONFIG]))
+        return msg
+
+    for run_id in ("run-a", "run-b"):
+        site_mod(_train_message(secagg_stage=None, injected={wire.CFG_RUN_ID: run_id, wire.LOCAL_RUN_ID: run_id}), ctxt, call_next)
+
+    assert [c[wire.LOCAL_RUN_ID] for c in seen] == ["run-a", "run-a"]
+
+
+def test_a_new_run_id_within_one_flower_run_is_refused(faces: FaceSet, tmp_path: Path, no_training: None) -> None:
+    # the per-run cap counts one run id's sessions: a server may not rotate ids inside a run
+    cfg = _config()
+    site = _site(faces, tmp_path, cfg, POLICY)
+
+    result = site.train_round(
+        _weights(cfg), run_id="run-b", round_=2, rounds=2, local_epochs=1, lr=1e-2, secagg=True, peers=3, pinned_run_id="run-a"
+    )
+
+    assert (result.metrics[wire.M_STATUS], result.metrics[wire.M_REASON]) == (wire.REFUSED, wire.REASON_RUN_ID)
+    assert _sessions(site.ledger_path) == 0
+
+
+@pytest.mark.parametrize(("local_epochs", "rounds", "round_"), [(0, 2, 1), (-1, 2, 1), (1, 0, 1), (1, 2, 0)])
+def test_a_malformed_round_config_is_refused_before_anything_is_charged(
+    faces: FaceSet, tmp_path: Path, no_training: None, local_epochs: int, rounds: int, round_: int
+) -> None:
+    cfg = _config(privacy={"noise-multiplier": 1.0, "epsilon": None})
+    site = _site(faces, tmp_path, cfg, POLICY)
+
+    result = site.train_round(_weights(cfg), run_id="run", round_=round_, rounds=rounds, local_epochs=local_epochs, lr=1e-2, secagg=True, peers=3)
+
+    assert result.metrics[wire.M_REASON] == wire.REASON_BAD_REQUEST
+    assert _sessions(site.ledger_path) == 0
+
+
+def test_private_errors_mod_sends_the_server_only_the_kind_of_a_site_error() -> None:
+    def fails(_msg: Message, _ctxt: Any) -> Message:
+        raise CorruptImageError(Path("/data/faces/alice_smith/001.jpg"), "truncated")
+
+    with pytest.raises(SiteFailure) as caught:
+        private_errors_mod(_train_message(secagg_stage=None, injected={}), _context(), fails)
+
+    assert "CorruptImageError" in str(caught.value)
+    assert "alice" not in str(caught.value)
+
+
+def test_a_deployed_site_takes_its_own_policy_and_name_not_the_scenarios(tmp_path: Path, orl_root: Path) -> None:
+    # a scenario (the server's word) with a permissive [site-policy] and another data set name
+    import tomli_w
+
+    import fedface.client.app as app_module
+
+    scenario = {**TINY, "privacy": {"epsilon": 4.0, "dataset": "fresh-name", "ledger": str(tmp_path / "elsewhere.sqlite")},
+                "site-policy": {"allow-non-private": True, "require-secagg": False, "min-peers": 1}}
+    site_toml = tmp_path / "site.toml"
+    site_toml.write_text(f'name = "hospital-a"\ndata = "{orl_root}"\nstate-dir = "state"\n[policy]\nbudget-epsilon = 5.0\n')
+
+    site = app_module._site_for_flwr_run(
+        _context(node_config={"site-config": str(site_toml)}, run_config={"scenario-toml": tomli_w.dumps(scenario)})
+    )
+
+    assert site.policy == SiteConfig.from_toml(site_toml).policy
+    assert not site.policy.allow_non_private and site.policy.require_secagg and site.policy.min_peers == 3
+    assert site.dataset == "hospital-a"
+    assert site.ledger_path == tmp_path / "state" / "ledger.sqlite"
 
 
 # --- a deployed site's config: its policy, with a budget ----------------------------------------
