@@ -11,8 +11,12 @@ adds to a round is timed inside those real rounds, not apart from them:
   :func:`~fedface.client.policy.check_run_epsilon`),
 - composing the run's own spend for the reply (``compute_epsilon``).
 
-Reported per round (median over the rounds after the first, which also builds the ledger):
-``policy_s``, ``round_s`` (the whole round: policy, ledger charge, training) and their ratio.
+Timed apart, as the other new per-round work: issuing and signing the round's ledger receipt
+(``issue_receipt``; the key is loaded once per site).
+
+Reported per round (median over the rounds after the first, which also builds the ledger and
+the receipt key): ``policy_s``, ``receipt_s``, ``round_s`` (the whole round: policy, ledger
+charge, receipt, training) and the ratios ``policy_over_round``, ``receipt_over_round``.
 The site mod's bookkeeping (a few dictionary writes per message) and the server's count of
 updates before unmasking are not timed: both are far below a millisecond.
 """
@@ -76,7 +80,9 @@ def policy(
         fed = federation_data(cfg)
         site = Site(site_name(0), cfg, fed.site_faces(0), Path(tmp) / "state", Path(tmp) / "ledger.sqlite",
                     policy=cfg.site_policy.model_copy(update={"budget_epsilon": 100.0, "epsilon_per_run": epsilon}))
-        timer = _Timer()
+        timer, receipts = _Timer(), _Timer()
+        saved_receipt = site_module.issue_receipt
+        site_module.issue_receipt = receipts.wrap(saved_receipt)  # type: ignore[assignment]
         saved = (site_module.check_request, site_module.check_run_epsilon, site_module.compute_epsilon, Site._apply_budget)
         site_module.check_request = timer.wrap(saved[0])  # type: ignore[assignment]
         site_module.check_run_epsilon = timer.wrap(saved[1])  # type: ignore[assignment]
@@ -84,23 +90,29 @@ def policy(
         Site._apply_budget = timer.wrap(saved[3])  # type: ignore[method-assign]
         torch.manual_seed(cfg.training.seed)
         weights = encoder_weights(build_encoder(cfg.model, image_size=cfg.data.image_size))
-        policy_s, round_s = [], []
+        policy_s, receipt_s, round_s = [], [], []
         try:
             for r in range(1, rounds + 1):
-                timer.seconds = 0.0
+                timer.seconds = receipts.seconds = 0.0
                 t0 = time.perf_counter()
                 result = site.train_round(weights, run_id="bench-policy", round_=r, rounds=rounds,
                                           local_epochs=cfg.federation.local_epochs, lr=cfg.training.lr, secagg=True, peers=sites)
                 round_s.append(time.perf_counter() - t0)
                 policy_s.append(timer.seconds)
+                receipt_s.append(receipts.seconds)
                 if result.examples == 0:
                     raise RuntimeError(f"the site refused round {r}: {result.metrics}")
                 weights = result.weights
-                err_console.print(f"round {r}/{rounds}: round {round_s[-1]:.2f} s, policy checks {policy_s[-1] * 1e3:.2f} ms")
+                err_console.print(
+                    f"round {r}/{rounds}: round {round_s[-1]:.2f} s, policy checks {policy_s[-1] * 1e3:.2f} ms, "
+                    f"receipt {receipt_s[-1] * 1e3:.2f} ms"
+                )
         finally:
             site_module.check_request, site_module.check_run_epsilon, site_module.compute_epsilon, Site._apply_budget = saved  # type: ignore[assignment, method-assign]
+            site_module.issue_receipt = saved_receipt  # type: ignore[assignment]
     later = slice(1, None) if rounds > 1 else slice(None)
     med_policy, med_round = statistics.median(policy_s[later]), statistics.median(round_s[later])
+    med_receipt = statistics.median(receipt_s[later])
     result_json = {
         "bench": "policy",
         "site_images": site.examples,
@@ -109,10 +121,16 @@ def policy(
         "policy_s": med_policy,
         "round_s": med_round,
         "policy_over_round": med_policy / med_round,
+        "receipt_s": med_receipt,
+        "receipt_over_round": med_receipt / med_round,
         "policy_s_all": policy_s,
+        "receipt_s_all": receipt_s,
         "round_s_all": round_s,
     }
-    err_console.print(f"policy checks {med_policy * 1e3:.2f} ms of a {med_round:.2f} s round ({100 * med_policy / med_round:.3f}%)")
+    err_console.print(
+        f"policy checks {med_policy * 1e3:.2f} ms and receipt {med_receipt * 1e3:.2f} ms of a {med_round:.2f} s round "
+        f"({100 * med_policy / med_round:.3f}% and {100 * med_receipt / med_round:.3f}%)"
+    )
     print_json(result_json)
 
 

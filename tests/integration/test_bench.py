@@ -151,3 +151,21 @@ def test_bench_federated_pairs_each_kind_of_round_and_leaves_out_the_first() -> 
 
     assert _paired_seconds(history, secagg=True) == 2.0  # rounds 3, 5, 7
     assert _paired_seconds(history, secagg=False) == 1.5  # rounds 2, 4, 6
+
+
+# --- fedface bench policy -----------------------------------------------------------------------
+
+
+def test_bench_policy_times_the_checks_inside_real_rounds(orl_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_MODEL + "[privacy]\nepsilon = 8.0\n[federation]\nlocal-epochs = 1\n")
+
+    result = CliRunner().invoke(app, ["bench", "policy", "--orl", str(orl_root), "--scenario", str(config), "--rounds", "3"])
+
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(figures["policy_s_all"]) == len(figures["receipt_s_all"]) == len(figures["round_s_all"]) == 3
+    # every round did the policy's work and signed a receipt, inside a round that took longer
+    assert all(0 < p < r for p, r in zip(figures["policy_s_all"], figures["round_s_all"], strict=True))
+    assert all(0 < p < r for p, r in zip(figures["receipt_s_all"], figures["round_s_all"], strict=True))
+    assert figures["policy_over_round"] == pytest.approx(figures["policy_s"] / figures["round_s"])
