@@ -255,10 +255,13 @@ def run_federated(
             from fedface.simulations.centralized import load_encoder_init
 
             load_encoder_init(encoder, cfg)
+        # the faces next, as an absolute path (the run's config then works from any directory):
+        # missing or unreadable data is refused before a run directory is made or replaced
+        cfg = cfg.with_overrides({"data.root": str(Path(cfg.data.root).resolve())})
+        fed = federation_data(cfg)
         _prepare_run_dir(out_dir, overwrite)
         run_dir = out_dir.resolve()
         atomic_write_toml(run_dir / "config.toml", cfg.to_toml_dict())
-        fed = federation_data(cfg)
         fed.split.save(run_dir / "split.json", fed.faces)
         fed.partition.save(run_dir / "partition.json", fed.train)
         ledgers = ledger_dir_for((ledger_dir or default_ledger_dir()).expanduser().resolve(), cfg, fed)

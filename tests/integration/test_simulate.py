@@ -304,6 +304,21 @@ def test_simulate_bad_scenario_key_exits_3_with_one_line(tmp_path: Path, orl_roo
     assert not (tmp_path / "run").exists()
 
 
+def test_simulate_on_missing_faces_exits_4_and_leaves_no_run_directory_and_keeps_an_old_one(tmp_path: Path, orl_root: Path) -> None:
+    scenario = _scenario(tmp_path, tmp_path / "no-such-faces")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text("{}")
+
+    fresh = _simulate(scenario, tmp_path / "new")
+    over = _simulate(scenario, old, "--overwrite")
+
+    assert fresh.exit_code == over.exit_code == 4
+    assert "DataNotFoundError" in fresh.stderr
+    assert not (tmp_path / "new").exists()  # a retry is not refused as "already holds a run"
+    assert (old / "metrics.json").read_text() == "{}"  # nothing lost
+
+
 def test_simulate_into_an_existing_run_dir_without_overwrite_exits_9(tmp_path: Path, orl_root: Path) -> None:
     scenario = _scenario(tmp_path, orl_root)
     out = tmp_path / "run"
