@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
+from fedface.common import wire
 from fedface.common.privacy.accounting import format_epsilon
 from fedface.common.config import TrainConfig
 from fedface.simulations.bench.common import scenario_config
@@ -140,8 +141,6 @@ def simulate(
 
 def _refusal_hint(refusals: dict[str, int]) -> str:
     """What to change when the simulated sites' policy refused the run."""
-    from fedface.common import wire
-
     hints = {
         wire.REASON_NON_PRIVATE: "pass --allow-non-private (or set [site-policy] allow-non-private = true) for a non-private run",
         wire.REASON_SECAGG: "set [site-policy] require-secagg = false in the scenario to let simulated sites send clear updates",

@@ -376,3 +376,22 @@ def test_a_deployed_site_config_reads_its_policy(tmp_path: Path) -> None:
 def test_policy_rejects_a_per_run_cap_above_the_budget() -> None:
     with pytest.raises(ValueError, match="cannot exceed budget-epsilon"):
         SitePolicyConfig(budget_epsilon=2.0, epsilon_per_run=3.0)
+
+
+def test_planning_and_charging_wait_for_the_ledger_lock(faces: FaceSet, tmp_path: Path) -> None:
+    # another request of the same site holds the ledger: this one may not plan from the same prior sessions
+    import threading
+
+    cfg = _config(privacy={"noise-multiplier": 1.0, "epsilon": None})
+    site = _site(faces, tmp_path, cfg, POLICY)
+    done: list[Any] = []
+
+    with site_module._ledger_lock(site.ledger_path):
+        worker = threading.Thread(target=lambda: done.append(_train(site, cfg)))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and _sessions(site.ledger_path) == 0  # waiting, nothing charged
+    worker.join(timeout=60)
+
+    assert done and done[0].metrics[wire.M_STATUS] == wire.ANSWERED
+    assert _sessions(site.ledger_path) == 1
