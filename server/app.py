@@ -382,6 +382,15 @@ def run_rounds(grid: Any, context: Context, rounds: FedFaceRounds, initial: list
         workflow(grid, legacy)
 
 
+def reason_counts(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Each reason sites gave for refusing or failing over the rounds of ``history``, with its
+    count of site-rounds."""
+    total = Counter[str]()
+    for row in history:
+        total.update(row.get("reasons", {}))
+    return dict(total)
+
+
 def run_outcome(history: list[dict[str, Any]], planned: int) -> tuple[str, str | None]:
     """A finished run's status and error from its rounds: failed unless every planned round was
     recorded and at least one aggregated an update (Flower finishes a run whose every site
@@ -389,10 +398,7 @@ def run_outcome(history: list[dict[str, Any]], planned: int) -> tuple[str, str |
     if len(history) != planned:
         return "failed", f"{len(history)} of {planned} rounds completed: see the log above"
     if all(r["answered"] == 0 for r in history):
-        reasons = Counter[str]()
-        for r in history:
-            reasons.update(r.get("reasons", {}))
-        why = "; ".join(f"{reason} ({n} site-rounds)" for reason, n in reasons.items()) or "no site answered"
+        why = "; ".join(f"{reason} ({n} site-rounds)" for reason, n in reason_counts(history).items()) or "no site answered"
         return "failed", f"no round aggregated any site's update: {why}"
     return "completed", None
 
@@ -455,6 +461,7 @@ __all__ = [
     "app",
     "make_server_app",
     "make_strategy",
+    "reason_counts",
     "run_outcome",
     "run_rounds",
     "secagg_workflow",

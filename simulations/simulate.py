@@ -76,11 +76,9 @@ class FederatedResult:
 
     def refusals(self) -> dict[str, int]:
         """Each reason sites gave for refusing or failing, with its count of site-rounds."""
-        total: dict[str, int] = {}
-        for row in self.history:
-            for reason, n in row.get("reasons", {}).items():
-                total[reason] = total.get(reason, 0) + int(n)
-        return total
+        from fedface.server.app import reason_counts
+
+        return reason_counts(self.history)
 
 
 def default_ledger_dir() -> Path:
