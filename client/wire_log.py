@@ -1,5 +1,8 @@
 """A site's wire log: every message the site sends, as it leaves the ClientApp, in JSON lines.
 
+Template traffic (enrollments, revocations and queries to the encrypted gallery) goes to the same
+log through :func:`log_envelope`, one line per envelope: its header fields and part sizes.
+
 For auditing what a site really sends (``tests/integration/test_wire_audit.py`` checks it
 against :data:`fedface.common.wire.CLEAR_REPLY_KEYS`; an operator can switch it on to see it
 for themselves). It is the outermost mod, so it records the reply after SecAgg+ has masked it:
@@ -68,6 +71,27 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
         fh.flush()
 
 
+def describe_envelope(data: bytes) -> dict[str, Any]:
+    """What a template envelope (enrollment, revocation, query) carries, as the wire log records
+    it: every header field (scalars in full, lists by size and element type) and each part's size."""
+    from fedface.common.crypto.envelope import parse_envelope
+
+    header_bytes, _, parts = parse_envelope(data)
+    header = json.loads(header_bytes)
+    return {
+        "message_type": f"gallery.{header.get('kind')}",
+        "stage": None,
+        "header": {k: _describe(v) for k, v in header.items()},
+        "parts": [len(p) for p in parts],
+        "bytes": len(data),
+    }
+
+
+def log_envelope(path: Path, site: str, data: bytes) -> None:
+    """Append one template envelope a site sends to its wire log (same file and format as the mod)."""
+    _append(Path(path), {"node": site, **describe_envelope(data)})
+
+
 def wire_log_mod(path: Path) -> Callable[[Message, Context, Any], Message]:
     """A mod appending every reply of this ClientApp to ``path`` (see the module docstring)."""
     path = Path(path)
@@ -91,4 +115,4 @@ def wire_log_mod(path: Path) -> Callable[[Message, Context, Any], Message]:
     return mod
 
 
-__all__ = ["describe_message", "secagg_stage", "wire_log_mod"]
+__all__ = ["describe_envelope", "describe_message", "log_envelope", "secagg_stage", "wire_log_mod"]

@@ -26,6 +26,8 @@ EXIT_CODES: dict[int, str] = {
     9: "run directory problem: choose a new --out directory or pass --overwrite",
     10: "privacy budget exhausted: the training would exceed the data set's budget; see `fedface privacy status`",
     11: "privacy ledger unreadable, tampered or behind its receipts: restore the newest backup of the ledger; never edit it by hand",
+    12: "encrypted template or search refused (tampered, unsigned, replayed, wrong parameters or unknown site): nothing was stored; re-send from the site",
+    13: "key file missing, unreadable or locked: create it with `fedface keys`, or set FEDFACE_KEY_PASSPHRASE for a passphrase-protected key",
 }
 
 
@@ -111,6 +113,18 @@ class LedgerError(FedFaceError):
     exit_code = 11
 
 
+class TemplateError(FedFaceError):
+    """An encrypted-template upload, revocation, query or result was refused; nothing stored changed."""
+
+    exit_code = 12
+
+
+class KeyFileError(FedFaceError):
+    """A key file is missing, unreadable, malformed, or locked with a passphrase that was not given."""
+
+    exit_code = 13
+
+
 __all__ = [
     "EXIT_CODES",
     "BudgetExhaustedError",
@@ -119,8 +133,10 @@ __all__ = [
     "CorruptImageError",
     "DataNotFoundError",
     "FedFaceError",
+    "KeyFileError",
     "LedgerError",
     "RunDirError",
     "SplitError",
+    "TemplateError",
     "UnknownLayoutError",
 ]

@@ -1,0 +1,340 @@
+"""The encrypted gallery: templates stored and searched under encryption, at the server.
+
+The server holds the public template keys (parameters, public, relinearisation and Galois
+keys), never the secret key: it can store, add and multiply ciphertexts, and can read none.
+
+Storage (``gallery.sqlite``, beside the run store)
+    ``blocks``: one row per enrolled block (up to 4,096 templates of one site): the site, the
+    key set (``context``) and encoder version (``encoder``) it was made under, its labels (the
+    site's pseudonymous person ids) and its ciphertexts. ``events``: an append-only log of
+    every request, accepted or refused, with the reason. ``nonces``: what replay protection has
+    seen (:class:`~fedface.common.crypto.envelope.NonceStore`). ``secure_delete`` is on, so a
+    revoked block's bytes are overwritten, not just unlinked. Every change is one transaction:
+    a refused or failed upload leaves the gallery exactly as it was, and searchable.
+
+Versions
+    A query names its key set and encoder; it is searched against the blocks enrolled under
+    exactly those, so a template of one encoder is never compared with another's. Re-enrolling
+    under a new encoder (or after a key rotation) makes a new version beside the old one.
+
+Search (:meth:`Gallery.search`)
+    The query envelope is verified (site, signature, time, nonce, key set), the query is rotated
+    once, each block of the version is scored homomorphically, and each result is *protected*:
+    ``mask * (score - threshold)`` with a fresh random mask per query
+    (:meth:`~fedface.common.crypto.ckks.TemplateEngine.protect`). The labels of every slot are
+    encrypted under a fresh key of the query, and that key is sealed to the querying site. What
+    goes to the key holder (:class:`DecisionRequest`) is the site's signed query, the protected
+    results and the encrypted labels: the key holder can read neither a template, nor a
+    score's scale or offset, nor a label, and the server cannot read the decision it relays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import seal
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fedface.common.crypto.ckks import SLOTS, TemplateEngine
+from fedface.common.crypto.envelope import (
+    Envelope,
+    NonceStore,
+    encrypt_labels,
+    open_envelope,
+    pack_frame,
+    pack_labels,
+    peek_site,
+    seal_to,
+)
+from fedface.common.crypto.keyfiles import TemplateContext
+from fedface.common.errors import TemplateError
+
+logger = logging.getLogger(__name__)
+
+GALLERY_FILE = "gallery.sqlite"
+MAX_TOP_K = 10
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    site TEXT NOT NULL,
+    context TEXT NOT NULL,
+    encoder TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    labels TEXT NOT NULL,
+    ciphertexts BLOB NOT NULL,
+    sizes TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blocks_version ON blocks (context, encoder);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    site TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the gallery event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the gallery event log is append-only'); END;
+"""
+
+
+@dataclass
+class _Block:
+    id: int
+    site: str
+    labels: list[str]
+    cts: list[seal.Ciphertext] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DecisionRequest:
+    """What the server sends the key holder for one query (:meth:`to_bytes`), and what it keeps."""
+
+    frame: bytes
+    sealed_label_key: bytes  # for the querier only; never sent to the key holder
+    blocks: int
+    slots: int
+
+
+class Gallery:
+    """An encrypted gallery in ``directory``; sites' public keys come from ``site_key``."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        context: TemplateContext,
+        site_key: Callable[[str], Ed25519PublicKey | None],
+        *,
+        threshold: float,
+        max_queries_per_hour: int = 1000,
+    ) -> None:
+        if not -1.0 < threshold < 1.0:
+            raise TemplateError(f"threshold {threshold} must be a cosine between -1 and 1")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / GALLERY_FILE
+        self.context = context
+        if context.keys.secret_key is not None:
+            raise TemplateError("the gallery server must not hold the template secret key: give it templates.pub only")
+        self.engine: TemplateEngine = context.engine()
+        self.site_key = site_key
+        self.threshold = float(threshold)
+        self.max_queries_per_hour = max_queries_per_hour
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA secure_delete=ON")
+        self._conn.executescript(_SCHEMA)
+        self.nonces = NonceStore(self.dir / "gallery-nonces.sqlite")
+        self._lock = threading.RLock()
+        self._cache: dict[tuple[str, str], list[_Block]] = {}
+
+    def close(self) -> None:
+        self._conn.close()
+        self.nonces.close()
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _event(self, site: str, kind: str, outcome: str, detail: str) -> None:
+        self._conn.execute("INSERT INTO events (time, site, kind, outcome, detail) VALUES (?, ?, ?, ?, ?)",
+                           (time.time(), site, kind, outcome, detail))
+
+    def _open(self, data: bytes, kinds: tuple[str, ...]) -> Envelope:
+        """Verify an envelope; every refusal is logged before it is raised."""
+        try:
+            claimed = peek_site(data)
+        except TemplateError as exc:
+            self._event("?", "/".join(kinds), "refused", str(exc))
+            raise
+        try:
+            env = open_envelope(data, self.site_key, self.nonces, kinds=kinds)
+            if env.header.get("context") != self.context.id:
+                raise TemplateError(
+                    f"{env.kind} from {env.site!r} was made under template key set {env.header.get('context')!r}, but this "
+                    f"gallery uses {self.context.id!r}: fetch the current templates.pub and re-enroll"
+                )
+            if not isinstance(env.header.get("encoder"), str) or not env.header["encoder"]:
+                raise TemplateError(f"{env.kind} from {env.site!r} names no encoder version")
+        except TemplateError as exc:
+            self._event(claimed, "/".join(kinds), "refused", str(exc))
+            raise
+        return env
+
+    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self._conn.execute("SELECT time, site, kind, outcome, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [dict(zip(("time", "site", "kind", "outcome", "detail"), r, strict=True)) for r in rows]
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Enrolled (context, encoder) versions with their sites and template counts."""
+        rows = self._conn.execute(
+            "SELECT context, encoder, site, COUNT(*), SUM(count) FROM blocks GROUP BY context, encoder, site ORDER BY context, encoder, site"
+        ).fetchall()
+        return [dict(zip(("context", "encoder", "site", "blocks", "templates"), r, strict=True)) for r in rows]
+
+    def template_count(self, encoder: str | None = None) -> int:
+        q = "SELECT COALESCE(SUM(count), 0) FROM blocks WHERE context = ?" + (" AND encoder = ?" if encoder else "")
+        return int(self._conn.execute(q, (self.context.id, encoder) if encoder else (self.context.id,)).fetchone()[0])
+
+    # -- enrollment and revocation ---------------------------------------------------------
+
+    def enroll(self, data: bytes) -> dict[str, Any]:
+        """Store one signed block of a site's encrypted templates; TemplateError (nothing stored) if refused."""
+        with self._lock:
+            env = self._open(data, ("enroll",))
+            try:
+                labels = env.header.get("labels")
+                if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels) or len(labels) > SLOTS:
+                    raise TemplateError(f"enroll from {env.site!r}: labels must be a list of 1 to {SLOTS} person ids")
+                if len(set(labels)) != len(labels):
+                    raise TemplateError(f"enroll from {env.site!r} names a person twice")
+                pack_labels([f"{env.site}/{x}" for x in labels])  # checks each fits a label slot
+                if env.header.get("dim") != self.context.params.dim or len(env.parts) != self.engine.dim:
+                    raise TemplateError(f"enroll from {env.site!r} has dimension {env.header.get('dim')} and {len(env.parts)} "
+                                        f"ciphertexts; this gallery's parameters need {self.context.params.dim} and {self.engine.dim}")
+                for part in env.parts:
+                    self.engine.load(part, "gallery")  # parameters, level and scale of every ciphertext
+                taken = self._enrolled_labels(env.site, self.context.id, env.header["encoder"]) & set(labels)
+                if taken:
+                    raise TemplateError(f"enroll from {env.site!r}: {', '.join(sorted(taken)[:5])} already enrolled under this encoder; "
+                                        "revoke them first (`fedface site revoke`)")
+            except TemplateError as exc:
+                self._event(env.site, "enroll", "refused", str(exc))
+                raise
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute(
+                    "INSERT INTO blocks (site, context, encoder, count, labels, ciphertexts, sizes, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (env.site, self.context.id, env.header["encoder"], len(labels), json.dumps(labels), b"".join(env.parts),
+                     json.dumps([len(p) for p in env.parts]), time.time()),
+                )
+                self._event(env.site, "enroll", "accepted", f"block {cur.lastrowid}: {len(labels)} templates, encoder {env.header['encoder']}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._cache.pop((self.context.id, env.header["encoder"]), None)
+            return {"block": cur.lastrowid, "templates": len(labels), "encoder": env.header["encoder"], "context": self.context.id}
+
+    def _enrolled_labels(self, site: str, context: str, encoder: str) -> set[str]:
+        rows = self._conn.execute("SELECT labels FROM blocks WHERE site = ? AND context = ? AND encoder = ?", (site, context, encoder))
+        return {x for (labels,) in rows for x in json.loads(labels)}
+
+    def revoke(self, data: bytes) -> dict[str, Any]:
+        """Delete every block of the site holding a named person (every version); reports who else was in them."""
+        with self._lock:
+            env = self._open(data, ("revoke",))
+            labels = env.header.get("labels")
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or (not labels and not env.header.get("all")):
+                self._event(env.site, "revoke", "refused", "no labels")
+                raise TemplateError(f"revoke from {env.site!r} names nobody: pass the person ids, or revoke all")
+            wanted = set(labels)
+            rows = self._conn.execute("SELECT id, labels, context, encoder FROM blocks WHERE site = ?", (env.site,)).fetchall()
+            hit = [(bid, json.loads(lab), ctx, enc) for bid, lab, ctx, enc in rows if env.header.get("all") or wanted & set(json.loads(lab))]
+            revoked = sorted({x for _, lab, _, _ in hit for x in lab if env.header.get("all") or x in wanted})
+            dropped = sorted({x for _, lab, _, _ in hit for x in lab} - set(revoked))
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for bid, _, _, _ in hit:
+                    self._conn.execute("DELETE FROM blocks WHERE id = ?", (bid,))
+                self._event(env.site, "revoke", "accepted", f"{len(hit)} blocks deleted: {len(revoked)} revoked, {len(dropped)} to re-enroll")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            for _, _, ctx, enc in hit:
+                self._cache.pop((ctx, enc), None)
+            return {"blocks": len(hit), "revoked": revoked, "re_enroll": dropped, "unknown": sorted(wanted - set(revoked))}
+
+    # -- search ----------------------------------------------------------------------------
+
+    def _blocks(self, encoder: str) -> list[_Block]:
+        key = (self.context.id, encoder)
+        if key not in self._cache:
+            rows = self._conn.execute("SELECT id, site, labels, ciphertexts, sizes FROM blocks WHERE context = ? AND encoder = ? ORDER BY id", key)
+            blocks = []
+            for bid, site, labels, blob, sizes in rows:
+                cts, pos = [], 0
+                for size in json.loads(sizes):
+                    cts.append(self.engine.load(blob[pos : pos + size], "gallery"))
+                    pos += size
+                blocks.append(_Block(bid, site, json.loads(labels), cts))
+            self._cache[key] = blocks
+        return self._cache[key]
+
+    def preload(self, encoder: str) -> int:
+        """Load a version's ciphertexts into memory (the first search does it otherwise); its template count."""
+        with self._lock:
+            return sum(len(b.labels) for b in self._blocks(encoder))
+
+    def search(self, data: bytes) -> DecisionRequest:
+        """Score a signed query (identify: 1:N; verify: 1:1 against a claimed person) under encryption."""
+        with self._lock:
+            env = self._open(data, ("identify", "verify"))
+            try:
+                since = time.time() - 3600
+                if self.nonces.count_since(env.site, since) > self.max_queries_per_hour:
+                    raise TemplateError(f"{env.site!r} sent more than {self.max_queries_per_hour} requests in the last hour: "
+                                        "the gallery limits queries so that decisions cannot be mined; try later")
+                if len(env.parts) != 1 or not isinstance(env.header.get("reply_key"), str) or not _is_hex(env.header["reply_key"]):
+                    raise TemplateError(f"{env.kind} from {env.site!r} must carry one query ciphertext and a reply key")
+                top_k = env.header.get("top_k", 1)
+                if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+                    raise TemplateError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
+                query = self.engine.load(env.parts[0], "query")
+                blocks = self._blocks(env.header["encoder"])
+                if not blocks:
+                    raise TemplateError(f"nobody is enrolled under encoder {env.header['encoder']} and key set {self.context.id}: "
+                                        "enroll with this encoder first (`fedface site enroll`)")
+                if env.kind == "verify":
+                    claim = env.header.get("claim")
+                    if not isinstance(claim, str) or "/" not in claim:
+                        raise TemplateError("verify needs a claimed identity as SITE/PERSON")
+                    site, _, person = claim.partition("/")
+                    candidates = [(i, b.labels.index(person)) for i, b in enumerate(blocks) if b.site == site and person in b.labels]
+                    if not candidates:
+                        raise TemplateError(f"{claim} is not enrolled under encoder {env.header['encoder']}")
+                    searched = sorted({i for i, _ in candidates})
+                else:
+                    candidates, searched = [], list(range(len(blocks)))
+            except TemplateError as exc:
+                self._event(env.site, env.kind, "refused", str(exc))
+                raise
+            mask = 2 + secrets.randbelow(15)  # in [2, 16]
+            rotations = self.engine.rotations(query)
+            results = [self.engine.protect(self.engine.score_block(rotations, blocks[i].cts), mask, self.threshold).to_string() for i in searched]
+            counts = [len(blocks[i].labels) for i in searched]
+            reply = bytes.fromhex(env.header["reply_key"])
+            header: dict[str, Any] = {"kind": env.kind, "counts": counts, "top_k": top_k}
+            parts = [data, *results]
+            sealed_key = b""
+            if env.kind == "verify":
+                index = {b: n for n, b in enumerate(searched)}
+                header["candidates"] = [[index[b], s] for b, s in candidates]
+            else:
+                label_key, iv, table = encrypt_labels(pack_labels([f"{blocks[i].site}/{x}" for i in searched for x in blocks[i].labels]))
+                parts.append(table)
+                sealed_key = seal_to(reply, label_key + iv, env.digest)
+            self._event(env.site, env.kind, "accepted", f"{sum(counts)} templates in {len(searched)} blocks")
+            return DecisionRequest(frame=pack_frame(header, parts), sealed_label_key=sealed_key, blocks=len(searched), slots=sum(counts))
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == 32
+    except ValueError:
+        return False
+
+
+__all__ = ["GALLERY_FILE", "MAX_TOP_K", "DecisionRequest", "Gallery"]
