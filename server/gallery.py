@@ -140,6 +140,7 @@ class Gallery:
         self.nonces = NonceStore(self.dir / "gallery-nonces.sqlite")
         self._lock = threading.RLock()
         self._cache: dict[tuple[str, str], list[_Block]] = {}
+        self._labels: dict[tuple[str, str], bytes] = {}  # packed label table of a version's blocks
 
     def close(self) -> None:
         self._conn.close()
@@ -271,6 +272,7 @@ class Gallery:
                     pos += size
                 blocks.append(_Block(bid, site, json.loads(labels), cts))
             self._cache[key] = blocks
+            self._labels[key] = pack_labels([f"{b.site}/{x}" for b in blocks for x in b.labels])
         return self._cache[key]
 
     def preload(self, encoder: str) -> int:
@@ -323,7 +325,7 @@ class Gallery:
                 index = {b: n for n, b in enumerate(searched)}
                 header["candidates"] = [[index[b], s] for b, s in candidates]
             else:
-                label_key, iv, table = encrypt_labels(pack_labels([f"{blocks[i].site}/{x}" for i in searched for x in blocks[i].labels]))
+                label_key, iv, table = encrypt_labels(self._labels[(self.context.id, env.header["encoder"])])
                 parts.append(table)
                 sealed_key = seal_to(reply, label_key + iv, env.digest)
             self._event(env.site, env.kind, "accepted", f"{sum(counts)} templates in {len(searched)} blocks")

@@ -145,8 +145,13 @@ def peek_site(data: bytes) -> str:
         raise TemplateError("envelope header is not a JSON object naming its site") from None
 
 
+#: How long accepted nonces are kept: past the time window (so a replay is always caught) and
+#: for the hour over which query limits are counted.
+NONCE_RETENTION_S = max(2 * MAX_AGE_S, 3600.0)
+
+
 class NonceStore:
-    """Nonces already accepted, in SQLite (survives restarts), kept for twice the time window."""
+    """Nonces already accepted, in SQLite (survives restarts), kept for :data:`NONCE_RETENTION_S`."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._conn = sqlite3.connect(":memory:" if path is None else os.fspath(path), check_same_thread=False, isolation_level=None)
@@ -157,7 +162,7 @@ class NonceStore:
     def claim(self, site: str, nonce: str, now: float) -> bool:
         """Record ``nonce``; False if it was seen before (a replay)."""
         with self._lock:
-            self._conn.execute("DELETE FROM nonces WHERE time < ?", (now - 2 * MAX_AGE_S,))
+            self._conn.execute("DELETE FROM nonces WHERE time < ?", (now - NONCE_RETENTION_S,))
             try:
                 self._conn.execute("INSERT INTO nonces VALUES (?, ?, ?)", (site, nonce, now))
             except sqlite3.IntegrityError:
@@ -165,7 +170,7 @@ class NonceStore:
             return True
 
     def count_since(self, site: str, since: float) -> int:
-        """Envelopes accepted from ``site`` since ``since`` (for query rate limits)."""
+        """Envelopes accepted from ``site`` since ``since`` (for query limits; at most NONCE_RETENTION_S back)."""
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM nonces WHERE site = ? AND time >= ?", (site, since)).fetchone()[0])
 
@@ -342,6 +347,7 @@ __all__ = [
     "LABEL_BYTES",
     "MAGIC",
     "MAX_AGE_S",
+    "NONCE_RETENTION_S",
     "Envelope",
     "NonceStore",
     "decrypt_label",
