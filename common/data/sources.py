@@ -49,6 +49,7 @@ __all__ = [
     "Layout",
     "detect_layout",
     "load_faces",
+    "load_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -250,6 +251,28 @@ def _decode(path: Path, size: tuple[int, int]) -> _Decoded:
         return _Decoded(None, b"", _one_line(f"{type(exc).__name__}: {exc}"))
     pixels, digest = _preprocess(grey, size)
     return _Decoded(pixels, digest, "")
+
+
+def load_image(path: str | Path, size: tuple[int, int] = (64, 64)) -> np.ndarray:
+    """One image file, preprocessed exactly as :func:`load_faces` does: (H, W) float32 in [0, 1].
+
+    Raises
+    ------
+    DataNotFoundError
+        If ``path`` is not a file.
+    CorruptImageError
+        If it cannot be decoded (the reason is given).
+    ConfigError
+        If ``size`` is invalid.
+    """
+    p = Path(path)
+    out_size = _check_size(size)
+    if not p.is_file():
+        raise DataNotFoundError(f"image {p} not found" + (" (it is a directory)" if p.is_dir() else ""))
+    decoded = _decode(p, out_size)
+    if decoded.pixels is None:
+        raise CorruptImageError(str(p), decoded.error)
+    return decoded.pixels
 
 
 def _decode_all(entries: Sequence[_Entry], size: tuple[int, int]) -> list[_Decoded]:
