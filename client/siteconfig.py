@@ -1,4 +1,4 @@
-"""A deployed site's own configuration (`fedface site --config site.toml`).
+"""A deployed site's own configuration (`fedface site join --config site.toml`, and the template commands).
 
 It names the site, its own face directory and its state directory, and holds the site's
 **privacy policy** (``[policy]``, :class:`~fedface.common.config.SitePolicyConfig`), which the
@@ -21,7 +21,17 @@ epsilon-per-run = 8.0                # optional: the most one run may spend
 require-secagg = true                # default: updates leave only through SecAgg+
 min-peers = 3                        # default: fewest sites (this one included) in a masked sum
 allow-non-private = false            # default: never train without DP-SGD
+
+[templates]                          # optional: the encrypted gallery (`fedface site enroll` ...)
+gallery = "https://gallery.example.org:8443"  # `fedface gallery serve`
+root-certificates = "ca.pem"         # the CA of the gallery's TLS certificate
+signing-key = "keys/hospital-a.key"  # `fedface keys site --name hospital-a` (register its .pub)
+public-keys = "templates.pub"        # the key holder's public keys (`fedface site fetch-keys`)
+encoder = "runs/fed"                 # the federation's encoder: a checkpoint or run directory
+wire-log = "wire.jsonl"              # optional: every envelope sent, by header and sizes
 ```
+
+Paths are relative to the config file. The config holds key *paths*, never key material.
 """
 
 from __future__ import annotations
@@ -39,6 +49,28 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+class TemplatesConfig(BaseModel):
+    """The ``[templates]`` table: where a site's encrypted templates go, and with which keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, alias_generator=_kebab, populate_by_name=True)
+
+    gallery: str = Field(pattern=r"^https?://[^\s/]+", description="the gallery server's URL (https://HOST:PORT)")
+    root_certificates: Path | None = Field(default=None, description="the CA of the gallery's TLS certificate (required for https)")
+    signing_key: Path = Field(description="the site's Ed25519 template signing key (`fedface keys site`)")
+    public_keys: Path = Field(description="templates.pub: the key holder's public template keys")
+    encoder: Path = Field(description="the federation's encoder: a checkpoint or run directory")
+    wire_log: Path | None = Field(default=None, description="append every envelope sent to this JSON-lines file")
+
+    def resolved(self, base: Path) -> TemplatesConfig:
+        """Relative paths made relative to ``base`` (the config file's directory)."""
+
+        def fix(p: Path | None) -> Path | None:
+            return p if p is None or p.is_absolute() else base / p
+
+        return self.model_copy(update={name: fix(getattr(self, name)) for name in
+                                       ("root_certificates", "signing_key", "public_keys", "encoder", "wire_log")})
+
+
 class SiteConfig(BaseModel):
     """A site's name, data and state, and its privacy policy."""
 
@@ -50,6 +82,7 @@ class SiteConfig(BaseModel):
     state_dir: Path = Field(description="ledger and heads; keep it, and back it up")
     policy: SitePolicyConfig = Field(description="the site's privacy policy; budget-epsilon is required")
     trusted_publishers: tuple[Path, ...] = Field(default=(), description="publisher public keys (.pub): the site runs only apps they signed")
+    templates: TemplatesConfig | None = Field(default=None, description="the encrypted gallery: URL, CA, keys, encoder")
 
     @property
     def ledger(self) -> Path:
@@ -83,8 +116,18 @@ class SiteConfig(BaseModel):
                 "data": cfg.data if cfg.data.is_absolute() else base / cfg.data,
                 "state_dir": cfg.state_dir if cfg.state_dir.is_absolute() else base / cfg.state_dir,
                 "trusted_publishers": tuple(k if k.is_absolute() else base / k for k in cfg.trusted_publishers),
+                "templates": cfg.templates.resolved(base) if cfg.templates is not None else None,
             }
         )
 
+    def require_templates(self, source: str | Path) -> TemplatesConfig:
+        """The ``[templates]`` table; ConfigError naming what to add if the config (``source``) has none."""
+        if self.templates is None:
+            raise ConfigError(
+                f"site config {source} has no [templates] table: add one with gallery, root-certificates, signing-key, "
+                "public-keys and encoder (paths relative to the config file; see `fedface site enroll --help`)"
+            )
+        return self.templates
 
-__all__ = ["SiteConfig"]
+
+__all__ = ["SiteConfig", "TemplatesConfig"]
