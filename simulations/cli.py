@@ -8,8 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from fedface.simulations.bench import bench_app
-from fedface.simulations.commands.deploy import server_app, site
+from fedface.simulations.commands.deploy import server_app, site_app
 from fedface.simulations.commands.evaluate import evaluate
+from fedface.simulations.commands.gallery import (
+    gallery_app,
+    keyholder_app,
+    site_enroll,
+    site_fetch_keys,
+    site_identify,
+    site_revoke,
+    site_verify,
+)
 from fedface.simulations.commands.keys import keys_app
 from fedface.simulations.commands.privacy import privacy_app
 from fedface.simulations.commands.simulate import simulate
@@ -51,11 +60,18 @@ def _root(
 app.command()(train)
 app.command()(evaluate)
 app.command()(simulate)
-app.command()(site)
+site_app.command("enroll")(site_enroll)
+site_app.command("revoke")(site_revoke)
+site_app.command("identify")(site_identify)
+site_app.command("verify")(site_verify)
+site_app.command("fetch-keys")(site_fetch_keys)
 app.add_typer(bench_app, name="bench")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(server_app, name="server")
+app.add_typer(site_app, name="site")
+app.add_typer(gallery_app, name="gallery")
+app.add_typer(keyholder_app, name="keyholder")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""`fedface server ...` and `fedface site`: a deployed federation on Flower's SuperLink and
+"""`fedface server ...` and `fedface site join`: a deployed federation on Flower's SuperLink and
 SuperNodes, with TLS and node authentication unless ``--insecure`` (a local demo only).
+(`fedface site`'s encrypted-template commands live in :mod:`fedface.simulations.commands.gallery`.)
 
 These commands start Flower's own processes with fedface's settings. Nothing is home-made:
 scaling out means adding SuperNodes. Every process gets an environment that switches off
@@ -7,7 +8,7 @@ Flower's telemetry, update checks and runtime dependency installation.
 
 App signing: `fedface server run --publisher-key` signs the app it sends and hands it to the
 SuperLink as Flower's app hub would (:mod:`fedface.server.publisher`; the SuperLink of
-`fedface server start` takes its apps from ``--app-port``); `fedface site` starts its SuperNode
+`fedface server start` takes its apps from ``--app-port``); `fedface site join` starts its SuperNode
 with ``--trusted-entities`` made from the site's ``trusted-publishers``, so it runs only apps
 those keys signed (and fedface's ClientApp checks the signed run config, :mod:`fedface.client.trust`).
 """
@@ -36,6 +37,13 @@ APP_PORT = 8001  # where `fedface server run` hands a signed app to the SuperLin
 
 server_app = typer.Typer(
     help="The coordinator of a deployed federation: start the SuperLink, register sites, launch runs.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+site_app = typer.Typer(
+    help="A site: join a federation, and enroll, revoke, identify and verify faces in the encrypted gallery.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -209,8 +217,9 @@ def run(
         raise typer.Exit(1)
 
 
-def site(
-    config: Annotated[Path, typer.Option("--config", "-c", help="The site's TOML (name, data, state-dir, trusted-publishers, and its [policy] with budget-epsilon).")],
+@site_app.command("join")
+def join(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The site's TOML (name, data, state-dir, trusted-publishers, and its \\[policy] with budget-epsilon).")],
     superlink: Annotated[str, typer.Option(help="The SuperLink's HOST:PORT.")] = "127.0.0.1:8000",
     root_certificates: Annotated[Optional[Path], typer.Option(help="The federation's CA (ca.pem).")] = None,
     key: Annotated[Optional[Path], typer.Option(help="The site's private key (<name>.key from `fedface keys node`).")] = None,
@@ -237,7 +246,7 @@ def site(
             # Flower's own check, before the SuperNode installs or loads anything of an app
             entities = trusted_entities(load_public_key(p) for p in sc.trusted_publishers)
             entities_file = sc.state_dir / "trusted-entities.yaml"
-            atomic_write_text(entities_file, f"# written by `fedface site` from trusted-publishers in {config.resolve()}\n"
+            atomic_write_text(entities_file, f"# written by `fedface site join` from trusted-publishers in {config.resolve()}\n"
                               + json.dumps(entities, indent=2) + "\n")  # JSON is YAML
             args += ["--trusted-entities", str(entities_file)]
         elif not insecure:
@@ -259,4 +268,4 @@ def site(
     os.execvpe(args[0], args, _env())
 
 
-__all__ = ["server_app", "site"]
+__all__ = ["server_app", "site_app"]

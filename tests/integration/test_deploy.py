@@ -1,5 +1,5 @@
 """A real deployment on 127.0.0.1 with fedface's commands: `fedface server start` (a SuperLink
-with TLS and node authentication), `fedface server register` for three sites, `fedface site`
+with TLS and node authentication), `fedface server register` for three sites, `fedface site join`
 for each (a SuperNode on the site's own faces: a directory of 4 ORL people, linked; it trusts
 one publisher key), and `fedface server run --publisher-key` (a signed app; SecAgg+, DP-SGD at
 every site, 2 rounds); a fourth, unregistered site is refused; apps that are unsigned, signed
@@ -215,7 +215,7 @@ def start_federation(work: Path, orl_root: Path, procs: Processes, *, sites: Seq
                              cwd=REPO, env=fed.env, capture_output=True, timeout=120)
         assert reg.returncode == 0, reg.stdout.decode() + reg.stderr.decode()
     for i, name in enumerate(sites):
-        procs.start(f"site-{i}", fed.fedface, "site", "-c", str(site_configs[name]), *fed.connection,
+        procs.start(f"site-{i}", fed.fedface, "site", "join", "-c", str(site_configs[name]), *fed.connection,
                     "--key", str(nodes[name].private_key), "--port", str(_free_port()))
     return fed
 
@@ -323,7 +323,7 @@ def deployment(federation: Federation) -> Iterator[dict[str, object]]:
     result: dict[str, object] = {"work": work}
     try:
         stranger_key = work / "keys" / "nodes" / "stranger.key"
-        stranger = fed.procs.start("stranger", fed.fedface, "site", "-c", str(fed.site_configs["stranger"]), *fed.connection,
+        stranger = fed.procs.start("stranger", fed.fedface, "site", "join", "-c", str(fed.site_configs["stranger"]), *fed.connection,
                                    "--key", str(stranger_key), "--port", str(_free_port()))
         try:
             result["stranger_rc"] = stranger.wait(timeout=120)

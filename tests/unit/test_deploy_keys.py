@@ -296,7 +296,7 @@ def test_site_starts_its_supernode_with_flowers_trusted_entities(tmp_path: Path,
     started: list[list[str]] = []
     monkeypatch.setattr(deploy.os, "execvpe", lambda file, args, env: started.append(list(args)))
 
-    done = CliRunner().invoke(app, ["site", "-c", str(site), "--insecure"])
+    done = CliRunner().invoke(app, ["site", "join", "-c", str(site), "--insecure"])
 
     assert done.exit_code == 0, done.stderr
     (args,) = started
@@ -310,7 +310,7 @@ def test_site_starts_its_supernode_with_flowers_trusted_entities(tmp_path: Path,
 def test_a_deployed_site_that_trusts_no_publisher_does_not_start(tmp_path: Path) -> None:
     site = _site_toml(tmp_path)
 
-    done = CliRunner().invoke(app, ["site", "-c", str(site), "--root-certificates", str(site), "--key", str(site)])
+    done = CliRunner().invoke(app, ["site", "join", "-c", str(site), "--root-certificates", str(site), "--key", str(site)])
 
     assert done.exit_code == 3
     assert done.stderr.strip().startswith("ConfigError:") and "trusts no publisher" in done.stderr
