@@ -1,6 +1,6 @@
 """A deployed site runs only what a publisher it trusts signed: the ClientApp's half of the check.
 
-The SuperNode of `fedface site` verifies the app's FAB itself before it installs or loads any
+The SuperNode of `fedface site join` verifies the app's FAB itself before it installs or loads any
 of it (``flower-supernode --trusted-entities``, made from the site's ``trusted-publishers``).
 What the FAB's signature does not cover is the run config: a SuperLink may override any
 config value when it starts a run (the scenario's text included). :func:`trusted_app_mod` runs
@@ -9,7 +9,7 @@ refuses the message unless the run config is exactly what a trusted publisher si
 (:func:`fedface.common.signing.verify_run_config`): nothing is loaded, charged or trained.
 
 A node without a site config (a test federation on shared data) and a site that trusts no
-publisher (`fedface site --insecure`, a local demo) are not checked.
+publisher (`fedface site join --insecure`, a local demo) are not checked.
 """
 
 from __future__ import annotations

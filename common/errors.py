@@ -114,9 +114,21 @@ class LedgerError(FedFaceError):
 
 
 class TemplateError(FedFaceError):
-    """An encrypted-template upload, revocation, query or result was refused; nothing stored changed."""
+    """An encrypted-template upload, revocation, query or result was refused; nothing stored changed.
+
+    ``reason`` says what kind of refusal it is, for a service to answer with the right status:
+    ``"invalid"`` (what the request holds), ``"forbidden"`` (who sent it: an unknown site, a bad
+    signature, a stale or replayed envelope) or ``"limit"`` (over a query limit).
+    """
 
     exit_code = 12
+    REASONS = ("invalid", "forbidden", "limit")
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown TemplateError reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
 
 
 class KeyFileError(FedFaceError):

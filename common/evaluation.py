@@ -50,6 +50,7 @@ def _verification(emb: np.ndarray, labels: np.ndarray, cfg: EvaluationConfig, pr
         "verif_eer": float(d["eer"]),
         "tar_far1e-2": float(d["tar_far1e-2"]),
         "tar_far1e-3": float(d["tar_far1e-3"]),
+        "verif_threshold": float(d["threshold"]),
     }
 
 

@@ -148,16 +148,18 @@ class Gallery:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
-    def _event(self, site: str, kind: str, outcome: str, detail: str) -> None:
+    def record(self, site: str, kind: str, outcome: str, detail: str) -> None:
+        """Append one event to the gallery's log (the services record what the key holder answered)."""
         self._conn.execute("INSERT INTO events (time, site, kind, outcome, detail) VALUES (?, ?, ?, ?, ?)",
                            (time.time(), site, kind, outcome, detail))
+
 
     def _open(self, data: bytes, kinds: tuple[str, ...]) -> Envelope:
         """Verify an envelope; every refusal is logged before it is raised."""
         try:
             claimed = peek_site(data)
         except TemplateError as exc:
-            self._event("?", "/".join(kinds), "refused", str(exc))
+            self.record("?", "/".join(kinds), "refused", str(exc))
             raise
         try:
             env = open_envelope(data, self.site_key, self.nonces, kinds=kinds)
@@ -169,20 +171,17 @@ class Gallery:
             if not isinstance(env.header.get("encoder"), str) or not env.header["encoder"]:
                 raise TemplateError(f"{env.kind} from {env.site!r} names no encoder version")
         except TemplateError as exc:
-            self._event(claimed, "/".join(kinds), "refused", str(exc))
+            self.record(claimed, "/".join(kinds), "refused", str(exc))
             raise
         return env
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT time, site, kind, outcome, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [dict(zip(("time", "site", "kind", "outcome", "detail"), r, strict=True)) for r in rows]
+        """The latest events, newest first."""
+        return _events(self._conn, limit)
 
     def versions(self) -> list[dict[str, Any]]:
         """Enrolled (context, encoder) versions with their sites and template counts."""
-        rows = self._conn.execute(
-            "SELECT context, encoder, site, COUNT(*), SUM(count) FROM blocks GROUP BY context, encoder, site ORDER BY context, encoder, site"
-        ).fetchall()
-        return [dict(zip(("context", "encoder", "site", "blocks", "templates"), r, strict=True)) for r in rows]
+        return _versions(self._conn)
 
     def template_count(self, encoder: str | None = None) -> int:
         q = "SELECT COALESCE(SUM(count), 0) FROM blocks WHERE context = ?" + (" AND encoder = ?" if encoder else "")
@@ -211,7 +210,7 @@ class Gallery:
                     raise TemplateError(f"enroll from {env.site!r}: {', '.join(sorted(taken)[:5])} already enrolled under this encoder; "
                                         "revoke them first (`fedface site revoke`)")
             except TemplateError as exc:
-                self._event(env.site, "enroll", "refused", str(exc))
+                self.record(env.site, "enroll", "refused", str(exc))
                 raise
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -220,7 +219,7 @@ class Gallery:
                     (env.site, self.context.id, env.header["encoder"], len(labels), json.dumps(labels), b"".join(env.parts),
                      json.dumps([len(p) for p in env.parts]), time.time()),
                 )
-                self._event(env.site, "enroll", "accepted", f"block {cur.lastrowid}: {len(labels)} templates, encoder {env.header['encoder']}")
+                self.record(env.site, "enroll", "accepted", f"block {cur.lastrowid}: {len(labels)} templates, encoder {env.header['encoder']}")
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -238,7 +237,7 @@ class Gallery:
             env = self._open(data, ("revoke",))
             labels = env.header.get("labels")
             if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or (not labels and not env.header.get("all")):
-                self._event(env.site, "revoke", "refused", "no labels")
+                self.record(env.site, "revoke", "refused", "no labels")
                 raise TemplateError(f"revoke from {env.site!r} names nobody: pass the person ids, or revoke all")
             wanted = set(labels)
             rows = self._conn.execute("SELECT id, labels, context, encoder FROM blocks WHERE site = ?", (env.site,)).fetchall()
@@ -249,7 +248,7 @@ class Gallery:
             try:
                 for bid, _, _, _ in hit:
                     self._conn.execute("DELETE FROM blocks WHERE id = ?", (bid,))
-                self._event(env.site, "revoke", "accepted", f"{len(hit)} blocks deleted: {len(revoked)} revoked, {len(dropped)} to re-enroll")
+                self.record(env.site, "revoke", "accepted", f"{len(hit)} blocks deleted: {len(revoked)} revoked, {len(dropped)} to re-enroll")
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -288,7 +287,7 @@ class Gallery:
                 since = time.time() - 3600
                 if self.nonces.count_since(env.site, since) > self.max_queries_per_hour:
                     raise TemplateError(f"{env.site!r} sent more than {self.max_queries_per_hour} requests in the last hour: "
-                                        "the gallery limits queries so that decisions cannot be mined; try later")
+                                        "the gallery limits queries so that decisions cannot be mined; try later", "limit")
                 if len(env.parts) != 1 or not isinstance(env.header.get("reply_key"), str) or not _is_hex(env.header["reply_key"]):
                     raise TemplateError(f"{env.kind} from {env.site!r} must carry one query ciphertext and a reply key")
                 top_k = env.header.get("top_k", 1)
@@ -311,7 +310,7 @@ class Gallery:
                 else:
                     candidates, searched = [], list(range(len(blocks)))
             except TemplateError as exc:
-                self._event(env.site, env.kind, "refused", str(exc))
+                self.record(env.site, env.kind, "refused", str(exc))
                 raise
             mask = 2 + secrets.randbelow(15)  # in [2, 16]
             rotations = self.engine.rotations(query)
@@ -328,8 +327,36 @@ class Gallery:
                 label_key, iv, table = encrypt_labels(self._labels[(self.context.id, env.header["encoder"])])
                 parts.append(table)
                 sealed_key = seal_to(reply, label_key + iv, env.digest)
-            self._event(env.site, env.kind, "accepted", f"{sum(counts)} templates in {len(searched)} blocks")
+            self.record(env.site, env.kind, "scored", f"{sum(counts)} templates in {len(searched)} blocks; sent to the key holder")
             return DecisionRequest(frame=pack_frame(header, parts), sealed_label_key=sealed_key, blocks=len(searched), slots=sum(counts))
+
+
+def _events(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT time, site, kind, outcome, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    return [dict(zip(("time", "site", "kind", "outcome", "detail"), r, strict=True)) for r in rows]
+
+
+def _versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT context, encoder, site, COUNT(*), SUM(count) FROM blocks GROUP BY context, encoder, site ORDER BY context, encoder, site"
+    ).fetchall()
+    return [dict(zip(("context", "encoder", "site", "blocks", "templates"), r, strict=True)) for r in rows]
+
+
+def read_status(directory: str | Path, events: int = 20) -> dict[str, Any]:
+    """Template counts per version and site, and the latest events, of a gallery on disk
+    (read-only; no keys needed). TemplateError if ``directory`` holds no gallery."""
+    path = Path(directory) / GALLERY_FILE
+    if not path.is_file():
+        raise TemplateError(f"no gallery at {path}: pass the --store directory of `fedface gallery serve`")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        versions, recent = _versions(conn), _events(conn, events)
+    except sqlite3.DatabaseError as exc:
+        raise TemplateError(f"{path} is not a fedface gallery ({exc})") from None
+    finally:
+        conn.close()
+    return {"templates": sum(int(v["templates"]) for v in versions), "versions": versions, "events": recent}
 
 
 def _is_hex(text: str) -> bool:
@@ -339,4 +366,4 @@ def _is_hex(text: str) -> bool:
         return False
 
 
-__all__ = ["GALLERY_FILE", "MAX_TOP_K", "DecisionRequest", "Gallery"]
+__all__ = ["GALLERY_FILE", "MAX_TOP_K", "DecisionRequest", "Gallery", "read_status"]

@@ -97,7 +97,7 @@ class KeyHolder:
         if query.header.get("context") != self.context.id:
             raise TemplateError(f"query from {query.site!r} was made under key set {query.header.get('context')!r}, not {self.context.id!r}")
         if self.nonces.count_since(query.site, time.time() - 3600) > self.max_queries_per_hour:
-            raise TemplateError(f"{query.site!r} asked for more than {self.max_queries_per_hour} decisions in the last hour")
+            raise TemplateError(f"{query.site!r} asked for more than {self.max_queries_per_hour} decisions in the last hour", "limit")
         if header.get("kind") != query.kind:
             raise TemplateError(f"decision request says {header.get('kind')!r} but the site asked for {query.kind!r}")
         counts = header.get("counts")

@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fedface.common.crypto.envelope import pack_frame, parse_envelope
 from fedface.common.errors import TemplateError
-from fedface.server.gallery import Gallery
+from fedface.server.gallery import Gallery, read_status
 from fedface.server.keyholder import KeyHolder
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ MAX_FRAME_BYTES = 256 << 20
 #: How many events ``GET /v1/status`` shows.
 STATUS_EVENTS = 20
 FRAME_TYPE = "application/vnd.fedface.frame"
-#: Markers of refusals that are about who sent a request, not what it holds (HTTP 403).
-_FORBIDDEN = ("unknown site", "no valid signature", "a replay", "s old (at most")
-_TOO_MANY = ("in the last hour",)
+_STATUS = {"forbidden": 403, "limit": 429, "invalid": 400}
 
 
 class KeyHolderUnreachable(Exception):
@@ -68,12 +66,7 @@ def _one_line(text: str) -> str:
 
 def status_for(exc: TemplateError) -> int:
     """The HTTP status of a refusal: 403 (sender), 429 (rate limit) or 400 (content)."""
-    text = str(exc)
-    if any(m in text for m in _FORBIDDEN):
-        return 403
-    if any(m in text for m in _TOO_MANY):
-        return 429
-    return 400
+    return _STATUS[getattr(exc, "reason", "invalid")]
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -160,7 +153,8 @@ class KeyHolderLink:
             return reply.content
         message = _error_of(reply)
         if 400 <= reply.status_code < 500:
-            raise TemplateError(f"the key holder refused the decision: {message}")
+            reason = {403: "forbidden", 429: "limit"}.get(reply.status_code, "invalid")
+            raise TemplateError(f"the key holder refused the decision: {message}", reason)
         raise KeyHolderUnreachable(f"the key holder at {self.client.base_url} failed (HTTP {reply.status_code}): {message}")
 
     def context_id(self) -> str:
@@ -197,8 +191,13 @@ def gallery_app(gallery: Gallery, keyholder: KeyHolderLink) -> FastAPI:
 
     def search(body: bytes) -> Response:
         request = gallery.search(body)
-        sealed = keyholder.decide(request.frame)
         site, kind = _peek(body)
+        try:
+            sealed = keyholder.decide(request.frame)
+        except (TemplateError, KeyHolderUnreachable) as exc:
+            gallery.record(site, kind, "refused", str(exc))
+            raise
+        gallery.record(site, kind, "decided", "the key holder sealed a decision to the site")
         logger.info("%s for %s: %d templates in %d blocks", kind, site, request.slots, request.blocks)
         return Response(pack_frame({"kind": kind}, [sealed, request.sealed_label_key]), media_type=FRAME_TYPE)
 
@@ -249,35 +248,8 @@ def keyholder_app(keyholder: KeyHolder) -> FastAPI:
 
 
 def store_status(directory: str | Path, events: int = STATUS_EVENTS) -> dict[str, Any]:
-    """What ``GET /v1/status`` shows, read from a gallery store on disk (read-only; no keys needed).
-
-    Raises
-    ------
-    TemplateError
-        If ``directory`` holds no gallery.
-    """
-    import sqlite3
-
-    from fedface.server.gallery import GALLERY_FILE
-
-    path = Path(directory) / GALLERY_FILE
-    if not path.is_file():
-        raise TemplateError(f"no gallery at {path}: pass the --store directory of `fedface gallery serve`")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        versions = conn.execute(
-            "SELECT context, encoder, site, COUNT(*), SUM(count) FROM blocks GROUP BY context, encoder, site ORDER BY context, encoder, site"
-        ).fetchall()
-        recent = conn.execute("SELECT time, site, kind, outcome, detail FROM events ORDER BY id DESC LIMIT ?", (events,)).fetchall()
-    except sqlite3.DatabaseError as exc:
-        raise TemplateError(f"{path} is not a fedface gallery ({exc})") from None
-    finally:
-        conn.close()
-    return {
-        "templates": sum(int(v[4]) for v in versions),
-        "versions": [dict(zip(("context", "encoder", "site", "blocks", "templates"), v, strict=True)) for v in versions],
-        "events": [dict(zip(("time", "site", "kind", "outcome", "detail"), e, strict=True)) for e in recent],
-    }
+    """What ``GET /v1/status`` shows, read from a gallery store on disk (read-only; no keys needed)."""
+    return read_status(directory, events)
 
 
 __all__ = [

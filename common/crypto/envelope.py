@@ -201,18 +201,18 @@ def open_envelope(
         raise TemplateError(f"envelope from {header['site']!r} was altered: a ciphertext does not match its signed hash")
     key = site_key(header["site"])
     if key is None:
-        raise TemplateError(f"unknown site {header['site']!r}: register its public key first (`fedface gallery register`)")
+        raise TemplateError(f"unknown site {header['site']!r}: register its public key first (`fedface gallery register`)", "forbidden")
     digest = _header_digest(hb)
     try:
         key.verify(sig, digest)
     except InvalidSignature:
-        raise TemplateError(f"envelope from {header['site']!r} has no valid signature by that site's registered key") from None
+        raise TemplateError(f"envelope from {header['site']!r} has no valid signature by that site's registered key", "forbidden") from None
     now = time.time() if now is None else now
     if abs(now - float(header["time"])) > MAX_AGE_S:
         raise TemplateError(f"envelope from {header['site']!r} is {now - float(header['time']):.0f} s old (at most {MAX_AGE_S:.0f}): "
-                            "check the site's clock and send a fresh one")
+                            "check the site's clock and send a fresh one", "forbidden")
     if not nonces.claim(header["site"], header["nonce"], now):
-        raise TemplateError(f"envelope from {header['site']!r} was already received (a replay): nothing was done")
+        raise TemplateError(f"envelope from {header['site']!r} was already received (a replay): nothing was done", "forbidden")
     return Envelope(header=header, parts=parts, digest=digest)
 
 

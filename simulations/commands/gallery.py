@@ -82,7 +82,7 @@ def gallery_serve(
     sites: Annotated[Path, typer.Option(help="Directory of the sites' <site>.pub signing keys (`fedface gallery register`).")],
     keyholder: Annotated[str, typer.Option(help="The key holder's URL, https://HOST:PORT (`fedface keyholder serve`).")],
     threshold: Annotated[float, typer.Option(help="Cosine score above which a template matches: the verification threshold measured for "
-                                             "this encoder on held-out faces (fedface.common.metrics.verify's `threshold`).")],
+                                             "this encoder on held-out faces (`verif_threshold` of `fedface evaluate ENCODER --format json`).")],
     keyholder_ca: Annotated[Optional[Path], typer.Option(help="The CA that signed the key holder's certificate (its ca.pem).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
