@@ -7,6 +7,7 @@ import typer
 from fedface.simulations.bench.baseline import baseline
 from fedface.simulations.bench.dp import dp
 from fedface.simulations.bench.federated import federated
+from fedface.simulations.bench.gallery import gallery
 from fedface.simulations.bench.policy import policy
 from fedface.simulations.bench.privacy import privacy
 
@@ -18,6 +19,7 @@ bench_app = typer.Typer(
 bench_app.command()(baseline)
 bench_app.command()(dp)
 bench_app.command()(federated)
+bench_app.command()(gallery)
 bench_app.command()(policy)
 bench_app.command()(privacy)
 
