@@ -52,7 +52,11 @@ Extraction (:mod:`fedface.simulations.bench.extraction`), against the largest ga
     ``--extraction-encrypted`` of those queries are asked again through the encrypted services
     (``extraction_encrypted_agreement``: the same decisions). ``extraction_trace``: the best
     cosine at 256, 500, ... queries. ``extraction_at_best_accuracy_threshold``: the same attack
-    at the looser best-accuracy threshold. ``extraction_raw_*``: the same basis queries on raw
+    at the looser best-accuracy threshold. ``extraction_face_prior`` (encoder trained here only):
+    the same attack exploring with the embeddings of faces the attacker holds (the training
+    half's images, none of them enrolled) instead of random vectors, as a site with the
+    federation's encoder can: such queries match at the false-accept rate, and a match is
+    already above the threshold. ``extraction_raw_*``: the same basis queries on raw
     scores (what a naive system returns) read every template back, to show the test can fail.
 
 The last stdout line is one JSON object.
@@ -95,6 +99,7 @@ from fedface.simulations.bench.extraction import (
     pipeline_oracle,
     rule_oracle,
     score_attack,
+    unit_rows,
 )
 from fedface.simulations.centralized import train_run
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
@@ -415,9 +420,10 @@ def _probes(services: _Services, gallery: Gallery, people: list[_People], blocks
 
 
 def _extraction(services: _Services, gallery: Gallery, blocks: list[_Block], encoder: str, *, threshold: float,
-                loose_threshold: float, budget: int, encrypted: int, seed: int) -> dict[str, Any]:
+                loose_threshold: float, budget: int, encrypted: int, seed: int, own_faces: np.ndarray | None) -> dict[str, Any]:
     """The extraction test against this gallery: decisions only (rule oracle, a sample re-asked through the
-    encrypted services), the same at the looser best-accuracy threshold, and raw scores."""
+    encrypted services), the same at the looser best-accuracy threshold, the same starting from the
+    attacker's own faces (``own_faces``, embeddings of people not enrolled), and raw scores."""
     templates = np.concatenate([b.templates for b in blocks])
     counts = [len(b.labels) for b in blocks]
     labels = [f"{b.site}/{x}" for b in blocks for x in b.labels]
@@ -437,6 +443,22 @@ def _extraction(services: _Services, gallery: Gallery, blocks: list[_Block], enc
     loose = decision_attack(rule_oracle(templates, counts, loose_threshold, rng=np.random.default_rng(seed + 3)), dim,
                             budget=budget, rng=np.random.default_rng(seed + 4))
     raw_cos = np.sum(score_attack(lambda qs: qs @ templates.T, dim) * templates, axis=1)
+    face_prior: dict[str, Any] | None = None
+    if own_faces is not None:
+        starts = own_faces[np.random.default_rng(seed + 5).permutation(len(own_faces))]
+        faced = decision_attack(rule_oracle(templates, counts, threshold, rng=np.random.default_rng(seed + 6)), dim,
+                                budget=budget, rng=np.random.default_rng(seed + 7), starts=starts)
+        hits = np.flatnonzero(faced.answers != NO_MATCH)
+        first = int(faced.answers[hits[0]]) if len(hits) else None
+        face_prior = {
+            "own_faces": len(own_faces),
+            "best_cosine": best_cosine(faced.reconstructions, templates),
+            "matched_templates": len(faced.matched),
+            "matched_real_templates": len(set(faced.matched) & real),
+            "matching_queries": int(len(hits)),
+            "first_match_query": int(hits[0]) if len(hits) else None,
+            "first_match_cosine": float(unit_rows(faced.queries[hits[0]]) @ templates[first]) if first is not None else None,
+        }
 
     def real_only(recon: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         return {j: r for j, r in recon.items() if j in real}
@@ -457,6 +479,7 @@ def _extraction(services: _Services, gallery: Gallery, blocks: list[_Block], enc
             "matched_templates": len(loose.matched),
             "matched_real_templates": len(set(loose.matched) & real),
         },
+        "extraction_face_prior": face_prior,
         "extraction_raw_best_cosine": float(raw_cos.max()),
         "extraction_raw_min_cosine": float(raw_cos.min()),
         "extraction_raw_queries": dim,
@@ -468,6 +491,12 @@ def _extraction(services: _Services, gallery: Gallery, blocks: list[_Block], enc
         f"({len(loose.matched)} matched); raw scores, {dim} queries: cosine {out['extraction_raw_min_cosine']:.6f} or more for all "
         f"{len(templates):,} templates"
     )
+    if face_prior is not None:
+        first_cos = "-" if face_prior["first_match_cosine"] is None else f"{face_prior['first_match_cosine']:.3f}"
+        err_console.print(
+            f"extraction starting from {face_prior['own_faces']} faces of the attacker's own (not enrolled), {budget} queries: best "
+            f"cosine {face_prior['best_cosine']:.3f} ({face_prior['matched_templates']} templates matched; first match at cosine {first_cos})"
+        )
     return out
 
 
@@ -524,6 +553,9 @@ def gallery(
             keep = np.isin(faces[name].labels, held_out[name])
             pair_sets.append((emb[name][keep], faces[name].labels[keep]))
         threshold, thr_info = _threshold(pair_sets, far)
+        # the attacker's own faces: the training half's images (people never enrolled); none with a given encoder
+        own_faces = (np.concatenate([emb[name][~np.isin(faces[name].labels, held_out[name])] for name in SETS])
+                     if encoder_path is None else None)
         err_console.print(
             f"encoder {encoder.id}: {', '.join(f'{len(p.names)} {p.site} people' for p in people)} enrolled "
             f"({enroll_images} images each), {sum(len(p.probe_labels) for p in people)} probes; threshold {threshold:.4f} "
@@ -556,7 +588,7 @@ def gallery(
             err_console.print(f"{sum(probe_figures['probes_per_set'].values())} probes at N={n:,}: rank-1 agreement "
                               f"{probe_figures['rank1_agreement']:.3f}; max score difference {max_diff:.2e}")
             extraction = _extraction(services, g, blocks, encoder.id, threshold=threshold, loose_threshold=thr_info["best_accuracy_threshold"],
-                                     budget=extraction_budget, encrypted=extraction_encrypted, seed=seed)
+                                     budget=extraction_budget, encrypted=extraction_encrypted, seed=seed, own_faces=own_faces)
             g.close()
         services.keyholder.close()
     big = per_n[str(largest)]

@@ -46,6 +46,7 @@ def test_bench_gallery_smallest_run_prints_sane_figures(orl_root: Path, yaleb_ro
     assert figures["extraction_best_cosine"] <= 0.3
     assert figures["extraction_budget"] == 300 and figures["extraction_encrypted_queries"] == 6
     assert figures["extraction_encrypted_agreement"] == 1.0
+    assert set(figures["extraction_face_prior"]) >= {"best_cosine", "matched_templates", "first_match_cosine", "own_faces"}
     assert figures["extraction_raw_min_cosine"] > 0.99  # the same attack on raw scores: every template read back
     assert figures["encoder"]["source"] == "trained in this run" and figures["encoder"]["epochs"] == 3
     assert figures["peak_rss_mb"] > 50

@@ -99,6 +99,18 @@ def test_decision_attack_climbs_where_its_queries_match() -> None:
     assert best_cosine(attack.reconstructions, t) > best_cosine(first_matches, t)
 
 
+def test_decision_attack_explores_with_the_given_starts_before_random_queries() -> None:
+    rng = np.random.default_rng(0)
+    t = unit_rows(rng.standard_normal((8, 16)))
+    starts = t[:3] * 2.0  # the attacker's own guesses (not unit length): they match their templates
+
+    attack = decision_attack(rule_oracle(t, [8], 0.9, rng=rng), 16, budget=96, rng=rng, batch=3, starts=starts)
+
+    np.testing.assert_allclose(attack.queries[32:35], t[:3])
+    assert attack.answers[32:35].tolist() == [0, 1, 2]
+    assert set(attack.matched) >= {0, 1, 2}
+
+
 @pytest.mark.integration  # about 10 s: keys, one encrypted block, 24 encrypted searches
 def test_rule_oracle_decides_as_the_encrypted_services(orl_templates: _Faces, tmp_path: Path) -> None:
     t, thr = orl_templates.templates, orl_templates.threshold
