@@ -21,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedface.common.crypto.ckks import SLOTS, encoder_id
 from fedface.common.crypto.envelope import (
+    DECISION_CONTEXT,
+    LABEL_KEY_CONTEXT,
     decrypt_label,
     envelope_digest,
     make_envelope,
@@ -99,6 +102,7 @@ class PendingQuery:
 
     envelope: bytes
     reply_key: X25519PrivateKey
+    kind: str = "identify"
 
     @property
     def digest(self) -> bytes:
@@ -126,9 +130,12 @@ class TemplateClient:
                                      encoder=encoder, dim=self.context.params.dim))
         return out
 
-    def revoke_envelope(self, people: Sequence[str], *, everyone: bool = False) -> bytes:
-        return make_envelope(self.key, "revoke", self.site, [], labels=list(people), all=everyone,
-                             context=self.context.id, encoder="*")
+    def revoke_envelope(self, people: Sequence[str], *, everyone: bool = False, contexts: Sequence[str] | None = None) -> bytes:
+        """Revoke named people (or, with ``everyone``, all) of this site, in every key set or only ``contexts``."""
+        fields: dict[str, object] = {"labels": list(people), "all": everyone, "context": self.context.id, "encoder": "*"}
+        if contexts is not None:
+            fields["contexts"] = list(contexts)
+        return make_envelope(self.key, "revoke", self.site, [], **fields)
 
     def query(self, template: np.ndarray, encoder: str, *, claim: str | None = None, top_k: int = 1) -> PendingQuery:
         """A signed encrypted query: identify (1:N) or, with ``claim`` (SITE/PERSON), verify (1:1)."""
@@ -137,24 +144,41 @@ class TemplateClient:
         if claim is not None:
             fields["claim"] = claim
         env = make_envelope(self.key, "verify" if claim else "identify", self.site, [self.engine.encrypt_query(template)], **fields)
-        return PendingQuery(env, rk)
+        return PendingQuery(env, rk, "verify" if claim else "identify")
 
-    @staticmethod
-    def read_decision(pending: PendingQuery, sealed_decision: bytes, sealed_label_key: bytes = b"") -> Decision:
-        """Open the key holder's sealed decision (and, for identify, the server's sealed label key)."""
+    def read_decision(self, pending: PendingQuery, signed_decision: bytes, sealed_label_key: bytes = b"") -> Decision:
+        """Check the key holder's signature on the decision, open it (and, for identify, the
+        server's sealed label key); TemplateError if anything does not verify."""
         digest = pending.digest
+        sig, sealed = signed_decision[:64], signed_decision[64:]
         try:
-            decision = json.loads(open_sealed(pending.reply_key, sealed_decision, digest))
-        except ValueError:
+            self.context.decision_verifier().verify(sig, DECISION_CONTEXT + digest + sealed)
+        except InvalidSignature:
+            raise TemplateError("the search result is not signed by the key holder of this key set: refused (the server may have made it up)") from None
+        try:
+            decision = json.loads(open_sealed(pending.reply_key, sealed, digest).decode().rstrip(" "))
+        except (ValueError, UnicodeDecodeError):
             raise TemplateError("the search result is not a decision") from None
-        if "chunks" not in decision:
-            return Decision(match=bool(decision.get("match")))
-        if not decision["chunks"]:
+        if not isinstance(decision, dict) or not isinstance(decision.get("match"), bool):
+            raise TemplateError("the search result is not a decision")
+        if pending.kind == "verify":
+            if set(decision) != {"match"}:
+                raise TemplateError("the answer to a verify query is not a verify decision")
+            return Decision(match=decision["match"])
+        chunks = decision.get("chunks")
+        if set(decision) != {"match", "chunks"} or not isinstance(chunks, list) or decision["match"] != bool(chunks):
+            raise TemplateError("the answer to an identify query is not an identify decision")
+        if not chunks:
             return Decision(match=False)
         keyiv = open_sealed(pending.reply_key, sealed_label_key, digest)
-        key, iv = keyiv[:32], keyiv[32:]
-        names = tuple(decrypt_label(key, iv, int(slot), bytes.fromhex(chunk)) for slot, chunk in decision["chunks"])
-        return Decision(match=bool(decision["match"]), identities=names)
+        if not keyiv.startswith(LABEL_KEY_CONTEXT) or len(keyiv) != len(LABEL_KEY_CONTEXT) + 48:
+            raise TemplateError("the search result's label key is malformed")
+        key, iv = keyiv[len(LABEL_KEY_CONTEXT) : -16], keyiv[-16:]
+        try:
+            names = tuple(decrypt_label(key, iv, int(slot), bytes.fromhex(chunk)) for slot, chunk in chunks)
+        except (TypeError, ValueError):
+            raise TemplateError("a label in the search result does not decrypt: the result was altered") from None
+        return Decision(match=True, identities=names)
 
 
 __all__ = ["Decision", "Encoder", "PendingQuery", "TemplateClient", "person_templates"]

@@ -123,9 +123,11 @@ class GalleryClient:
         """Enroll unit templates of ``people`` (one envelope per block); the server's summary per block."""
         return [self._post("/v1/enroll", env).json() for env in self.templates.enroll_envelopes(people, templates, encoder)]
 
-    def revoke(self, people: Sequence[str], *, everyone: bool = False) -> dict[str, Any]:
-        """Delete every block holding one of ``people`` (or all of this site's): who was revoked, who must re-enroll."""
-        result: dict[str, Any] = self._post("/v1/revoke", self.templates.revoke_envelope(people, everyone=everyone)).json()
+    def revoke(self, people: Sequence[str], *, everyone: bool = False, contexts: Sequence[str] | None = None) -> dict[str, Any]:
+        """Delete every block holding one of ``people`` (or all of this site's; in every key set or
+        only ``contexts``): who was revoked, who must re-enroll."""
+        envelope = self.templates.revoke_envelope(people, everyone=everyone, contexts=contexts)
+        result: dict[str, Any] = self._post("/v1/revoke", envelope).json()
         return result
 
     def _search(self, template: np.ndarray, encoder: str, *, claim: str | None, top_k: int) -> Decision:
@@ -134,7 +136,7 @@ class GalleryClient:
         _, parts = unpack_frame(reply.content, "search reply")
         if len(parts) != 2:
             raise TemplateError("the gallery's search reply does not hold a sealed decision and label key")
-        return TemplateClient.read_decision(pending, parts[0], parts[1])
+        return self.templates.read_decision(pending, parts[0], parts[1])
 
     def identify(self, template: np.ndarray, encoder: str, *, top_k: int = 1) -> Decision:
         """1:N: the (up to ``top_k``) enrolled identities above the gallery's threshold, best first."""

@@ -7,8 +7,9 @@ Storage (``gallery.sqlite``, beside the run store)
     ``blocks``: one row per enrolled block (up to 4,096 templates of one site): the site, the
     key set (``context``) and encoder version (``encoder``) it was made under, its labels (the
     site's pseudonymous person ids) and its ciphertexts. ``events``: an append-only log of
-    every request, accepted or refused, with the reason. ``nonces``: what replay protection has
-    seen (:class:`~fedface.common.crypto.envelope.NonceStore`). ``secure_delete`` is on, so a
+    every request, accepted or refused, with the reason (refusals of the sender at most once a
+    minute per claimed site). Replay protection keeps its nonces in ``gallery-nonces.sqlite``
+    (:class:`~fedface.common.crypto.envelope.NonceStore`). ``secure_delete`` is on, so a
     revoked block's bytes are overwritten, not just unlinked. Every change is one transaction:
     a refused or failed upload leaves the gallery exactly as it was, and searchable.
 
@@ -17,15 +18,23 @@ Versions
     exactly those, so a template of one encoder is never compared with another's. Re-enrolling
     under a new encoder (or after a key rotation) makes a new version beside the old one.
 
+Enrollment (:meth:`Gallery.enroll`)
+    The upload is verified (site, signature, time, nonce, key set, dimension, every ciphertext's
+    parameters, level and scale, no person enrolled twice under one encoder); the server computes
+    each slot's squared norm under encryption and the key holder checks that every enrolled
+    slot holds a unit template and every other slot nothing; then one transaction stores it.
+
 Search (:meth:`Gallery.search`)
-    The query envelope is verified (site, signature, time, nonce, key set), the query is rotated
-    once, each block of the version is scored homomorphically, and each result is *protected*:
-    ``mask * (score - threshold)`` with a fresh random mask per query
+    The query envelope is verified (site, signature, time, nonce, key set, query limit, top-k),
+    the query is rotated once, and the checks that it is one unit template, tiled, are computed
+    under encryption; each block of the version is scored homomorphically, and each result is
+    *protected*: ``mask * (score - threshold)`` with a fresh random mask per query
     (:meth:`~fedface.common.crypto.ckks.TemplateEngine.protect`). The labels of every slot are
-    encrypted under a fresh key of the query, and that key is sealed to the querying site. What
-    goes to the key holder (:class:`DecisionRequest`) is the site's signed query, the protected
-    results and the encrypted labels: the key holder can read neither a template, nor a
-    score's scale or offset, nor a label, and the server cannot read the decision it relays.
+    encrypted under a fresh key of the query, and that key is sealed to the querying site. The
+    key holder gets, signed by the server's key, the site's signed query, the checks, the
+    protected results and the encrypted labels; it can read neither a template, nor a score's
+    scale or offset, nor a label, and the server cannot read the decision it relays, nor make
+    one up (the key holder signs it).
 """
 
 from __future__ import annotations
@@ -39,13 +48,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import seal
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedface.common.crypto.ckks import SLOTS, TemplateEngine
+from fedface.common.crypto.ckks import MAX_MASK, SLOTS, TemplateEngine
 from fedface.common.crypto.envelope import (
+    LABEL_KEY_CONTEXT,
+    REQUEST_CONTEXT,
     Envelope,
     NonceStore,
     encrypt_labels,
@@ -54,14 +65,16 @@ from fedface.common.crypto.envelope import (
     pack_labels,
     peek_site,
     seal_to,
+    sign_frame,
 )
 from fedface.common.crypto.keyfiles import TemplateContext
 from fedface.common.errors import TemplateError
+from fedface.server.keyholder import MAX_TOP_K
 
 logger = logging.getLogger(__name__)
 
 GALLERY_FILE = "gallery.sqlite"
-MAX_TOP_K = 10
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -99,14 +112,26 @@ class _Block:
     cts: list[seal.Ciphertext] = field(repr=False)
 
 
-@dataclass(frozen=True)
-class DecisionRequest:
-    """What the server sends the key holder for one query (:meth:`to_bytes`), and what it keeps."""
+class KeyHolderPort(Protocol):
+    """How the gallery reaches the key holder: in process (:class:`~fedface.server.keyholder.KeyHolder`)
+    or over HTTP (:class:`~fedface.server.services.KeyHolderLink`). Requests are signed by the server."""
 
-    frame: bytes
-    sealed_label_key: bytes  # for the querier only; never sent to the key holder
+    def check_enrollment(self, data: bytes) -> None: ...
+
+    def decide(self, data: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What goes back to the site for one query: two sealed parts only it can open."""
+
+    sealed_decision: bytes  # signed by the key holder, sealed to the site's reply key
+    sealed_label_key: bytes  # identify: the label table's key, sealed to the site by the server
     blocks: int
     slots: int
+    request_bytes: int  # the size of the request the key holder got
+    server_s: float
+    keyholder_s: float
 
 
 class Gallery:
@@ -118,6 +143,8 @@ class Gallery:
         context: TemplateContext,
         site_key: Callable[[str], Ed25519PublicKey | None],
         *,
+        keyholder: KeyHolderPort,
+        signing_key: Ed25519PrivateKey,
         threshold: float,
         max_queries_per_hour: int = 1000,
     ) -> None:
@@ -131,6 +158,8 @@ class Gallery:
             raise TemplateError("the gallery server must not hold the template secret key: give it templates.pub only")
         self.engine: TemplateEngine = context.engine()
         self.site_key = site_key
+        self.keyholder = keyholder
+        self._signing_key = signing_key
         self.threshold = float(threshold)
         self.max_queries_per_hour = max_queries_per_hour
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -141,6 +170,7 @@ class Gallery:
         self._lock = threading.RLock()
         self._cache: dict[tuple[str, str], list[_Block]] = {}
         self._labels: dict[tuple[str, str], bytes] = {}  # packed label table of a version's blocks
+        self._unverified: dict[str, tuple[float, int]] = {}
 
     def close(self) -> None:
         self._conn.close()
@@ -149,17 +179,35 @@ class Gallery:
     # -- bookkeeping -----------------------------------------------------------------------
 
     def record(self, site: str, kind: str, outcome: str, detail: str) -> None:
-        """Append one event to the gallery's log (the services record what the key holder answered)."""
-        self._conn.execute("INSERT INTO events (time, site, kind, outcome, detail) VALUES (?, ?, ?, ?, ?)",
-                           (time.time(), site, kind, outcome, detail))
+        """Append one event to the gallery's log (site names cut to 64 characters, details to 500)."""
+        with self._lock:
+            self._conn.execute("INSERT INTO events (time, site, kind, outcome, detail) VALUES (?, ?, ?, ?, ?)",
+                               (time.time(), site[:64], kind[:32], outcome[:32], detail[:500]))
 
+    def _refused(self, site: str, kind: str, exc: TemplateError) -> None:
+        """Log a refusal. Refusals of who sent a request (unknown site, bad signature, stale,
+        replay) need no key to cause, so they are logged at most once a minute per claimed site,
+        with a count: nobody can fill the append-only log by sending junk."""
+        detail = str(exc)
+        if exc.reason == "forbidden":
+            now = time.time()
+            if len(self._unverified) > 10_000:
+                self._unverified.clear()
+            start, n = self._unverified.get(site[:64], (0.0, 0))
+            if now - start < 60.0:
+                self._unverified[site[:64]] = (start, n + 1)
+                return
+            self._unverified[site[:64]] = (now, 0)
+            if n:
+                detail += f" (and {n} more refusals like it in the minute before)"
+        self.record(site, kind, "refused", detail)
 
     def _open(self, data: bytes, kinds: tuple[str, ...]) -> Envelope:
         """Verify an envelope; every refusal is logged before it is raised."""
         try:
             claimed = peek_site(data)
         except TemplateError as exc:
-            self.record("?", "/".join(kinds), "refused", str(exc))
+            self._refused("?", "/".join(kinds), exc)
             raise
         try:
             env = open_envelope(data, self.site_key, self.nonces, kinds=kinds)
@@ -171,21 +219,24 @@ class Gallery:
             if not isinstance(env.header.get("encoder"), str) or not env.header["encoder"]:
                 raise TemplateError(f"{env.kind} from {env.site!r} names no encoder version")
         except TemplateError as exc:
-            self.record(claimed, "/".join(kinds), "refused", str(exc))
+            self._refused(claimed, "/".join(kinds), exc)
             raise
         return env
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The latest events, newest first."""
-        return _events(self._conn, limit)
+        with self._lock:
+            return _events(self._conn, limit)
 
     def versions(self) -> list[dict[str, Any]]:
         """Enrolled (context, encoder) versions with their sites and template counts."""
-        return _versions(self._conn)
+        with self._lock:
+            return _versions(self._conn)
 
     def template_count(self, encoder: str | None = None) -> int:
         q = "SELECT COALESCE(SUM(count), 0) FROM blocks WHERE context = ?" + (" AND encoder = ?" if encoder else "")
-        return int(self._conn.execute(q, (self.context.id, encoder) if encoder else (self.context.id,)).fetchone()[0])
+        with self._lock:
+            return int(self._conn.execute(q, (self.context.id, encoder) if encoder else (self.context.id,)).fetchone()[0])
 
     # -- enrollment and revocation ---------------------------------------------------------
 
@@ -203,14 +254,16 @@ class Gallery:
                 if env.header.get("dim") != self.context.params.dim or len(env.parts) != self.engine.dim:
                     raise TemplateError(f"enroll from {env.site!r} has dimension {env.header.get('dim')} and {len(env.parts)} "
                                         f"ciphertexts; this gallery's parameters need {self.context.params.dim} and {self.engine.dim}")
-                for part in env.parts:
-                    self.engine.load(part, "gallery")  # parameters, level and scale of every ciphertext
+                block = [self.engine.load(part, "gallery") for part in env.parts]  # parameters, level and scale of each
                 taken = self._enrolled_labels(env.site, self.context.id, env.header["encoder"]) & set(labels)
                 if taken:
                     raise TemplateError(f"enroll from {env.site!r}: {', '.join(sorted(taken)[:5])} already enrolled under this encoder; "
                                         "revoke them first (`fedface site revoke`)")
+                # the key holder checks every enrolled slot holds a unit template, every other slot nothing
+                norms = self.engine.block_norms(block).to_string()
+                self.keyholder.check_enrollment(self._sign({"kind": "enroll"}, [data, norms]))
             except TemplateError as exc:
-                self.record(env.site, "enroll", "refused", str(exc))
+                self._refused(env.site, "enroll", exc)
                 raise
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -232,15 +285,21 @@ class Gallery:
         return {x for (labels,) in rows for x in json.loads(labels)}
 
     def revoke(self, data: bytes) -> dict[str, Any]:
-        """Delete every block of the site holding a named person (every version); reports who else was in them."""
+        """Delete every block of the site holding a named person (every version, or those of the
+        key sets the envelope names in ``contexts``); reports who else was in them."""
         with self._lock:
             env = self._open(data, ("revoke",))
             labels = env.header.get("labels")
             if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or (not labels and not env.header.get("all")):
                 self.record(env.site, "revoke", "refused", "no labels")
                 raise TemplateError(f"revoke from {env.site!r} names nobody: pass the person ids, or revoke all")
+            contexts = env.header.get("contexts")
+            if contexts is not None and (not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts)):
+                self.record(env.site, "revoke", "refused", "malformed contexts")
+                raise TemplateError(f"revoke from {env.site!r}: contexts must be a list of key-set ids")
             wanted = set(labels)
-            rows = self._conn.execute("SELECT id, labels, context, encoder FROM blocks WHERE site = ?", (env.site,)).fetchall()
+            rows = [r for r in self._conn.execute("SELECT id, labels, context, encoder FROM blocks WHERE site = ?", (env.site,))
+                    if contexts is None or r[2] in contexts]
             hit = [(bid, json.loads(lab), ctx, enc) for bid, lab, ctx, enc in rows if env.header.get("all") or wanted & set(json.loads(lab))]
             revoked = sorted({x for _, lab, _, _ in hit for x in lab if env.header.get("all") or x in wanted})
             dropped = sorted({x for _, lab, _, _ in hit for x in lab} - set(revoked))
@@ -255,6 +314,8 @@ class Gallery:
                 raise
             for _, _, ctx, enc in hit:
                 self._cache.pop((ctx, enc), None)
+            # secure_delete overwrote the pages; the checkpoint moves them out of the WAL too
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return {"blocks": len(hit), "revoked": revoked, "re_enroll": dropped, "unknown": sorted(wanted - set(revoked))}
 
     # -- search ----------------------------------------------------------------------------
@@ -279,19 +340,24 @@ class Gallery:
         with self._lock:
             return sum(len(b.labels) for b in self._blocks(encoder))
 
-    def search(self, data: bytes) -> DecisionRequest:
-        """Score a signed query (identify: 1:N; verify: 1:1 against a claimed person) under encryption."""
+    def _sign(self, header: dict[str, Any], parts: list[bytes]) -> bytes:
+        return sign_frame(self._signing_key, pack_frame(header, parts), REQUEST_CONTEXT)
+
+    def search(self, data: bytes) -> SearchResult:
+        """Score a signed query (identify: 1:N; verify: 1:1 against a claimed person) under
+        encryption and have the key holder decide; TemplateError if either refuses."""
         with self._lock:
+            t0 = time.perf_counter()
             env = self._open(data, ("identify", "verify"))
             try:
                 since = time.time() - 3600
                 if self.nonces.count_since(env.site, since) > self.max_queries_per_hour:
-                    raise TemplateError(f"{env.site!r} sent more than {self.max_queries_per_hour} requests in the last hour: "
+                    raise TemplateError(f"{env.site!r} sent more than {self.max_queries_per_hour} queries in the last hour: "
                                         "the gallery limits queries so that decisions cannot be mined; try later", "limit")
                 if len(env.parts) != 1 or not isinstance(env.header.get("reply_key"), str) or not _is_hex(env.header["reply_key"]):
                     raise TemplateError(f"{env.kind} from {env.site!r} must carry one query ciphertext and a reply key")
                 top_k = env.header.get("top_k", 1)
-                if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+                if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
                     raise TemplateError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
                 query = self.engine.load(env.parts[0], "query")
                 blocks = self._blocks(env.header["encoder"])
@@ -310,15 +376,15 @@ class Gallery:
                 else:
                     candidates, searched = [], list(range(len(blocks)))
             except TemplateError as exc:
-                self.record(env.site, env.kind, "refused", str(exc))
+                self._refused(env.site, env.kind, exc)
                 raise
-            mask = 2 + secrets.randbelow(15)  # in [2, 16]
+            mask = 2 + secrets.randbelow(MAX_MASK - 1)  # in [2, MAX_MASK]
             rotations = self.engine.rotations(query)
+            norm, tiling = self.engine.query_checks(query, rotations)
             results = [self.engine.protect(self.engine.score_block(rotations, blocks[i].cts), mask, self.threshold).to_string() for i in searched]
             counts = [len(blocks[i].labels) for i in searched]
-            reply = bytes.fromhex(env.header["reply_key"])
-            header: dict[str, Any] = {"kind": env.kind, "counts": counts, "top_k": top_k}
-            parts = [data, *results]
+            header: dict[str, Any] = {"kind": env.kind, "counts": counts}
+            parts = [data, norm.to_string(), tiling.to_string(), *results]
             sealed_key = b""
             if env.kind == "verify":
                 index = {b: n for n, b in enumerate(searched)}
@@ -326,9 +392,17 @@ class Gallery:
             else:
                 label_key, iv, table = encrypt_labels(self._labels[(self.context.id, env.header["encoder"])])
                 parts.append(table)
-                sealed_key = seal_to(reply, label_key + iv, env.digest)
-            self.record(env.site, env.kind, "scored", f"{sum(counts)} templates in {len(searched)} blocks; sent to the key holder")
-            return DecisionRequest(frame=pack_frame(header, parts), sealed_label_key=sealed_key, blocks=len(searched), slots=sum(counts))
+                sealed_key = seal_to(bytes.fromhex(env.header["reply_key"]), LABEL_KEY_CONTEXT + label_key + iv, env.digest)
+            request = self._sign(header, parts)
+            t1 = time.perf_counter()
+            try:
+                sealed = self.keyholder.decide(request)
+            except TemplateError as exc:
+                self.record(env.site, env.kind, "refused", f"by the key holder: {exc}")
+                raise
+            t2 = time.perf_counter()
+            self.record(env.site, env.kind, "decided", f"{sum(counts)} templates in {len(searched)} blocks")
+            return SearchResult(sealed, sealed_key, len(searched), sum(counts), len(request), t1 - t0, t2 - t1)
 
 
 def _events(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
@@ -366,4 +440,4 @@ def _is_hex(text: str) -> bool:
         return False
 
 
-__all__ = ["GALLERY_FILE", "MAX_TOP_K", "DecisionRequest", "Gallery", "read_status"]
+__all__ = ["GALLERY_FILE", "Gallery", "KeyHolderPort", "SearchResult", "read_status"]

@@ -1,31 +1,53 @@
 """The key holder: the only party with the template secret key, run apart from the server.
 
-It decrypts nothing but *protected* search results, and hands out nothing but decisions,
-sealed to the site that asked. For each :class:`~fedface.server.gallery.DecisionRequest`:
+It decrypts nothing but what the checks and decisions below need, and hands out nothing but
+decisions, signed by it and sealed to the site that asked. It answers only the gallery server
+(every request is signed with the server's Ed25519 key) and only for envelopes that a
+registered site signed, which it verifies itself.
 
-1. It verifies the site's signed query itself (registered site, signature, time, a nonce it has
-   never seen, its own key set), so neither the server nor anyone else can ask it for
-   decisions on queries no site made, or replay one; it keeps its own per-site query limit.
-2. It decrypts the protected results ``mask * (score - threshold)``: it learns which slots are
-   above the threshold and their order, not the scores (the server's mask and threshold are
-   unknown to it), and it cannot read the labels (encrypted under a key sealed to the site).
-3. It **floods** the decrypted values with Gaussian noise (sigma :data:`FLOOD_SIGMA`, in the
-   protected units, far above the CKKS error) before anything is derived from them
-   (Li-Micciancio: exact decrypted CKKS values together with the ciphertext reveal the secret
-   key), and it never hands out a value, only:
-   identify: the top-k slots above the threshold (the label chunks of those slots), or none;
-   verify: whether any template of the claimed person is above the threshold.
-4. It seals that decision to the query's reply key, bound to the query's digest.
+Search (:meth:`KeyHolder.decide`)
+    1. The server's signature on the request; the site's signed query (registered site,
+       signature, time, a nonce this key holder has never seen, its key set, its own per-site
+       query limit, 1 <= top-k <= :data:`MAX_TOP_K`, a well-formed reply key).
+    2. The query is one unit-length template, tiled: the server sends, computed from the query
+       ciphertext, the squared norm minus one of every window of ``d`` slots and the query
+       minus its rotation by ``d``; every slot of both must decrypt to zero (within
+       :data:`CHECK_TOL`). A scaled or mixed query, with which a site could read a template
+       back coordinate by coordinate from threshold decisions, is refused before any result is
+       decrypted.
+    3. It decrypts the protected results ``mask * (score - threshold)``: it learns which slots
+       are above the threshold and their order, and the scores up to the unknown mask (an
+       integer in [2, 16]) and threshold, not the labels (encrypted under a key sealed to the
+       site).
+    4. It adds Gaussian noise (sigma :data:`FLOOD_SIGMA`, of the order of the CKKS error; from a
+       generator seeded by the OS's CSPRNG) to the decrypted values before deriving anything,
+       so that decisions at a tie or at the threshold do not follow the exact values. The
+       defence against Li-Micciancio key recovery is that no value ever leaves: only the
+       decision does. identify: the top-k slots above the threshold (with the encrypted label
+       chunks of those slots), or none; verify: whether any template of the claimed person is
+       above the threshold.
+    5. It pads the decision to a length that depends only on top-k (a match and no match look
+       alike on the wire), seals it to the query's reply key bound to the query's digest, and
+       signs the sealed decision with its decision key (in ``templates.pub``, so that the site
+       can tell it from one the server made up).
+
+Enrollment (:meth:`KeyHolder.check_enrollment`)
+    The server sends, with the site's signed upload, the squared norm minus one of every slot
+    of the block; the key holder refuses a block whose enrolled slots are not unit templates or
+    whose empty slots are not empty. A site cannot enroll a template that would match every
+    query.
 
 Collusion: the key holder and the server together can decrypt everything; the key holder and
-a querying site together learn the protected score vectors of that site's queries (enough, over
-many chosen queries, to estimate templates). docs/templates.md, "Threat model".
+a querying site together learn the protected score vectors of that site's queries; the server
+and a site together can send the key holder ciphertexts other than scores. docs/templates.md,
+"Threat model".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -35,23 +57,37 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedface.common.crypto.envelope import NonceStore, label_chunk, open_envelope, seal_to, unpack_frame
+from fedface.common.crypto.ckks import SLOTS
+from fedface.common.crypto.envelope import (
+    DECISION_CONTEXT,
+    LABEL_BYTES,
+    REQUEST_CONTEXT,
+    NonceStore,
+    label_chunk,
+    open_envelope,
+    open_signed_frame,
+    seal_to,
+    unpack_frame,
+)
 from fedface.common.crypto.keyfiles import TemplateContext
 from fedface.common.errors import TemplateError
 
 logger = logging.getLogger(__name__)
 
-#: Flooding noise, in protected units (mask * score, mask >= 2): about 5e-4 in score units at
-#: most, 3x the measured CKKS error (max 1.6e-4) and far below any useful decision margin.
+#: Noise added to decrypted protected values before a decision, in protected units (mask *
+#: score, mask >= 2): at most about 5e-4 in score units.
 FLOOD_SIGMA = 2.0**-10
-SLOTS_PER_BLOCK = 4096
+#: How far from zero a query's or an enrollment's check values may decrypt (the CKKS error of a
+#: sum of 128 squares is about 1e-4; a query scaled by 1 % already misses it).
+CHECK_TOL = 1e-2
+MAX_TOP_K = 10
 
 
 def decide(values: list[np.ndarray], *, top_k: int, candidates: list[tuple[int, int]] | None,
            rng: np.random.Generator, sigma: float = FLOOD_SIGMA) -> dict[str, Any]:
     """The decision from decrypted protected values (one array per block, valid slots only).
 
-    Flooding first, then: with ``candidates`` (verify) ``{"match": any candidate > 0}``; else
+    Noise first, then: with ``candidates`` (verify) ``{"match": any candidate > 0}``; else
     (identify) ``{"match": bool, "slots": [[block, slot], ...]}``, the top-k above zero, best first.
     """
     flooded = [v + rng.normal(0.0, sigma, size=v.shape) for v in values]
@@ -62,6 +98,12 @@ def decide(values: list[np.ndarray], *, top_k: int, candidates: list[tuple[int, 
     return {"match": bool(hits), "slots": [[b, s] for _, b, s in hits[:top_k]]}
 
 
+def decision_length(kind: str, top_k: int) -> int:
+    """The fixed length a decision is padded to: it depends on the kind and top-k only."""
+    per_chunk = len(json.dumps([2**31, "0" * 2 * LABEL_BYTES])) + 2
+    return 32 if kind == "verify" else 48 + top_k * per_chunk
+
+
 class KeyHolder:
     """Decides protected search results for registered sites; holds the template secret key."""
 
@@ -70,64 +112,100 @@ class KeyHolder:
         directory: str | Path,
         context: TemplateContext,
         site_key: Callable[[str], Ed25519PublicKey | None],
+        server_key: Ed25519PublicKey,
         *,
         max_queries_per_hour: int = 1000,
         seed: int | None = None,
     ) -> None:
-        if context.keys.secret_key is None:
+        if context.keys.secret_key is None or context.decision_key is None:
             raise TemplateError("the key holder needs the template secret key (templates.secret)")
         self.context = context
         self.engine = context.engine()
         self.site_key = site_key
+        self.server_key = server_key
         self.max_queries_per_hour = max_queries_per_hour
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.nonces = NonceStore(Path(directory) / "keyholder-nonces.sqlite")
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self.nonces.close()
 
-    def decide(self, frame: bytes) -> bytes:
-        """The sealed decision for one request frame; TemplateError (nothing released) if refused."""
-        header, parts = unpack_frame(frame, "decision request")
+    def _request(self, data: bytes, kinds: tuple[str, ...]) -> tuple[dict[str, Any], list[bytes], Any]:
+        frame = open_signed_frame(self.server_key, data, REQUEST_CONTEXT, "the request to the key holder")
+        header, parts = unpack_frame(frame, "key holder request")
         if not parts:
-            raise TemplateError("decision request carries no query")
-        query = open_envelope(parts[0], self.site_key, self.nonces, kinds=("identify", "verify"))
-        if query.header.get("context") != self.context.id:
-            raise TemplateError(f"query from {query.site!r} was made under key set {query.header.get('context')!r}, not {self.context.id!r}")
+            raise TemplateError("key holder request carries no envelope")
+        env = open_envelope(parts[0], self.site_key, self.nonces, kinds=kinds)
+        if env.header.get("context") != self.context.id:
+            raise TemplateError(f"{env.kind} from {env.site!r} was made under key set {env.header.get('context')!r}, not {self.context.id!r}")
+        if header.get("kind") != env.kind:
+            raise TemplateError(f"key holder request says {header.get('kind')!r} but the site sent {env.kind!r}")
+        return header, parts, env
+
+    def _all_near(self, part: bytes, level: str, count: int | None = None) -> bool:
+        values = self.engine.decrypt(self.engine.load(part, level))  # type: ignore[arg-type]
+        if count is None:
+            return bool(np.all(np.abs(values) <= CHECK_TOL))
+        return bool(np.all(np.abs(values[:count]) <= CHECK_TOL) and np.all(np.abs(values[count:] + 1.0) <= CHECK_TOL))
+
+    def check_enrollment(self, data: bytes) -> None:
+        """Refuse (TemplateError) an enrollment whose templates are not unit length; None if it is fine."""
+        header, parts, env = self._request(data, ("enroll",))
+        labels = env.header.get("labels")
+        if len(parts) != 2 or not isinstance(labels, list) or not 1 <= len(labels) <= SLOTS:
+            raise TemplateError("enrollment check: expected the site's upload and one norm ciphertext")
+        if not self._all_near(parts[1], "result", len(labels)):
+            raise TemplateError(f"enrollment from {env.site!r} holds templates that are not unit length (or data in empty slots): "
+                                "enroll with `fedface site enroll`")
+
+    def decide(self, data: bytes) -> bytes:
+        """The signed, sealed decision for one request; TemplateError (nothing released) if refused."""
+        header, parts, query = self._request(data, ("identify", "verify"))
         if self.nonces.count_since(query.site, time.time() - 3600) > self.max_queries_per_hour:
             raise TemplateError(f"{query.site!r} asked for more than {self.max_queries_per_hour} decisions in the last hour", "limit")
-        if header.get("kind") != query.kind:
-            raise TemplateError(f"decision request says {header.get('kind')!r} but the site asked for {query.kind!r}")
-        counts = header.get("counts")
         top_k = query.header.get("top_k", 1)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+            raise TemplateError(f"top_k must be an integer from 1 to {MAX_TOP_K}")
+        try:
+            reply = bytes.fromhex(str(query.header.get("reply_key")))
+        except ValueError:
+            reply = b""
+        if len(reply) != 32:
+            raise TemplateError("the query's reply key is not a 32-byte X25519 public key")
         identify = query.kind == "identify"
-        n_results = len(parts) - 1 - (1 if identify else 0)
-        if not isinstance(counts, list) or len(counts) != n_results or not all(isinstance(c, int) and 1 <= c <= SLOTS_PER_BLOCK for c in counts):
-            raise TemplateError("decision request: block counts do not match its results")
-        values = []
-        for count, part in zip(counts, parts[1 : 1 + n_results], strict=True):
-            values.append(self.engine.decrypt(self.engine.load(part, "result"))[:count])
+        counts = header.get("counts")
+        n_results = len(parts) - 3 - (1 if identify else 0)
+        if not isinstance(counts, list) or n_results < 1 or len(counts) != n_results or not all(
+                isinstance(c, int) and 1 <= c <= SLOTS for c in counts):
+            raise TemplateError("key holder request: block counts do not match its results")
+        if not (self._all_near(parts[1], "result") and self._all_near(parts[2], "query")):
+            raise TemplateError(f"query from {query.site!r} is not one unit-length template, tiled: nothing was decided")
+        values = [self.engine.decrypt(self.engine.load(part, "result"))[:count]
+                  for count, part in zip(counts, parts[3 : 3 + n_results], strict=True)]
         candidates = None
         if not identify:
             raw = header.get("candidates")
-            if not isinstance(raw, list) or not raw:
-                raise TemplateError("verify request names no candidate templates")
             try:
-                candidates = [(int(b), int(s)) for b, s in raw]
+                candidates = [(int(b), int(s)) for b, s in raw]  # type: ignore[union-attr]
             except (TypeError, ValueError):
                 raise TemplateError("verify request: malformed candidates") from None
-            if not all(0 <= b < len(counts) and 0 <= s < counts[b] for b, s in candidates):
-                raise TemplateError("verify request: a candidate is outside the results")
+            if not candidates or not all(0 <= b < len(counts) and 0 <= s < counts[b] for b, s in candidates):
+                raise TemplateError("verify request: no candidate, or one outside the results")
         with self._lock:
-            decision = decide(values, top_k=int(top_k), candidates=candidates, rng=self._rng)
+            decision = decide(values, top_k=top_k, candidates=candidates, rng=self._rng)
         if identify:
             table = parts[-1]
             offsets = np.concatenate([[0], np.cumsum(counts)])
-            decision["chunks"] = [(int(offsets[b] + s), label_chunk(table, int(offsets[b] + s)).hex()) for b, s in decision.pop("slots")]
-        logger.info("decision for %s (%s): %s", query.site, query.kind, "match" if decision["match"] else "no match")
-        return seal_to(bytes.fromhex(query.header["reply_key"]), json.dumps(decision).encode(), query.digest)
+            if len(table) != int(offsets[-1]) * LABEL_BYTES:
+                raise TemplateError("key holder request: the label table does not match the results")
+            decision["chunks"] = [[int(offsets[b] + s), label_chunk(table, int(offsets[b] + s)).hex()] for b, s in decision.pop("slots")]
+        text = json.dumps(decision, separators=(",", ":"))
+        length = decision_length(query.kind, top_k)
+        sealed = seal_to(reply, text.ljust(length).encode(), query.digest)
+        logger.info("decision for %s (%s)", query.site, query.kind)
+        return self.context.decision_key.sign(DECISION_CONTEXT + query.digest + sealed) + sealed  # type: ignore[union-attr]
 
 
-__all__ = ["FLOOD_SIGMA", "KeyHolder", "decide"]
+__all__ = ["CHECK_TOL", "FLOOD_SIGMA", "MAX_TOP_K", "KeyHolder", "decide", "decision_length"]

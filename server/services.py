@@ -5,15 +5,20 @@ serve`; plain HTTP only with ``--insecure``, a local demo):
 
 Gallery server (:func:`gallery_app`, wraps :class:`~fedface.server.gallery.Gallery`)
     ``POST /v1/enroll`` and ``POST /v1/revoke``: the body is a site's signed envelope; the
-    reply is the gallery's JSON summary. ``POST /v1/search``: the body is a signed query; the
-    server scores it under encryption, sends the :class:`~fedface.server.gallery.DecisionRequest`
-    frame to the key holder's ``/v1/decide`` (:class:`KeyHolderLink`, which verifies the key
-    holder's certificate against its CA) and answers the site with one binary frame,
-    ``pack_frame({"kind": ...}, [sealed_decision, sealed_label_key])``: both sealed to the
-    site, neither readable by the server. ``GET /v1/status``: the key set, the enrolled
-    versions with their template counts per site, and recent events (no keys, no labels).
+    reply is the gallery's JSON summary (an enrollment is first checked by the key holder's
+    ``/v1/check``). ``POST /v1/search``: the body is a signed query; the server scores it under
+    encryption, sends its signed request to the key holder's ``/v1/decide``
+    (:class:`KeyHolderLink`, which verifies the key holder's certificate against its CA) and
+    answers the site with one binary frame, ``pack_frame({"kind": ...}, [signed_decision,
+    sealed_label_key])``: both sealed to the site, neither readable by the server, the decision
+    signed by the key holder. ``GET /v1/status``: the key set and the enrolled versions with
+    their template counts per site (no events, labels or keys: the event log is read at the
+    server, `fedface gallery status --store`).
 Key holder (:func:`keyholder_app`, wraps :class:`~fedface.server.keyholder.KeyHolder`)
-    ``POST /v1/decide``: a decision request frame in, the sealed decision out.
+    ``POST /v1/decide``: a request signed by the gallery server's key in, the signed, sealed
+    decision out; ``POST /v1/check``: an enrollment's norm check. Requests not signed by the
+    server's key (``--server-key``) are refused, so no site can send the key holder ciphertexts
+    of its own making.
     ``GET /v1/context``: the public template keys (``templates.pub``). Sites take the public
     keys from the key holder, never from the gallery server: a server that handed out keys of
     its own making could decrypt what the sites then encrypt. The gallery server has no such
@@ -144,9 +149,16 @@ class KeyHolderLink:
         return cls(httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout_s))
 
     def decide(self, frame: bytes) -> bytes:
-        """The sealed decision; TemplateError if the key holder refused, KeyHolderUnreachable otherwise."""
+        """The signed, sealed decision; TemplateError if the key holder refused, KeyHolderUnreachable otherwise."""
+        return self._post("/v1/decide", frame)
+
+    def check_enrollment(self, frame: bytes) -> None:
+        """None if the key holder finds the enrollment's templates unit length; TemplateError if not."""
+        self._post("/v1/check", frame)
+
+    def _post(self, path: str, frame: bytes) -> bytes:
         try:
-            reply = self.client.post("/v1/decide", content=frame, headers={"content-type": FRAME_TYPE})
+            reply = self.client.post(path, content=frame, headers={"content-type": FRAME_TYPE})
         except httpx.HTTPError as exc:
             raise KeyHolderUnreachable(f"the key holder at {self.client.base_url} did not answer: {_one_line(str(exc)) or type(exc).__name__}") from None
         if reply.status_code == 200:
@@ -154,7 +166,7 @@ class KeyHolderLink:
         message = _error_of(reply)
         if 400 <= reply.status_code < 500:
             reason = {403: "forbidden", 429: "limit"}.get(reply.status_code, "invalid")
-            raise TemplateError(f"the key holder refused the decision: {message}", reason)
+            raise TemplateError(f"the key holder refused: {message}", reason)
         raise KeyHolderUnreachable(f"the key holder at {self.client.base_url} failed (HTTP {reply.status_code}): {message}")
 
     def context_id(self) -> str:
@@ -185,21 +197,15 @@ def _error_of(reply: httpx.Response) -> str:
 # -- the apps ----------------------------------------------------------------------------------
 
 
-def gallery_app(gallery: Gallery, keyholder: KeyHolderLink) -> FastAPI:
-    """The gallery server's API (module docstring) over ``gallery``, deciding through ``keyholder``."""
+def gallery_app(gallery: Gallery) -> FastAPI:
+    """The gallery server's API (module docstring) over ``gallery`` (which reaches its key holder itself)."""
     app = FastAPI(title="fedface gallery", docs_url=None, redoc_url=None, openapi_url=None)
 
     def search(body: bytes) -> Response:
-        request = gallery.search(body)
+        result = gallery.search(body)
         site, kind = _peek(body)
-        try:
-            sealed = keyholder.decide(request.frame)
-        except (TemplateError, KeyHolderUnreachable) as exc:
-            gallery.record(site, kind, "refused", str(exc))
-            raise
-        gallery.record(site, kind, "decided", "the key holder sealed a decision to the site")
-        logger.info("%s for %s: %d templates in %d blocks", kind, site, request.slots, request.blocks)
-        return Response(pack_frame({"kind": kind}, [sealed, request.sealed_label_key]), media_type=FRAME_TYPE)
+        logger.info("%s for %s: %d templates in %d blocks", kind, site, result.slots, result.blocks)
+        return Response(pack_frame({"kind": kind}, [result.sealed_decision, result.sealed_label_key]), media_type=FRAME_TYPE)
 
     app.add_api_route("/v1/enroll", _guarded(MAX_ENVELOPE_BYTES, gallery.enroll), methods=["POST"])
     app.add_api_route("/v1/revoke", _guarded(MAX_ENVELOPE_BYTES, gallery.revoke), methods=["POST"])
@@ -212,7 +218,6 @@ def gallery_app(gallery: Gallery, keyholder: KeyHolderLink) -> FastAPI:
             "dim": gallery.context.params.dim,
             "templates": gallery.template_count(),
             "versions": gallery.versions(),
-            "events": gallery.events(STATUS_EVENTS),
         }
 
     app.add_api_route("/v1/status", status, methods=["GET"])
@@ -235,6 +240,12 @@ def keyholder_app(keyholder: KeyHolder) -> FastAPI:
         return Response(keyholder.decide(body), media_type="application/octet-stream")
 
     app.add_api_route("/v1/decide", _guarded(MAX_FRAME_BYTES, decide), methods=["POST"])
+
+    def check(body: bytes) -> dict[str, Any]:
+        keyholder.check_enrollment(body)
+        return {"ok": True}
+
+    app.add_api_route("/v1/check", _guarded(MAX_FRAME_BYTES, check), methods=["POST"])
 
     def public_keys() -> Response:
         return Response(bundle, media_type="application/octet-stream", headers={"x-fedface-context": context})

@@ -121,12 +121,13 @@ class KeyMaterial:
     secret_key: bytes | None = None
 
 
-def generate_keys() -> KeyMaterial:
-    """A fresh key set: public, relinearisation and one Galois key (rotation by 1), and the secret key."""
+def generate_keys(dim: int = 128) -> KeyMaterial:
+    """A fresh key set: public, relinearisation and two Galois keys (rotation by 1, for the
+    packing, and by the padded dimension, for the query's tiling check), and the secret key."""
     ctx = _context()
     kg = seal.KeyGenerator(ctx)
     galois = seal.GaloisKeys()
-    kg.create_galois_keys([1], galois)
+    kg.create_galois_keys(sorted({1, padded_dim(dim)}), galois)
     return KeyMaterial(
         public_key=kg.create_public_key().to_string(),
         relin_keys=kg.create_relin_keys().to_string(),
@@ -243,6 +244,37 @@ class TemplateEngine:
             self._eval.add_inplace(acc, self._eval.multiply(rotations[k], block[k]))
         self._eval.relinearize_inplace(acc, self._relin)
         return acc
+
+    def _sum_of_squares_minus_one(self, cts: Sequence[seal.Ciphertext]) -> seal.Ciphertext:
+        acc = self._eval.square(cts[0])
+        for ct in cts[1:]:
+            self._eval.add_inplace(acc, self._eval.square(ct))
+        self._eval.relinearize_inplace(acc, self._relin)
+        one = self._encoder.encode(np.full(SLOTS, -1.0), acc.scale())
+        self._eval.mod_switch_to_inplace(one, acc.parms_id())
+        self._eval.add_plain_inplace(acc, one)
+        return acc
+
+    def query_checks(self, query: seal.Ciphertext, rotations: Sequence[seal.Ciphertext]) -> tuple[seal.Ciphertext, seal.Ciphertext]:
+        """What lets the key holder refuse a query that is not one unit template, tiled.
+
+        ``norm``: in slot ``j`` the squared norm, minus one, of the ``d`` query slots from ``j``
+        on (the sum of the squared rotations; zero in every slot for a unit template, which
+        also makes the slots' magnitudes periodic in ``d``). ``tiling``: the query minus its
+        rotation by ``d`` (zero in every slot when every tile is the same template). Without
+        these, a site could send a scaled or mixed query and read a template back coordinate
+        by coordinate from threshold decisions.
+        """
+        norm = self._sum_of_squares_minus_one(rotations)
+        tiling = self._eval.sub(query, self._eval.rotate_vector(query, self.dim, self._galois))
+        return norm, tiling
+
+    def block_norms(self, block: Sequence[seal.Ciphertext]) -> seal.Ciphertext:
+        """In slot ``j`` the squared norm of template ``j``, minus one (-1 in an empty slot):
+        the key holder checks an enrollment holds unit templates only."""
+        if len(block) != self.dim:
+            raise TemplateError(f"a block has {self.dim} ciphertexts for parameters {self.params.id}, got {len(block)}")
+        return self._sum_of_squares_minus_one(block)
 
     def protect(self, scores: seal.Ciphertext, mask: int, threshold: float) -> seal.Ciphertext:
         """``mask * (score - threshold)`` under encryption: the key holder sees the sign, not the score.

@@ -5,8 +5,9 @@ the site's Ed25519 key (``cryptography``). The header names the kind (``enroll``
 ``identify``, ``verify``), the site, a fresh random nonce, the time, the template parameter
 set and the encoder version, and the SHA-256 of every part; the signature covers a
 domain-separated hash of the header, so no byte of the envelope can change unnoticed. On
-arrival :func:`open_envelope` checks, in order: the framing, the part hashes, the site (it must
-be registered), the signature, the time (within :data:`MAX_AGE_S` of the receiver's clock) and
+arrival :func:`open_envelope` checks, in order: the framing, the site (it must
+be registered), the signature, the part hashes (only then: hashing megabytes is work a
+stranger should not cause), the time (within :data:`MAX_AGE_S` of the receiver's clock) and
 the nonce (never seen before: :class:`NonceStore` keeps them past the time window, so a replay
 is refused whether it is early or late). Each failure is one :class:`TemplateError` line.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -54,6 +56,12 @@ FRAME_MAGIC = b"FFFRAME1\n"
 SIGNING_CONTEXT = b"fedface template envelope v1\n"
 SEAL_CONTEXT = b"fedface sealed reply v1"
 KINDS = ("enroll", "revoke", "identify", "verify")
+#: What the gallery server signs its requests to the key holder under.
+REQUEST_CONTEXT = b"fedface key holder request v1\n"
+#: What the key holder signs its decisions under (with the query's digest and the sealed decision).
+DECISION_CONTEXT = b"fedface key holder decision v1\n"
+#: Prefixes the sealed label key, so that it can never be taken for a sealed decision.
+LABEL_KEY_CONTEXT = b"fedface label key v1\n"
 #: How far an envelope's time may be from the receiver's clock, in seconds.
 MAX_AGE_S = 300.0
 #: Bytes per slot in a label table: 1 length byte and up to 63 bytes of UTF-8.
@@ -156,23 +164,27 @@ class NonceStore:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self._conn = sqlite3.connect(":memory:" if path is None else os.fspath(path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL") if path is not None else None
-        self._conn.execute("CREATE TABLE IF NOT EXISTS nonces (site TEXT NOT NULL, nonce TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY (site, nonce))")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS nonces (site TEXT NOT NULL, nonce TEXT NOT NULL, time REAL NOT NULL, "
+                           "kind TEXT NOT NULL DEFAULT '', PRIMARY KEY (site, nonce))")
         self._lock = threading.Lock()
 
-    def claim(self, site: str, nonce: str, now: float) -> bool:
-        """Record ``nonce``; False if it was seen before (a replay)."""
+    def claim(self, site: str, nonce: str, now: float, kind: str = "") -> bool:
+        """Record ``nonce`` (of an envelope of ``kind``); False if it was seen before (a replay)."""
         with self._lock:
             self._conn.execute("DELETE FROM nonces WHERE time < ?", (now - NONCE_RETENTION_S,))
             try:
-                self._conn.execute("INSERT INTO nonces VALUES (?, ?, ?)", (site, nonce, now))
+                self._conn.execute("INSERT INTO nonces (site, nonce, time, kind) VALUES (?, ?, ?, ?)", (site, nonce, now, kind))
             except sqlite3.IntegrityError:
                 return False
             return True
 
-    def count_since(self, site: str, since: float) -> int:
-        """Envelopes accepted from ``site`` since ``since`` (for query limits; at most NONCE_RETENTION_S back)."""
+    def count_since(self, site: str, since: float, kinds: Sequence[str] = ("identify", "verify")) -> int:
+        """Envelopes of ``kinds`` (queries, by default) accepted from ``site`` since ``since``
+        (for query limits; at most NONCE_RETENTION_S back)."""
+        marks = ", ".join("?" * len(kinds))
         with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM nonces WHERE site = ? AND time >= ?", (site, since)).fetchone()[0])
+            return int(self._conn.execute(f"SELECT COUNT(*) FROM nonces WHERE site = ? AND time >= ? AND kind IN ({marks})",
+                                          (site, since, *kinds)).fetchone()[0])
 
     def close(self) -> None:
         self._conn.close()
@@ -193,12 +205,12 @@ def open_envelope(
     except ValueError:
         raise TemplateError("envelope header is not JSON") from None
     if not isinstance(header, dict) or not all(isinstance(header.get(k), t) for k, t in
-                                                 (("kind", str), ("site", str), ("nonce", str), ("time", (int, float)), ("parts", list))):
+                                                 (("kind", str), ("site", str), ("nonce", str), ("time", float), ("parts", list))):
         raise TemplateError("envelope header lacks kind, site, nonce, time or parts")
+    if not math.isfinite(header["time"]) or len(header["site"]) > 64 or len(header["nonce"]) > 64:
+        raise TemplateError("envelope header has a non-finite time, or a site name or nonce over 64 characters")
     if header["kind"] not in kinds:
         raise TemplateError(f"envelope of kind {header['kind']!r} sent where {' or '.join(kinds)} was expected")
-    if len(header["parts"]) != len(parts) or any(hashlib.sha256(p).hexdigest() != h for p, h in zip(parts, header["parts"], strict=False)):
-        raise TemplateError(f"envelope from {header['site']!r} was altered: a ciphertext does not match its signed hash")
     key = site_key(header["site"])
     if key is None:
         raise TemplateError(f"unknown site {header['site']!r}: register its public key first (`fedface gallery register`)", "forbidden")
@@ -207,11 +219,13 @@ def open_envelope(
         key.verify(sig, digest)
     except InvalidSignature:
         raise TemplateError(f"envelope from {header['site']!r} has no valid signature by that site's registered key", "forbidden") from None
+    if len(header["parts"]) != len(parts) or any(hashlib.sha256(p).hexdigest() != h for p, h in zip(parts, header["parts"], strict=False)):
+        raise TemplateError(f"envelope from {header['site']!r} was altered: a ciphertext does not match its signed hash")
     now = time.time() if now is None else now
     if abs(now - float(header["time"])) > MAX_AGE_S:
         raise TemplateError(f"envelope from {header['site']!r} is {now - float(header['time']):.0f} s old (at most {MAX_AGE_S:.0f}): "
                             "check the site's clock and send a fresh one", "forbidden")
-    if not nonces.claim(header["site"], header["nonce"], now):
+    if not nonces.claim(header["site"], header["nonce"], now, header["kind"]):
         raise TemplateError(f"envelope from {header['site']!r} was already received (a replay): nothing was done", "forbidden")
     return Envelope(header=header, parts=parts, digest=digest)
 
@@ -249,6 +263,21 @@ def unpack_frame(data: bytes, what: str) -> tuple[dict[str, Any], list[bytes]]:
     if not isinstance(header, dict):
         raise TemplateError(f"malformed {what}: header is not an object")
     return header, parts
+
+
+def sign_frame(key: Ed25519PrivateKey, frame: bytes, context: bytes) -> bytes:
+    """``frame`` with an Ed25519 signature over ``context`` + its SHA-256 in front (64 bytes)."""
+    return key.sign(hashlib.sha256(context + frame).digest()) + frame
+
+
+def open_signed_frame(key: Ed25519PublicKey, data: bytes, context: bytes, what: str) -> bytes:
+    """The frame inside a :func:`sign_frame` result; TemplateError unless ``key`` signed it."""
+    sig, frame = data[:64], data[64:]
+    try:
+        key.verify(sig, hashlib.sha256(context + frame).digest())
+    except InvalidSignature:
+        raise TemplateError(f"{what} is not signed by the expected key", "forbidden") from None
+    return frame
 
 
 # -- sealed replies --------------------------------------------------------------------------
@@ -342,12 +371,15 @@ def new_signing_key() -> Ed25519PrivateKey:
 
 
 __all__ = [
+    "DECISION_CONTEXT",
     "FRAME_MAGIC",
     "KINDS",
     "LABEL_BYTES",
+    "LABEL_KEY_CONTEXT",
     "MAGIC",
     "MAX_AGE_S",
     "NONCE_RETENTION_S",
+    "REQUEST_CONTEXT",
     "Envelope",
     "NonceStore",
     "decrypt_label",
@@ -358,6 +390,7 @@ __all__ = [
     "new_signing_key",
     "open_envelope",
     "open_sealed",
+    "open_signed_frame",
     "pack_frame",
     "pack_labels",
     "parse_envelope",
@@ -365,5 +398,6 @@ __all__ = [
     "public_bytes",
     "reply_key",
     "seal_to",
+    "sign_frame",
     "unpack_frame",
 ]

@@ -9,10 +9,11 @@ AES-256-GCM. A locked key without its passphrase, or with a wrong one, is a one-
 :class:`~fedface.common.errors.KeyFileError`.
 
 Template keys (made by the key holder, ``fedface keys templates``)
-    ``templates.pub``: the *public bundle* (parameters, public key, relinearisation key, one
-    Galois key) that the server and every site get; its :func:`context_id` names the key set in
-    every upload and query. ``templates.secret``: the CKKS secret key; it stays with the key
-    holder. Rotation (:func:`rotate_template_keys`) moves both into ``retired/<context-id>/``
+    ``templates.pub``: the *public bundle* (parameters, public key, relinearisation key, two
+    Galois keys, and the public half of the key holder's Ed25519 decision-signing key) that the
+    server and every site get; its :func:`context_id` names the key set in every upload and
+    query. ``templates.secret``: the CKKS secret key and the decision-signing key; it stays with
+    the key holder. Rotation (:func:`rotate_template_keys`) moves both into ``retired/<context-id>/``
     and makes a new set; sites then re-enroll (see docs/templates.md, "Keys").
 """
 
@@ -92,8 +93,10 @@ def create_signing_key(directory: str | Path, name: str, passphrase: str | None 
     key = Ed25519PrivateKey.generate()
     pw = _passphrase(passphrase)
     enc = serialization.BestAvailableEncryption(pw) if pw else serialization.NoEncryption()
-    atomic_write_new(pair.private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc), 0o600)
-    atomic_write_new(pair.public_key, key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+    if not atomic_write_new(pair.private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc), 0o600):
+        raise KeyFileError(f"{pair.private_key} appeared while the key was made: keys are never overwritten")
+    if not atomic_write_new(pair.public_key, key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644):
+        raise KeyFileError(f"{pair.public_key} appeared while the key was made: remove {pair.private_key} and retry")
     return pair
 
 
@@ -191,38 +194,59 @@ class SiteKeys:
 # -- template keys ---------------------------------------------------------------------------
 
 
-def context_id(params: TemplateParams, public_key: bytes) -> str:
-    """The key set's name: parameters and public key (first 16 hex digits of a SHA-256)."""
-    return hashlib.sha256(params.id.encode() + b"\0" + public_key).hexdigest()[:16]
+def context_id(params: TemplateParams, public_key: bytes, decision_public: bytes) -> str:
+    """The key set's name: parameters, CKKS public key and the key holder's decision-signing key
+    (first 16 hex digits of a SHA-256)."""
+    return hashlib.sha256(params.id.encode() + b"\0" + public_key + b"\0" + decision_public).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class TemplateContext:
-    """A loaded key set: parameters, keys, and its id."""
+    """A loaded key set: parameters, CKKS keys, the key holder's decision-verifying key, and its id.
+
+    With the secret part loaded (the key holder only): ``keys.secret_key`` and ``decision_key``
+    (the Ed25519 key that signs every decision, so that a site can tell a decision from the key
+    holder from one a server made up).
+    """
 
     params: TemplateParams
     keys: KeyMaterial
+    decision_public: bytes
     id: str
+    decision_key: Ed25519PrivateKey | None = None
 
     def engine(self) -> TemplateEngine:
         return TemplateEngine(self.params, self.keys)
 
+    def decision_verifier(self) -> Ed25519PublicKey:
+        return Ed25519PublicKey.from_public_bytes(self.decision_public)
+
     def public_bundle(self) -> bytes:
         k = self.keys
-        return _pack({"params": self.params.to_json(), "context": self.id}, [k.public_key, k.relin_keys, k.galois_keys], _BUNDLE_MAGIC)
+        return _pack({"params": self.params.to_json(), "context": self.id},
+                     [k.public_key, k.relin_keys, k.galois_keys, self.decision_public], _BUNDLE_MAGIC)
+
+
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def create_template_keys(directory: str | Path, dim: int, passphrase: str | None = None) -> TemplateContext:
-    """A new key set in ``directory``: ``templates.pub`` (give it out) and ``templates.secret`` (0600, keep)."""
+    """A new key set in ``directory``: ``templates.pub`` (give it out) and ``templates.secret``
+    (0600, keep: the CKKS secret key and the decision-signing key)."""
     d = Path(directory)
     for name in (PUBLIC_BUNDLE, SECRET_FILE):
         if (d / name).exists():
             raise KeyFileError(f"{d / name} exists: keys are never overwritten; use `fedface keys templates --rotate`")
     params = TemplateParams(dim=dim)
-    keys = generate_keys()
-    ctx = TemplateContext(params, KeyMaterial(keys.public_key, keys.relin_keys, keys.galois_keys), context_id(params, keys.public_key))
+    keys = generate_keys(dim)
+    signer = Ed25519PrivateKey.generate()
+    decision_public = _raw_public(signer)
+    ctx = TemplateContext(params, KeyMaterial(keys.public_key, keys.relin_keys, keys.galois_keys), decision_public,
+                          context_id(params, keys.public_key, decision_public))
     assert keys.secret_key is not None
-    secret = keys.secret_key
+    raw_signer = signer.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    secret = struct.pack(">I", len(keys.secret_key)) + keys.secret_key + raw_signer
     pw = _passphrase(passphrase)
     header: dict[str, object] = {"context": ctx.id, "protected": bool(pw)}
     if pw:
@@ -230,35 +254,49 @@ def create_template_keys(directory: str | Path, dim: int, passphrase: str | None
         k = Scrypt(salt=salt, length=32, n=2**15, r=8, p=1).derive(pw)
         header |= {"salt": salt.hex(), "nonce": nonce.hex()}
         secret = AESGCM(k).encrypt(nonce, secret, ctx.id.encode())
-    atomic_write_new(d / SECRET_FILE, _pack(header, [secret], _SECRET_MAGIC), 0o600)
-    atomic_write_new(d / PUBLIC_BUNDLE, ctx.public_bundle(), 0o644)
+    # the secret first: a public bundle never exists without its secret beside it
+    if not atomic_write_new(d / SECRET_FILE, _pack(header, [secret], _SECRET_MAGIC), 0o600):
+        raise KeyFileError(f"{d / SECRET_FILE} appeared while the key set was made: keys are never overwritten")
+    if not atomic_write_new(d / PUBLIC_BUNDLE, ctx.public_bundle(), 0o644):
+        raise KeyFileError(f"{d / PUBLIC_BUNDLE} appeared while the key set was made: remove {d / SECRET_FILE} and retry")
     return ctx
 
 
 def rotate_template_keys(directory: str | Path, dim: int | None = None, passphrase: str | None = None) -> tuple[str, TemplateContext]:
-    """Retire the current key set to ``retired/<id>/`` and create a new one; (old id, new set)."""
+    """Create a new key set and retire the current one to ``retired/<id>/``; (old id, new set).
+
+    ``dim`` None keeps the current set's dimension. The new set is made in a scratch folder
+    first, so a failure leaves the current set in place.
+    """
     d = Path(directory)
     old = load_template_context(d / PUBLIC_BUNDLE)
+    scratch = d / f".rotating-{os.getpid()}"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    new = create_template_keys(scratch, dim or old.params.dim, passphrase)
     target = d / "retired" / old.id
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in (PUBLIC_BUNDLE, SECRET_FILE):
         if (d / name).exists():
-            shutil.move(str(d / name), str(target / name))
-    return old.id, create_template_keys(d, dim or old.params.dim, passphrase)
+            os.replace(d / name, target / name)
+    for name in (SECRET_FILE, PUBLIC_BUNDLE):
+        os.replace(scratch / name, d / name)
+    scratch.rmdir()
+    return old.id, new
 
 
 def load_template_context(path: str | Path, secret: str | Path | None = None, passphrase: str | None = None) -> TemplateContext:
-    """The public bundle at ``path`` (a file or a key directory), with the secret key if ``secret`` is given."""
+    """The public bundle at ``path`` (a file or a key directory), with the secret part if ``secret`` is given."""
     p = Path(path)
     if p.is_dir():
         p = p / PUBLIC_BUNDLE
     if not p.is_file():
         raise KeyFileError(f"template public keys {p} not found: the key holder makes them with `fedface keys templates`")
     header, parts = _unpack(p.read_bytes(), _BUNDLE_MAGIC, p)
-    if len(parts) != 3:
-        raise KeyFileError(f"{p} does not hold a public, relinearisation and Galois key")
+    if len(parts) != 4 or len(parts[3]) != 32:
+        raise KeyFileError(f"{p} does not hold a public, relinearisation, Galois and decision key: fetch the key holder's current templates.pub")
     params = TemplateParams.from_json(header.get("params"))
-    ctx = TemplateContext(params, KeyMaterial(*parts), context_id(params, parts[0]))
+    ctx = TemplateContext(params, KeyMaterial(*parts[:3]), parts[3], context_id(params, parts[0], parts[3]))
     if header.get("context") != ctx.id:
         raise KeyFileError(f"{p} is damaged: its keys do not match the context id it names")
     if secret is None:
@@ -271,17 +309,25 @@ def load_template_context(path: str | Path, secret: str | Path | None = None, pa
     sh, sparts = _unpack(s.read_bytes(), _SECRET_MAGIC, s)
     if sh.get("context") != ctx.id or len(sparts) != 1:
         raise KeyFileError(f"{s} belongs to key set {sh.get('context')}, not {ctx.id} ({p}): use the pair made together")
-    sk = sparts[0]
+    blob = sparts[0]
     if sh.get("protected"):
         pw = _passphrase(passphrase)
         if not pw:
             raise KeyFileError(f"template secret key {s} is passphrase-protected: set {PASSPHRASE_ENV}")
         k = Scrypt(salt=bytes.fromhex(str(sh["salt"])), length=32, n=2**15, r=8, p=1).derive(pw)
         try:
-            sk = AESGCM(k).decrypt(bytes.fromhex(str(sh["nonce"])), sk, ctx.id.encode())
+            blob = AESGCM(k).decrypt(bytes.fromhex(str(sh["nonce"])), blob, ctx.id.encode())
         except InvalidTag:
             raise KeyFileError(f"wrong passphrase for {s}") from None
-    return TemplateContext(params, KeyMaterial(*parts, secret_key=sk), ctx.id)
+    try:
+        (n,) = struct.unpack_from(">I", blob)
+        sk, raw_signer = blob[4 : 4 + n], blob[4 + n :]
+        signer = Ed25519PrivateKey.from_private_bytes(raw_signer)
+    except (struct.error, ValueError):
+        raise KeyFileError(f"{s} is damaged: recreate the key set with `fedface keys templates --rotate`") from None
+    if _raw_public(signer) != ctx.decision_public:
+        raise KeyFileError(f"{s} does not hold the decision key of {p}: use the pair made together")
+    return TemplateContext(params, KeyMaterial(*parts[:3], secret_key=sk), ctx.decision_public, ctx.id, signer)
 
 
 __all__ = [

@@ -41,7 +41,7 @@ import numpy as np
 from fedface.client.enroll import TemplateClient
 from fedface.common.crypto.ckks import MAX_MASK, SLOTS
 from fedface.server.gallery import Gallery
-from fedface.server.keyholder import KeyHolder, decide
+from fedface.server.keyholder import decide
 
 #: What a decision oracle answers for a query that matched nobody.
 NO_MATCH = -1
@@ -244,20 +244,19 @@ def rule_oracle(
 def pipeline_oracle(
     client: TemplateClient,
     gallery: Gallery,
-    keyholder: KeyHolder,
     encoder: str,
     index: Mapping[str, int],
 ) -> DecisionOracle:
     """Queries through the real services: encrypted and signed at the site, scored by the
-    gallery, decided by the key holder, opened by the site. ``index`` maps a gallery label
+    gallery, decided by its key holder, opened by the site. ``index`` maps a gallery label
     (``SITE/PERSON``) to the template's index."""
 
     def oracle(queries: np.ndarray) -> np.ndarray:
         out = []
         for q in np.asarray(queries, dtype=np.float64):
             pending = client.query(q, encoder)
-            request = gallery.search(pending.envelope)
-            decision = client.read_decision(pending, keyholder.decide(request.frame), request.sealed_label_key)
+            result = gallery.search(pending.envelope)
+            decision = client.read_decision(pending, result.sealed_decision, result.sealed_label_key)
             out.append(index[decision.identities[0]] if decision.identities else NO_MATCH)
         return np.asarray(out, dtype=np.int64)
 

@@ -83,20 +83,21 @@ def gallery_serve(
     keyholder: Annotated[str, typer.Option(help="The key holder's URL, https://HOST:PORT (`fedface keyholder serve`).")],
     threshold: Annotated[float, typer.Option(help="Cosine score above which a template matches: the verification threshold measured for "
                                              "this encoder on held-out faces (`verif_threshold` of `fedface evaluate ENCODER --format json`).")],
+    signing_key: Annotated[Path, typer.Option(help="The server's Ed25519 key that signs its requests to the key holder (`fedface keys site DIR --name gallery`; give the key holder its .pub).")],
     keyholder_ca: Annotated[Optional[Path], typer.Option(help="The CA that signed the key holder's certificate (its ca.pem).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8443,
     tls_cert: Annotated[Optional[Path], typer.Option(help="This server's TLS certificate (server.pem of `fedface keys init`).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="Its private key (server.key).")] = None,
     insecure: Annotated[bool, typer.Option(help="Serve plain HTTP and allow an http:// key holder: a local demo only.")] = False,
-    max_queries_per_hour: Annotated[int, typer.Option(help="Most requests a site may send per hour (decisions cannot be mined faster).", min=1)] = 1000,
+    max_queries_per_hour: Annotated[int, typer.Option(help="Most queries (identify, verify) a site may send per hour, so that decisions cannot be mined faster.", min=1)] = 1000,
 ) -> None:
     """Serve the encrypted gallery: POST /v1/enroll, /v1/revoke, /v1/search; GET /v1/status.
 
     The server never holds the template secret key: it stores and scores ciphertexts, and
     relays decisions sealed to the querying site. Runs in the foreground."""
     setup_logging()
-    from fedface.common.crypto.keyfiles import SiteKeys, load_template_context
+    from fedface.common.crypto.keyfiles import SiteKeys, load_signing_key, load_template_context
     from fedface.server.gallery import Gallery
     from fedface.server.services import KeyHolderLink, KeyHolderUnreachable, gallery_app as make_app
 
@@ -112,11 +113,12 @@ def gallery_serve(
             if served != context.id:
                 raise KeyFileError(f"{public_keys} is key set {context.id}, but the key holder serves {served}: "
                                    "take templates.pub from the key holder")
-        gallery = Gallery(store, context, SiteKeys(sites), threshold=threshold, max_queries_per_hour=max_queries_per_hour)
+        gallery = Gallery(store, context, SiteKeys(sites), keyholder=link, signing_key=load_signing_key(signing_key),
+                          threshold=threshold, max_queries_per_hour=max_queries_per_hour)
     scheme = "http" if insecure else "https"
     err_console.print(f"gallery server on {scheme}://{host}:{port}: key set {context.id}, threshold {threshold}, "
                       f"{gallery.template_count()} templates, key holder {keyholder}", soft_wrap=True)
-    _serve(make_app(gallery, link), host, port, tls)
+    _serve(make_app(gallery), host, port, tls)
 
 
 @gallery_app.command("register")
@@ -171,6 +173,7 @@ def keyholder_serve(
     keys: Annotated[Path, typer.Option(help="The key directory of `fedface keys templates` (templates.pub and templates.secret).")],
     sites: Annotated[Path, typer.Option(help="Directory of the sites' <site>.pub signing keys (`fedface gallery register --sites`).")],
     state: Annotated[Path, typer.Option(help="Directory for the key holder's replay-protection state (created).")],
+    server_key: Annotated[Path, typer.Option(help="The gallery server's public signing key (the .pub of its --signing-key): only requests it signed are answered.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8444,
     tls_cert: Annotated[Optional[Path], typer.Option(help="This server's TLS certificate (server.pem of `fedface keys init`).")] = None,
@@ -178,19 +181,20 @@ def keyholder_serve(
     insecure: Annotated[bool, typer.Option(help="Serve plain HTTP: a local demo only.")] = False,
     max_queries_per_hour: Annotated[int, typer.Option(help="Most decisions per site per hour.", min=1)] = 1000,
 ) -> None:
-    """Serve the key holder: POST /v1/decide (a decision request in, a sealed decision out) and
+    """Serve the key holder: POST /v1/decide (a request signed by the gallery server in, a
+    signed decision sealed to the site out), POST /v1/check (an enrollment's norm check) and
     GET /v1/context (the public template keys the sites fetch). It verifies each site's signed
-    query itself and releases only flooded decisions. FEDFACE_KEY_PASSPHRASE unlocks a
+    query itself, refuses queries that are not one unit template, and releases only decisions. FEDFACE_KEY_PASSPHRASE unlocks a
     protected secret key. Runs in the foreground."""
     setup_logging()
-    from fedface.common.crypto.keyfiles import SiteKeys, load_template_context
+    from fedface.common.crypto.keyfiles import SiteKeys, load_template_context, load_verify_key
     from fedface.server.keyholder import KeyHolder
     from fedface.server.services import keyholder_app as make_app
 
     with user_errors():
         tls = _tls(tls_cert, tls_key, insecure)
         context = load_template_context(keys, keys)
-        holder = KeyHolder(state, context, SiteKeys(sites), max_queries_per_hour=max_queries_per_hour)
+        holder = KeyHolder(state, context, SiteKeys(sites), load_verify_key(server_key), max_queries_per_hour=max_queries_per_hour)
     scheme = "http" if insecure else "https"
     err_console.print(f"key holder on {scheme}://{host}:{port}: key set {context.id} (dim {context.params.dim})", soft_wrap=True)
     _serve(make_app(holder), host, port, tls)
@@ -279,11 +283,12 @@ def site_revoke(
     everyone: Annotated[bool, typer.Option("--all", help="Revoke every person this site enrolled.")] = False,
     people: Annotated[Optional[Path], typer.Option(help="The enrollment faces: re-enroll the others that were in the deleted blocks.")] = None,
     layout: Annotated[str, typer.Option(help="Layout of --people.")] = "auto",
+    key_set: Annotated[Optional[list[str]], typer.Option("--key-set", help="Only blocks enrolled under this key-set id (repeat for several): e.g. the old set after a key rotation.")] = None,
     insecure: Annotated[bool, typer.Option(help=_INSECURE_HELP)] = False,
     output_format: Annotated[str, typer.Option("--format", help=_FORMAT_HELP)] = "text",
 ) -> None:
     """Revoke people: the server deletes every block of this site holding a named person (under
-    every encoder). Others in those blocks are re-enrolled from --people under the site's
+    every encoder and key set, or only those of --key-set). Others in those blocks are re-enrolled from --people under the site's
     encoder; without --people they are listed, to be re-enrolled with `fedface site enroll`."""
     _check_format(output_format)
     if not person and not everyone:
@@ -293,7 +298,7 @@ def site_revoke(
     with user_errors():
         client, encoder_path = _site_client(config, insecure)
         with client:
-            result = client.revoke(person or [], everyone=everyone)
+            result = client.revoke(person or [], everyone=everyone, contexts=key_set)
             if people is not None and result["re_enroll"]:
                 encoder = _encoder(encoder_path, client)
                 names, templates = _templates_of(encoder, people, layout, only=set(result["re_enroll"]))

@@ -4,7 +4,7 @@ and the keys of the encrypted gallery (the key holder's template key set, a site
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -80,7 +80,7 @@ def _check_format(output_format: str) -> None:
 @keys_app.command("templates")
 def templates(
     directory: Annotated[Path, typer.Argument(help="The key holder's key directory: templates.pub (public) and templates.secret (mode 0600).")],
-    dim: Annotated[int, typer.Option(help="Template (embedding) dimension: the encoder's embedding-dim.")] = 128,
+    dim: Annotated[Optional[int], typer.Option(help="Template (embedding) dimension: the encoder's embedding-dim (default 128; with --rotate, the current set's).")] = None,
     rotate: Annotated[bool, typer.Option(help="Retire the current key set to retired/<context-id>/ and make a new one (sites then re-enroll).")] = False,
     output_format: Annotated[str, typer.Option("--format", help="text, or json: the key set as one JSON object on stdout.")] = "text",
 ) -> None:
@@ -99,7 +99,7 @@ def templates(
         if rotate:
             old, ctx = rotate_template_keys(directory, dim)
         else:
-            ctx = create_template_keys(directory, dim)
+            ctx = create_template_keys(directory, dim or 128)
     what = f"rotated key set {old} to retired/{old}/; new" if old else "new"
     err_console.print(f"{what} template key set {ctx.id} (dim {ctx.params.dim}): {directory / PUBLIC_BUNDLE} (give it out), "
                       f"{directory / SECRET_FILE} (keep it here); sites check the id {ctx.id}", soft_wrap=True)

@@ -116,19 +116,20 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, orl_root: Path) -> Iter
     run("keys", "init", str(work / "gallery-tls"), "--host", "127.0.0.1")
     context = json.loads(run("keys", "templates", str(work / "kh-keys"), "--dim", "32", "--format", "json"))["context"]
     run("keys", "site", str(work / "site-keys"), "--name", SITE)
+    run("keys", "site", str(work / "server-keys"), "--name", "gallery")  # the server's key for its requests to the key holder
     for sites in ("gallery-sites", "kh-sites"):
         run("gallery", "register", "--sites", str(work / sites), "--site", SITE, "--key", str(work / "site-keys" / f"{SITE}.pub"))
 
     kh_port, gallery_port = _free_port(), _free_port()
     procs.start("keyholder", str(BIN / "fedface"), "keyholder", "serve", "--keys", str(work / "kh-keys"), "--sites", str(work / "kh-sites"),
-                "--state", str(work / "kh-state"), "--port", str(kh_port),
+                "--state", str(work / "kh-state"), "--port", str(kh_port), "--server-key", str(work / "server-keys" / "gallery.pub"),
                 "--tls-cert", str(work / "kh-tls" / "server.pem"), "--tls-key", str(work / "kh-tls" / "server.key"))
     try:
         _wait_for_port(kh_port)
         procs.start("gallery", str(BIN / "fedface"), "gallery", "serve", "--store", str(work / "store"),
                     "--public-keys", str(work / "kh-keys" / "templates.pub"), "--sites", str(work / "gallery-sites"),
                     "--keyholder", f"https://127.0.0.1:{kh_port}", "--keyholder-ca", str(work / "kh-tls" / "ca.pem"),
-                    "--threshold", str(threshold), "--port", str(gallery_port),
+                    "--threshold", str(threshold), "--port", str(gallery_port), "--signing-key", str(work / "server-keys" / "gallery.key"),
                     "--tls-cert", str(work / "gallery-tls" / "server.pem"), "--tls-key", str(work / "gallery-tls" / "server.key"))
         _wait_for_port(gallery_port)
         config = work / "site" / "site.toml"

@@ -20,7 +20,12 @@ from fedface.common.crypto import keyfiles as kf
 from fedface.common.crypto.ckks import TemplateEngine, TemplateParams, generate_keys
 from fedface.common.crypto.envelope import (
     MAX_AGE_S,
+    REQUEST_CONTEXT,
     NonceStore,
+    new_signing_key,
+    open_signed_frame,
+    pack_frame,
+    sign_frame,
     make_envelope,
     open_envelope,
     parse_envelope,
@@ -72,20 +77,42 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "dir": d,
         "registry": registry,
         "signing": signing,
+        "server_key": new_signing_key(),
     }
+
+
+class Recording:
+    """The key holder as the gallery reaches it, keeping every request it was sent."""
+
+    def __init__(self, holder: KeyHolder) -> None:
+        self.holder = holder
+        self.requests: list[bytes] = []
+
+    def check_enrollment(self, data: bytes) -> None:
+        self.requests.append(data)
+        self.holder.check_enrollment(data)
+
+    def decide(self, data: bytes) -> bytes:
+        self.requests.append(data)
+        return self.holder.decide(data)
+
+
+def _gallery(path: Path, keys: dict[str, object], port: object, **kw: object) -> Gallery:
+    return Gallery(path, keys["public"], keys["registry"], keyholder=port, signing_key=keys["server_key"], threshold=THRESHOLD, **kw)
 
 
 @pytest.fixture
 def world(tmp_path: Path, keys: dict[str, object], faces: dict[str, np.ndarray]) -> dict[str, object]:
     """A gallery with hospital-a's first 20 people and campus-b's other 20, and a key holder."""
-    gallery = Gallery(tmp_path / "server", keys["public"], keys["registry"], threshold=THRESHOLD)
-    holder = KeyHolder(tmp_path / "holder", keys["secret"], keys["registry"], seed=0)
+    holder = KeyHolder(tmp_path / "holder", keys["secret"], keys["registry"], keys["server_key"].public_key(), seed=0)
+    port = Recording(holder)
+    gallery = _gallery(tmp_path / "server", keys, port)
     clients = {s: TemplateClient(s, keys["signing"][s], keys["public"]) for s in ("hospital-a", "campus-b")}
     people, templates = faces["people"], faces["templates"]
     for site, part in (("hospital-a", slice(0, 20)), ("campus-b", slice(20, 40))):
         for env in clients[site].enroll_envelopes(list(people[part]), templates[part], ENCODER):
             gallery.enroll(env)
-    yield {"gallery": gallery, "holder": holder, "clients": clients, **keys}
+    yield {"gallery": gallery, "holder": holder, "port": port, "clients": clients, **keys}
     gallery.close()
     holder.close()
 
@@ -93,8 +120,8 @@ def world(tmp_path: Path, keys: dict[str, object], faces: dict[str, np.ndarray])
 def _identify(world: dict[str, object], template: np.ndarray, site: str = "hospital-a", top_k: int = 1):
     client = world["clients"][site]
     pending = client.query(template, ENCODER, top_k=top_k)
-    req = world["gallery"].search(pending.envelope)
-    return client.read_decision(pending, world["holder"].decide(req.frame), req.sealed_label_key)
+    result = world["gallery"].search(pending.envelope)
+    return client.read_decision(pending, result.sealed_decision, result.sealed_label_key)
 
 
 def _plain_decision(faces: dict[str, np.ndarray], template: np.ndarray) -> str | None:
@@ -140,8 +167,12 @@ def test_without_the_secret_key_nothing_decrypts(faces: dict[str, np.ndarray], k
     bundle = (keys["dir"] / "holder" / kf.PUBLIC_BUNDLE).read_bytes()
     assert keys["secret"].keys.secret_key not in bundle
     assert keys["secret"].keys.secret_key[64:128] not in bundle
+    from cryptography.hazmat.primitives import serialization
+
+    signer = keys["secret"].decision_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    assert signer not in bundle and keys["public"].decision_key is None
     # another party's own key set: same parameters, other secret
-    other = TemplateEngine(TemplateParams(dim=128), generate_keys())
+    other = TemplateEngine(TemplateParams(dim=128), generate_keys(128))
     wrong = other.decrypt(ct)
     assert np.abs(wrong).max() > 1e3  # not a template coordinate in [-1, 1]: noise
 
@@ -199,6 +230,16 @@ def test_envelope_refuses_tampering_forgery_replay_staleness_and_strangers(keys:
         open_envelope(env, keys["registry"], NonceStore(), now=json.loads(hb)["time"] + MAX_AGE_S + 1)
     with pytest.raises(TemplateError, match="not a fedface envelope"):
         open_envelope(b"hello", keys["registry"], NonceStore())
+    import types
+
+    from fedface.common.crypto import envelope as envelope_module
+
+    for bad_time in (float("nan"), float("inf"), 1):  # NaN would be fresh forever; an int is not a time
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(envelope_module, "time", types.SimpleNamespace(time=lambda t=bad_time: t))
+            odd = make_envelope(key, "enroll", "hospital-a", [b"x"], context="c", encoder="e")
+        with pytest.raises(TemplateError, match="lacks kind|non-finite time"):
+            open_envelope(odd, keys["registry"], NonceStore())
     with pytest.raises(TemplateError, match="truncated"):
         open_envelope(env[:-10], keys["registry"], NonceStore())
 
@@ -232,9 +273,8 @@ def test_verify_answers_only_match_or_not(world: dict[str, object], faces: dict[
     client = world["clients"]["hospital-a"]
     for claim in (person, (person + 7) % 20):
         pending = client.query(q, ENCODER, claim=f"hospital-a/p{claim}")
-        req = world["gallery"].search(pending.envelope)
-        sealed = world["holder"].decide(req.frame)
-        decision = client.read_decision(pending, sealed)
+        result = world["gallery"].search(pending.envelope)
+        decision = client.read_decision(pending, result.sealed_decision)
         assert decision.match == bool(faces["templates"][claim] @ q > THRESHOLD)
         assert decision.identities == ()
     pending = client.query(q, ENCODER, claim="hospital-a/nobody")
@@ -249,8 +289,8 @@ def test_the_querier_learns_the_decision_not_a_score(world: dict[str, object], f
 
     client = world["clients"]["hospital-a"]
     pending = client.query(faces["emb"][faces["probe"][0]], ENCODER, top_k=3)
-    req = world["gallery"].search(pending.envelope)
-    opened = json.loads(open_sealed(pending.reply_key, world["holder"].decide(req.frame), pending.digest))
+    result = world["gallery"].search(pending.envelope)
+    opened = json.loads(open_sealed(pending.reply_key, result.sealed_decision[64:], pending.digest))
     assert set(opened) == {"match", "chunks"}
     assert all(isinstance(slot, int) and isinstance(chunk, str) for slot, chunk in opened["chunks"])
 
@@ -263,7 +303,8 @@ def test_the_querier_learns_the_decision_not_a_score(world: dict[str, object], f
 
     assert not [n for n in numbers(opened) if isinstance(n, float)]  # slot indices only, no score
     assert all(0 <= n < 40 for n in numbers(opened))
-    assert b"hospital-a/p" not in req.frame and b"campus-b/p" not in req.frame
+    request = world["port"].requests[-1]
+    assert b"hospital-a/p" not in request and b"campus-b/p" not in request
 
 
 def test_decisions_are_flooded_before_they_are_made() -> None:
@@ -278,23 +319,128 @@ def test_decisions_are_flooded_before_they_are_made() -> None:
     assert top == {"match": True, "slots": [[0, 1], [0, 3]]}
 
 
-def test_the_key_holder_decides_only_for_signed_fresh_queries(world: dict[str, object], faces: dict[str, np.ndarray]) -> None:
+def _last_request(world: dict[str, object]) -> tuple[dict[str, object], list[bytes]]:
+    frame = open_signed_frame(world["server_key"].public_key(), world["port"].requests[-1], REQUEST_CONTEXT, "request")
+    return unpack_frame(frame, "request")
+
+
+def _resign(world: dict[str, object], header: dict[str, object], parts: list[bytes]) -> bytes:
+    return sign_frame(world["server_key"], pack_frame({k: v for k, v in header.items() if k != "sizes"}, parts), REQUEST_CONTEXT)
+
+
+def test_the_key_holder_decides_only_for_the_server_and_signed_fresh_queries(world: dict[str, object], faces: dict[str, np.ndarray]) -> None:
     client = world["clients"]["hospital-a"]
     pending = client.query(faces["emb"][faces["probe"][0]], ENCODER)
-    req = world["gallery"].search(pending.envelope)
-    world["holder"].decide(req.frame)
+    world["gallery"].search(pending.envelope)
+    request = world["port"].requests[-1]
     with pytest.raises(TemplateError, match="replay"):
-        world["holder"].decide(req.frame)
-    # the server cannot ask about a query of its own: it has no site's signing key
-    header, parts = unpack_frame(req.frame, "request")
-    from fedface.common.crypto.envelope import new_signing_key, pack_frame
-
-    own = make_envelope(new_signing_key(), "identify", "hospital-a", parts[0:1], **{k: v for k, v in json.loads(parse_envelope(parts[0])[0]).items()
-                                                                                  if k in ("context", "encoder", "reply_key", "top_k")})
+        world["holder"].decide(request)
+    header, parts = _last_request(world)
+    # a site (or anyone) posting straight to the key holder: not signed by the server's key
+    with pytest.raises(TemplateError, match="not signed by the expected key"):
+        world["holder"].decide(sign_frame(new_signing_key(), pack_frame(header, parts), REQUEST_CONTEXT))
+    with pytest.raises(TemplateError, match="not signed by the expected key"):
+        world["holder"].decide(request[64:])
+    # the server asking about a query of its own making: it has no site's signing key
+    fields = {k: v for k, v in json.loads(parse_envelope(parts[0])[0]).items() if k in ("context", "encoder", "reply_key", "top_k")}
+    own = make_envelope(new_signing_key(), "identify", "hospital-a", parts[0:1], **fields)
     with pytest.raises(TemplateError, match="no valid signature"):
-        world["holder"].decide(pack_frame(header, [own, *parts[1:]]))
-    with pytest.raises(TemplateError, match="malformed decision request"):
+        world["holder"].decide(_resign(world, header, [own, *parts[1:]]))
+    # a site's own fresh query asking for more than MAX_TOP_K decisions
+    greedy = make_envelope(world["signing"]["hospital-a"], "identify", "hospital-a", parts[0:1], **{**fields, "top_k": 10**6})
+    with pytest.raises(TemplateError, match="top_k must be an integer from 1 to 10"):
+        world["holder"].decide(_resign(world, header, [greedy, *parts[1:]]))
+    with pytest.raises(TemplateError, match="not signed by the expected key|malformed"):
         world["holder"].decide(b"junk")
+
+
+def _forged_query(world: dict[str, object], values: np.ndarray, *, claim: str | None = None) -> bytes:
+    """What a site that skips its client can send: any slot values, encrypted and signed."""
+    engine = world["public"].engine()
+    ct = engine._encryptor.encrypt(engine._encoder.encode(np.ascontiguousarray(values), engine.query_scale)).to_string()
+    client = world["clients"]["hospital-a"]
+    fields: dict[str, object] = {"context": world["public"].id, "encoder": ENCODER, "reply_key": "11" * 32, "top_k": 1}
+    if claim:
+        fields["claim"] = claim
+    return make_envelope(client.key, "verify" if claim else "identify", "hospital-a", [ct], **fields)
+
+
+def test_a_scaled_or_mixed_query_is_refused_before_anything_is_decided(world: dict[str, object], faces: dict[str, np.ndarray]) -> None:
+    """The coordinate-reading attack: with a scaled basis vector c * e_k, threshold decisions
+    give |t_k| = threshold / c by bisection on c; with tiles of different templates, many queries
+    in one. The key holder refuses both; a unit template tiled passes."""
+    t = faces["templates"][4]
+    e0 = np.zeros(128)
+    e0[0] = 1.0
+    tiles = 4096 // 128
+    honest = np.tile(t, tiles)
+    mixed = np.concatenate([np.tile(t, tiles // 2), np.tile(faces["templates"][5], tiles // 2)])
+    cases = {"scaled basis vector": np.tile(5.0 * e0, tiles), "1.05 x a template": 1.05 * honest, "mixed tiles": mixed}
+    before = len(world["port"].requests)
+    for name, values in cases.items():
+        with pytest.raises(TemplateError, match="not one unit-length template, tiled"):
+            world["gallery"].search(_forged_query(world, values, claim="campus-b/p25"))
+        assert len(world["port"].requests) == before + 1, name
+        before += 1
+    world["gallery"].search(_forged_query(world, honest, claim="campus-b/p25"))  # decided
+    refused = [e for e in world["gallery"].events(10) if e["outcome"] == "refused"]
+    assert any("by the key holder" in e["detail"] for e in refused)
+
+
+def test_an_enrollment_of_non_unit_templates_is_refused(world: dict[str, object], faces: dict[str, np.ndarray]) -> None:
+    """A site that could enroll 10 x a mean face would match every other site's queries."""
+    engine = world["public"].engine()
+    client = world["clients"]["hospital-a"]
+    j = np.arange(3)
+    cts = []
+    strong = 10.0 * faces["templates"][:3]
+    for k in range(128):
+        v = np.zeros(4096)
+        v[:3] = strong[j, (j + k) % 128]
+        plain = engine._encoder.encode(np.ascontiguousarray(v), engine.scale)
+        engine._eval.mod_switch_to_inplace(plain, engine._last)
+        cts.append(engine._encryptor.encrypt(plain).to_string())
+    env = make_envelope(client.key, "enroll", "hospital-a", cts, labels=["x0", "x1", "x2"], context=world["public"].id, encoder=ENCODER, dim=128)
+    before = _count(world)
+    with pytest.raises(TemplateError, match="not unit length"):
+        world["gallery"].enroll(env)
+    assert _count(world) == before
+    # slots beyond the named people must be empty too
+    sneaky = client.enroll_envelopes(["y0", "y1"], faces["templates"][:2], ENCODER)[0]
+    hb = json.loads(parse_envelope(sneaky)[0])
+    one = make_envelope(client.key, "enroll", "hospital-a", parse_envelope(sneaky)[2], labels=["y0"], context=hb["context"], encoder=ENCODER, dim=128)
+    with pytest.raises(TemplateError, match="data in empty slots"):
+        world["gallery"].enroll(one)
+
+
+def test_match_and_no_match_look_alike_on_the_wire(world: dict[str, object], faces: dict[str, np.ndarray]) -> None:
+    """The server relays the decision: its length must not tell it the answer."""
+    client = world["clients"]["hospital-a"]
+    q = faces["templates"][2]
+    sizes = {}
+    for name, claim, kwargs in (("verify match", "hospital-a/p2", {}), ("verify no match", "hospital-a/p9", {}),
+                                ("identify match", None, {}), ("identify no match", None, {"negate": True})):
+        vec = -q if kwargs.get("negate") else q
+        pending = client.query(vec, ENCODER, claim=claim)
+        result = world["gallery"].search(pending.envelope)
+        decision = client.read_decision(pending, result.sealed_decision, result.sealed_label_key)
+        assert decision.match == ("no match" not in name), name
+        sizes[name] = (len(result.sealed_decision), len(result.sealed_label_key))
+    assert sizes["verify match"] == sizes["verify no match"]
+    assert sizes["identify match"] == sizes["identify no match"]
+
+
+def test_a_decision_the_key_holder_did_not_sign_is_refused_by_the_site(world: dict[str, object], faces: dict[str, np.ndarray]) -> None:
+    """A server that skips the key holder and seals its own "match" to the site's reply key."""
+    from fedface.common.crypto.envelope import seal_to
+
+    client = world["clients"]["hospital-a"]
+    pending = client.query(faces["templates"][2], ENCODER, claim="hospital-a/p9")
+    world["gallery"].search(pending.envelope)
+    reply = bytes.fromhex(json.loads(parse_envelope(pending.envelope)[0])["reply_key"])
+    made_up = bytes(64) + seal_to(reply, b'{"match":true}'.ljust(32), pending.digest)
+    with pytest.raises(TemplateError, match="not signed by the key holder"):
+        client.read_decision(pending, made_up)
 
 
 # -- the gallery's refusals leave it intact -----------------------------------------------------
@@ -339,7 +485,10 @@ def test_bad_uploads_are_refused_and_the_gallery_stays_searchable(world: dict[st
         gallery.enroll(good)
     assert _count(world) == before + 2
     refused = [e for e in gallery.events(50) if e["outcome"] == "refused"]
-    assert len(refused) >= len(cases) + 1
+    # every refusal of content is logged; refusals of the sender (no key needed to cause them:
+    # bad signatures, unknown sites, replays) once a minute per claimed site, so junk cannot fill the log
+    assert len(refused) == 4 + 2
+    assert {e["site"] for e in refused} == {"hospital-a", "mallory"}
     q = faces["emb"][faces["probe"][0]]
     assert _identify(world, q).identities == ((_plain_decision(faces, q),) if _plain_decision(faces, q) else ())
 
@@ -361,9 +510,9 @@ def test_a_version_is_searched_only_with_its_own_encoder(world: dict[str, object
         world["gallery"].enroll(env)
     assert world["gallery"].template_count("encoder-v2") == 3
     pending = client.query(other[1], "encoder-v2")
-    req = world["gallery"].search(pending.envelope)
-    assert req.slots == 3
-    assert client.read_decision(pending, world["holder"].decide(req.frame), req.sealed_label_key).identities == ("hospital-a/p1",)
+    result = world["gallery"].search(pending.envelope)
+    assert result.slots == 3
+    assert client.read_decision(pending, result.sealed_decision, result.sealed_label_key).identities == ("hospital-a/p1",)
     pending = client.query(other[1], "encoder-v3")
     with pytest.raises(TemplateError, match="nobody is enrolled under encoder encoder-v3"):
         world["gallery"].search(pending.envelope)
@@ -376,8 +525,9 @@ def test_revocation_deletes_the_blocks_and_their_bytes(world: dict[str, object],
     result = gallery.revoke(client.revoke_envelope(["p3"]))
     assert result["revoked"] == ["p3"] and "p4" in result["re_enroll"] and result["unknown"] == []
     assert gallery.template_count(ENCODER) == 20  # campus-b's 20 remain
-    gallery._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    wal = gallery.path.with_name(gallery.path.name + "-wal")
     assert probe not in gallery.path.read_bytes()  # secure_delete: the bytes are overwritten
+    assert not wal.exists() or probe not in wal.read_bytes()  # and checkpointed out of the WAL
     q = faces["templates"][25]
     assert _identify(world, q).identities == ("campus-b/p25",)
     assert "hospital-a/p3" not in _identify(world, faces["templates"][3], top_k=10).identities
@@ -385,20 +535,32 @@ def test_revocation_deletes_the_blocks_and_their_bytes(world: dict[str, object],
         gallery.revoke(client.revoke_envelope([]))
 
 
+def test_revocation_can_be_limited_to_a_key_set(world: dict[str, object]) -> None:
+    """After a key rotation, a site revokes its old blocks only: --key-set OLD."""
+    gallery, client = world["gallery"], world["clients"]["campus-b"]
+    kept = gallery.revoke(client.revoke_envelope([], everyone=True, contexts=["some-old-key-set"]))
+    assert kept["blocks"] == 0 and gallery.template_count(ENCODER) == 40
+    gone = gallery.revoke(client.revoke_envelope([], everyone=True, contexts=[world["public"].id]))
+    assert gone["blocks"] == 1 and gallery.template_count(ENCODER) == 20
+
+
 def test_queries_beyond_the_hourly_limit_are_refused(tmp_path: Path, world: dict[str, object], faces: dict[str, np.ndarray]) -> None:
-    gallery = Gallery(tmp_path / "limited", world["public"], world["registry"], threshold=THRESHOLD, max_queries_per_hour=2)
+    gallery = _gallery(tmp_path / "limited", world, world["port"], max_queries_per_hour=2)
     client = world["clients"]["campus-b"]
-    gallery.enroll(client.enroll_envelopes(["z"], faces["templates"][:1], ENCODER)[0])
+    gallery.enroll(client.enroll_envelopes(["z"], faces["templates"][:1], ENCODER)[0])  # uploads do not count as queries
+    gallery.revoke(client.revoke_envelope(["nobody"]))
     q = faces["templates"][0]
     gallery.search(client.query(q, ENCODER).envelope)
-    with pytest.raises(TemplateError, match="more than 2 requests"):
+    gallery.search(client.query(q, ENCODER, claim="campus-b/z").envelope)
+    with pytest.raises(TemplateError, match="more than 2 queries") as refused:
         gallery.search(client.query(q, ENCODER).envelope)
+    assert refused.value.reason == "limit"
     gallery.close()
 
 
 def test_the_gallery_server_refuses_the_secret_key(tmp_path: Path, keys: dict[str, object]) -> None:
     with pytest.raises(TemplateError, match="must not hold the template secret key"):
-        Gallery(tmp_path, keys["secret"], keys["registry"], threshold=THRESHOLD)
+        Gallery(tmp_path, keys["secret"], keys["registry"], keyholder=None, signing_key=keys["server_key"], threshold=THRESHOLD)
 
 
 # -- key files -------------------------------------------------------------------------------
@@ -428,8 +590,11 @@ def test_key_files_are_private_never_overwritten_and_passphrase_locked(tmp_path:
         kf.load_signing_key(pair.private_key)
     # rotation: the old set is retired, the new one has another id
     monkeypatch.setenv(kf.PASSPHRASE_ENV, "correct horse")
+    kf.create_template_keys(tmp_path / "h64", dim=64)
+    assert kf.rotate_template_keys(tmp_path / "h64")[1].params.dim == 64  # rotation keeps the dimension
     old_id, new = kf.rotate_template_keys(tmp_path / "h")
     assert old_id == ctx.id != new.id
+    assert kf.load_template_context(tmp_path / "h", tmp_path / "h").id == new.id
     assert (tmp_path / "h" / "retired" / old_id / kf.SECRET_FILE).is_file()
     old_fp = kf.fingerprint(kf.load_verify_key(pair.public_key))
     rotated = kf.rotate_signing_key(tmp_path / "s", "site-signing")
