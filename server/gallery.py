@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import seal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -259,9 +260,10 @@ class Gallery:
                 if taken:
                     raise TemplateError(f"enroll from {env.site!r}: {', '.join(sorted(taken)[:5])} already enrolled under this encoder; "
                                         "revoke them first (`fedface site revoke`)")
-                # the key holder checks every enrolled slot holds a unit template, every other slot nothing
-                norms = self.engine.block_norms(block).to_string()
-                self.keyholder.check_enrollment(self._sign({"kind": "enroll"}, [data, norms]))
+                # the key holder checks every enrolled slot holds a real unit template, every other slot nothing
+                signs = [[1 if secrets.randbits(1) else -1 for _ in range(self.engine.dim)] for _ in range(2)]
+                checks = [c.to_string() for c in self.engine.block_checks(block, signs)]
+                self.keyholder.check_enrollment(self._sign({"kind": "enroll"}, [data, *checks]))
             except TemplateError as exc:
                 self._refused(env.site, "enroll", exc)
                 raise
@@ -380,11 +382,14 @@ class Gallery:
                 raise
             mask = 2 + secrets.randbelow(MAX_MASK - 1)  # in [2, MAX_MASK]
             rotations = self.engine.rotations(query)
-            norm, tiling = self.engine.query_checks(query, rotations)
+            tiling, imag = self.engine.query_checks(query, rotations)
+            # a fresh secret random orthogonal matrix: the key holder reads the query's norm from R q, not its direction
+            gauss = np.random.default_rng(secrets.randbits(128)).standard_normal((self.engine.dim, self.engine.dim))
+            norm = self.engine.rotated_query(rotations, np.linalg.qr(gauss)[0])
             results = [self.engine.protect(self.engine.score_block(rotations, blocks[i].cts), mask, self.threshold).to_string() for i in searched]
             counts = [len(blocks[i].labels) for i in searched]
             header: dict[str, Any] = {"kind": env.kind, "counts": counts}
-            parts = [data, norm.to_string(), tiling.to_string(), *results]
+            parts = [data, norm.to_string(), tiling.to_string(), imag.to_string(), *results]
             sealed_key = b""
             if env.kind == "verify":
                 index = {b: n for n, b in enumerate(searched)}

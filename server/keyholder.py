@@ -9,10 +9,12 @@ Search (:meth:`KeyHolder.decide`)
     1. The server's signature on the request; the site's signed query (registered site,
        signature, time, a nonce this key holder has never seen, its key set, its own per-site
        query limit, 1 <= top-k <= :data:`MAX_TOP_K`, a well-formed reply key).
-    2. The query is one unit-length template, tiled: the server sends, computed from the query
-       ciphertext, the squared norm minus one of every window of ``d`` slots and the query
-       minus its rotation by ``d``; every slot of both must decrypt to zero (within
-       :data:`CHECK_TOL`). A scaled or mixed query, with which a site could read a template
+    2. The query is one real unit-length template, tiled: the server sends, computed from the
+       query ciphertext, the query minus its rotation by ``d`` and the query minus its complex
+       conjugate (every slot must decrypt to zero, real and imaginary parts, within
+       :data:`CHECK_TOL`), and ``R q`` for a fresh random orthogonal ``R`` it keeps secret
+       (real, the same in every tile, of unit norm in float64: a norm from linear values,
+       which cannot wrap around the modulus as a sum of squares can). A scaled or mixed query, with which a site could read a template
        back coordinate by coordinate from threshold decisions, is refused before any result is
        decrypted.
     3. It decrypts the protected results ``mask * (score - threshold)``: it learns which slots
@@ -33,9 +35,10 @@ Search (:meth:`KeyHolder.decide`)
 
 Enrollment (:meth:`KeyHolder.check_enrollment`)
     The server sends, with the site's signed upload, the squared norm minus one of every slot
-    of the block; the key holder refuses a block whose enrolled slots are not unit templates or
-    whose empty slots are not empty. A site cannot enroll a template that would match every
-    query.
+    of the block and two randomly signed sums of its ciphertexts; the key holder refuses a
+    block whose enrolled slots are not unit templates, whose empty slots are not empty, or
+    whose sums have an imaginary part (a complex slot could hide a scaled-up real template
+    from the norm check). A site cannot enroll a template that would match every query.
 
 Collusion: the key holder and the server together can decrypt everything; the key holder and
 a querying site together learn the protected score vectors of that site's queries; the server
@@ -57,7 +60,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedface.common.crypto.ckks import SLOTS
+from fedface.common.crypto.ckks import MAX_PROTECTED, SLOTS
 from fedface.common.crypto.envelope import (
     DECISION_CONTEXT,
     LABEL_BYTES,
@@ -145,18 +148,31 @@ class KeyHolder:
         return header, parts, env
 
     def _all_near(self, part: bytes, level: str, count: int | None = None) -> bool:
-        values = self.engine.decrypt(self.engine.load(part, level))  # type: ignore[arg-type]
+        """Every slot (complex: real and imaginary part) within CHECK_TOL of 0, or of 0 in the
+        first ``count`` slots and of -1 in the rest."""
+        values = self.engine.decrypt_complex(self.engine.load(part, level))  # type: ignore[arg-type]
         if count is None:
             return bool(np.all(np.abs(values) <= CHECK_TOL))
         return bool(np.all(np.abs(values[:count]) <= CHECK_TOL) and np.all(np.abs(values[count:] + 1.0) <= CHECK_TOL))
+
+    def _unit_rotated(self, part: bytes) -> bool:
+        """``R q`` (the server's secret random rotation of the query): real, the same in every
+        tile, and of unit norm, computed in float64 from linear values that cannot wrap."""
+        values = self.engine.decrypt_complex(self.engine.load(part, "result"))
+        d = self.engine.dim
+        tiles = values.real.reshape(SLOTS // d, d)
+        mean = tiles.mean(axis=0)
+        return bool(np.all(np.abs(values.imag) <= CHECK_TOL) and np.all(np.abs(tiles - mean) <= CHECK_TOL)
+                    and abs(float(mean @ mean) - 1.0) <= 2 * CHECK_TOL)
 
     def check_enrollment(self, data: bytes) -> None:
         """Refuse (TemplateError) an enrollment whose templates are not unit length; None if it is fine."""
         header, parts, env = self._request(data, ("enroll",))
         labels = env.header.get("labels")
-        if len(parts) != 2 or not isinstance(labels, list) or not 1 <= len(labels) <= SLOTS:
-            raise TemplateError("enrollment check: expected the site's upload and one norm ciphertext")
-        if not self._all_near(parts[1], "result", len(labels)):
+        if len(parts) < 3 or not isinstance(labels, list) or not 1 <= len(labels) <= SLOTS:
+            raise TemplateError("enrollment check: expected the site's upload, its norms and at least one signed sum")
+        real = all(np.all(np.abs(self.engine.decrypt_complex(self.engine.load(p, "gallery")).imag) <= CHECK_TOL) for p in parts[2:])
+        if not (real and self._all_near(parts[1], "result", len(labels))):
             raise TemplateError(f"enrollment from {env.site!r} holds templates that are not unit length (or data in empty slots): "
                                 "enroll with `fedface site enroll`")
 
@@ -176,14 +192,16 @@ class KeyHolder:
             raise TemplateError("the query's reply key is not a 32-byte X25519 public key")
         identify = query.kind == "identify"
         counts = header.get("counts")
-        n_results = len(parts) - 3 - (1 if identify else 0)
+        n_results = len(parts) - 4 - (1 if identify else 0)
         if not isinstance(counts, list) or n_results < 1 or len(counts) != n_results or not all(
                 isinstance(c, int) and 1 <= c <= SLOTS for c in counts):
             raise TemplateError("key holder request: block counts do not match its results")
-        if not (self._all_near(parts[1], "result") and self._all_near(parts[2], "query")):
+        if not (self._all_near(parts[3], "query") and self._all_near(parts[2], "query") and self._unit_rotated(parts[1])):
             raise TemplateError(f"query from {query.site!r} is not one unit-length template, tiled: nothing was decided")
         values = [self.engine.decrypt(self.engine.load(part, "result"))[:count]
-                  for count, part in zip(counts, parts[3 : 3 + n_results], strict=True)]
+                  for count, part in zip(counts, parts[4 : 4 + n_results], strict=True)]
+        if any(np.any(np.abs(v) > MAX_PROTECTED + 1.0) for v in values):
+            raise TemplateError(f"query from {query.site!r}: a protected result is out of range: nothing was decided")
         candidates = None
         if not identify:
             raw = header.get("candidates")

@@ -122,12 +122,13 @@ class KeyMaterial:
 
 
 def generate_keys(dim: int = 128) -> KeyMaterial:
-    """A fresh key set: public, relinearisation and two Galois keys (rotation by 1, for the
-    packing, and by the padded dimension, for the query's tiling check), and the secret key."""
+    """A fresh key set: public, relinearisation and three Galois keys (rotation by 1, for the
+    packing; by the padded dimension, for the query's tiling check; complex conjugation, step 0,
+    for the checks that slots are real), and the secret key."""
     ctx = _context()
     kg = seal.KeyGenerator(ctx)
     galois = seal.GaloisKeys()
-    kg.create_galois_keys(sorted({1, padded_dim(dim)}), galois)
+    kg.create_galois_keys(sorted({0, 1, padded_dim(dim)}), galois)
     return KeyMaterial(
         public_key=kg.create_public_key().to_string(),
         relin_keys=kg.create_relin_keys().to_string(),
@@ -152,6 +153,12 @@ class TemplateEngine:
             secret = self.ctx.from_secret_str(keys.secret_key) if keys.secret_key is not None else None
         except Exception as exc:  # SEAL raises ValueError/RuntimeError/std exceptions on bad key bytes
             raise TemplateError(f"template keys do not fit the parameters {params.id}: {exc}") from None
+        # rotation by 1 and by d, and conjugation (Galois element 2N - 1): key sets made before the
+        # query checks lack some; refuse them here, not with an error in the middle of a search
+        needed = {pow(3, 1, 2 * RING), pow(3, self.dim, 2 * RING), 2 * RING - 1}
+        if not all(self._galois.has_key(e) for e in needed):
+            raise TemplateError(f"the template keys of parameters {params.id} lack a Galois key the search needs (an older key set): "
+                                "make a new one with `fedface keys templates --rotate` and re-enroll")
         self._encryptor = seal.Encryptor(self.ctx, self._public)
         self._decryptor = seal.Decryptor(self.ctx, secret) if secret is not None else None
         first = self.ctx.first_context_data()
@@ -255,26 +262,63 @@ class TemplateEngine:
         self._eval.add_plain_inplace(acc, one)
         return acc
 
-    def query_checks(self, query: seal.Ciphertext, rotations: Sequence[seal.Ciphertext]) -> tuple[seal.Ciphertext, seal.Ciphertext]:
+    def rotated_query(self, rotations: Sequence[seal.Ciphertext], rotation: np.ndarray) -> seal.Ciphertext:
+        """``rotation @ q`` under encryption, in slot ``j`` its coordinate ``j mod d`` (for a tiled
+        query): the diagonal method again, with plaintext diagonals. Linear, so unlike a sum of
+        squares it cannot wrap around the modulus into a plausible value; with a random
+        orthogonal ``rotation`` kept secret by the server, the key holder learns from it the
+        query's norm and nothing of its direction."""
+        r = np.asarray(rotation, dtype=np.float64)
+        if r.shape != (self.dim, self.dim):
+            raise TemplateError(f"a query rotation is {self.dim} x {self.dim}, got {r.shape}")
+        j = np.arange(SLOTS)
+        acc = None
+        for k in range(self.dim):
+            diag = self._encoder.encode(np.ascontiguousarray(r[j % self.dim, (j + k) % self.dim]), self.scale)
+            self._eval.mod_switch_to_inplace(diag, rotations[k].parms_id())
+            term = self._eval.multiply_plain(rotations[k], diag)
+            acc = term if acc is None else self._eval.add(acc, term)
+        assert acc is not None
+        return acc
+
+    def query_checks(self, query: seal.Ciphertext, rotations: Sequence[seal.Ciphertext]) -> tuple[seal.Ciphertext, ...]:
         """What lets the key holder refuse a query that is not one unit template, tiled.
 
-        ``norm``: in slot ``j`` the squared norm, minus one, of the ``d`` query slots from ``j``
-        on (the sum of the squared rotations; zero in every slot for a unit template, which
-        also makes the slots' magnitudes periodic in ``d``). ``tiling``: the query minus its
-        rotation by ``d`` (zero in every slot when every tile is the same template). Without
-        these, a site could send a scaled or mixed query and read a template back coordinate
-        by coordinate from threshold decisions.
+        CKKS slots are complex numbers, and a site that skips its client can put anything in
+        them. ``tiling``: the query minus its rotation by ``d`` (zero in every slot when every
+        tile is the same template). ``imag``: the query minus its complex conjugate (zero in
+        every slot when every slot is real). With :meth:`rotated_query` (the norm, which a sum of
+        squares cannot give safely: it is only known modulo the headroom, so ``sqrt(1 + 256)``
+        times a basis vector would pass it) these stop a site from sending a scaled or mixed
+        query and reading a template back coordinate by coordinate from threshold decisions.
         """
-        norm = self._sum_of_squares_minus_one(rotations)
         tiling = self._eval.sub(query, self._eval.rotate_vector(query, self.dim, self._galois))
-        return norm, tiling
+        imag = self._eval.sub(query, self._eval.complex_conjugate(query, self._galois))
+        return tiling, imag
 
-    def block_norms(self, block: Sequence[seal.Ciphertext]) -> seal.Ciphertext:
-        """In slot ``j`` the squared norm of template ``j``, minus one (-1 in an empty slot):
-        the key holder checks an enrollment holds unit templates only."""
-        if len(block) != self.dim:
+    def block_checks(self, block: Sequence[seal.Ciphertext], signs: Sequence[Sequence[int]]) -> list[seal.Ciphertext]:
+        """What lets the key holder refuse an enrollment that is not unit templates.
+
+        First: in slot ``j`` the sum of the squares of template ``j``'s coordinates, minus one
+        (-1 in an empty slot). CKKS slots are complex, and ``(a + ib)^2 = a^2 - b^2 + 2iab``
+        lets an imaginary part cancel a scaled-up real part in that sum; so then, for each
+        row of ``signs`` (random +-1 per ciphertext, drawn by the server after the upload), the
+        signed sum of the block's ciphertexts: its imaginary part is zero in every slot only if
+        the templates are real (a site cannot cancel a sign pattern it does not know).
+        Additions only, no key switching: the checks are as precise as the ciphertexts.
+        """
+        if len(block) != self.dim or any(len(row) != self.dim or any(s not in (-1, 1) for s in row) for row in signs):
             raise TemplateError(f"a block has {self.dim} ciphertexts for parameters {self.params.id}, got {len(block)}")
-        return self._sum_of_squares_minus_one(block)
+        out = [self._sum_of_squares_minus_one(block)]
+        for row in signs:
+            acc = seal.Ciphertext(block[0]) if row[0] > 0 else self._eval.negate(block[0])
+            for s, ct in zip(row[1:], block[1:], strict=True):
+                if s > 0:
+                    self._eval.add_inplace(acc, ct)
+                else:
+                    self._eval.sub_inplace(acc, ct)
+            out.append(acc)
+        return out
 
     def protect(self, scores: seal.Ciphertext, mask: int, threshold: float) -> seal.Ciphertext:
         """``mask * (score - threshold)`` under encryption: the key holder sees the sign, not the score.
@@ -295,10 +339,16 @@ class TemplateEngine:
     # -- the key holder's side -------------------------------------------------------------
 
     def decrypt(self, ct: seal.Ciphertext) -> np.ndarray:
-        """The slots' values (key holder only; never hand these out: see fedface.server.keyholder)."""
+        """The slots' values, real parts (key holder only; never hand these out: see fedface.server.keyholder)."""
         if self._decryptor is None:
             raise TemplateError("this party holds no template secret key: only the key holder decrypts")
         return np.asarray(self._encoder.decode(self._decryptor.decrypt(ct)), dtype=np.float64)
+
+    def decrypt_complex(self, ct: seal.Ciphertext) -> np.ndarray:
+        """The slots' complex values (key holder only: for the checks that slots are real)."""
+        if self._decryptor is None:
+            raise TemplateError("this party holds no template secret key: only the key holder decrypts")
+        return np.asarray(self._encoder.decode_complex(self._decryptor.decrypt(ct)), dtype=np.complex128)
 
 
 def encoder_id(state: dict[str, object]) -> str:

@@ -9,7 +9,7 @@ AES-256-GCM. A locked key without its passphrase, or with a wrong one, is a one-
 :class:`~fedface.common.errors.KeyFileError`.
 
 Template keys (made by the key holder, ``fedface keys templates``)
-    ``templates.pub``: the *public bundle* (parameters, public key, relinearisation key, two
+    ``templates.pub``: the *public bundle* (parameters, public key, relinearisation key, three
     Galois keys, and the public half of the key holder's Ed25519 decision-signing key) that the
     server and every site get; its :func:`context_id` names the key set in every upload and
     query. ``templates.secret``: the CKKS secret key and the decision-signing key; it stays with

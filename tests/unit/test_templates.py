@@ -357,7 +357,8 @@ def test_the_key_holder_decides_only_for_the_server_and_signed_fresh_queries(wor
 def _forged_query(world: dict[str, object], values: np.ndarray, *, claim: str | None = None) -> bytes:
     """What a site that skips its client can send: any slot values, encrypted and signed."""
     engine = world["public"].engine()
-    ct = engine._encryptor.encrypt(engine._encoder.encode(np.ascontiguousarray(values), engine.query_scale)).to_string()
+    encode = engine._encoder.encode_complex if np.iscomplexobj(values) else engine._encoder.encode
+    ct = engine._encryptor.encrypt(encode(np.ascontiguousarray(values), engine.query_scale)).to_string()
     client = world["clients"]["hospital-a"]
     fields: dict[str, object] = {"context": world["public"].id, "encoder": ENCODER, "reply_key": "11" * 32, "top_k": 1}
     if claim:
@@ -375,7 +376,15 @@ def test_a_scaled_or_mixed_query_is_refused_before_anything_is_decided(world: di
     tiles = 4096 // 128
     honest = np.tile(t, tiles)
     mixed = np.concatenate([np.tile(t, tiles // 2), np.tile(faces["templates"][5], tiles // 2)])
-    cases = {"scaled basis vector": np.tile(5.0 * e0, tiles), "1.05 x a template": 1.05 * honest, "mixed tiles": mixed}
+    # 5 e_0 with an imaginary part sqrt(24) e_1: the squares sum to 25 - 24 + 0i = 1, so the norm
+    # check alone would pass it, and the real part (what the scores count) is five times too long
+    e1 = np.roll(e0, 1)
+    hidden = np.tile(5.0 * e0 + 1j * np.sqrt(24.0) * e1, tiles)
+    # sqrt(1 + 256) e_0: its squares sum to 257, which a square taken modulo the headroom (about
+    # 256 in score units) reads as 1; the scores (16 t_k) do not wrap: a norm must come from linear values
+    wrapped = np.tile(np.sqrt(1.0 + 2.0 ** 60 / 2.0 ** 52) * e0, tiles)
+    cases = {"scaled basis vector": np.tile(5.0 * e0, tiles), "1.05 x a template": 1.05 * honest, "mixed tiles": mixed,
+             "scaled, hidden by an imaginary part": hidden, "scaled to wrap a sum of squares": wrapped}
     before = len(world["port"].requests)
     for name, values in cases.items():
         with pytest.raises(TemplateError, match="not one unit-length template, tiled"):
@@ -392,19 +401,31 @@ def test_an_enrollment_of_non_unit_templates_is_refused(world: dict[str, object]
     engine = world["public"].engine()
     client = world["clients"]["hospital-a"]
     j = np.arange(3)
-    cts = []
-    strong = 10.0 * faces["templates"][:3]
-    for k in range(128):
-        v = np.zeros(4096)
-        v[:3] = strong[j, (j + k) % 128]
-        plain = engine._encoder.encode(np.ascontiguousarray(v), engine.scale)
-        engine._eval.mod_switch_to_inplace(plain, engine._last)
-        cts.append(engine._encryptor.encrypt(plain).to_string())
-    env = make_envelope(client.key, "enroll", "hospital-a", cts, labels=["x0", "x1", "x2"], context=world["public"].id, encoder=ENCODER, dim=128)
+
+    def block(values: np.ndarray) -> list[bytes]:
+        cts = []
+        for k in range(128):
+            v = np.zeros(4096, dtype=values.dtype)
+            v[:3] = values[j, (j + k) % 128]
+            encode = engine._encoder.encode_complex if np.iscomplexobj(v) else engine._encoder.encode
+            plain = encode(np.ascontiguousarray(v), engine.scale)
+            engine._eval.mod_switch_to_inplace(plain, engine._last)
+            cts.append(engine._encryptor.encrypt(plain).to_string())
+        return cts
+
+    t = faces["templates"][:3]
+    strong = 10.0 * t
+    # the same, with imaginary parts orthogonal to each template, of squared norm 99: the sum of
+    # squares is 100 - 99 + 0i = 1, exactly what a unit template gives; the signed sums catch it
+    other = faces["templates"][10:13] - np.sum(faces["templates"][10:13] * t, axis=1, keepdims=True) * t
+    masked = strong + 1j * np.sqrt(99.0) * other / np.linalg.norm(other, axis=1, keepdims=True)
     before = _count(world)
-    with pytest.raises(TemplateError, match="not unit length"):
-        world["gallery"].enroll(env)
-    assert _count(world) == before
+    for values in (strong, masked):
+        env = make_envelope(client.key, "enroll", "hospital-a", block(values), labels=["x0", "x1", "x2"], context=world["public"].id,
+                            encoder=ENCODER, dim=128)
+        with pytest.raises(TemplateError, match="not unit length"):
+            world["gallery"].enroll(env)
+        assert _count(world) == before
     # slots beyond the named people must be empty too
     sneaky = client.enroll_envelopes(["y0", "y1"], faces["templates"][:2], ENCODER)[0]
     hb = json.loads(parse_envelope(sneaky)[0])
