@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fedface.common.crypto.envelope import pack_frame, parse_envelope
 from fedface.common.errors import TemplateError
-from fedface.server.gallery import Gallery, read_status
+from fedface.server.gallery import Gallery
 from fedface.server.keyholder import KeyHolder
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 MAX_ENVELOPE_BYTES = 64 << 20
 #: The largest decision request the key holder reads (about 100 bytes per gallery template).
 MAX_FRAME_BYTES = 256 << 20
-#: How many events ``GET /v1/status`` shows.
-STATUS_EVENTS = 20
 FRAME_TYPE = "application/vnd.fedface.frame"
 _STATUS = {"forbidden": 403, "limit": 429, "invalid": 400}
 
@@ -258,16 +256,10 @@ def keyholder_app(keyholder: KeyHolder) -> FastAPI:
     return app
 
 
-def store_status(directory: str | Path, events: int = STATUS_EVENTS) -> dict[str, Any]:
-    """What ``GET /v1/status`` shows, read from a gallery store on disk (read-only; no keys needed)."""
-    return read_status(directory, events)
-
-
 __all__ = [
     "FRAME_TYPE",
     "MAX_ENVELOPE_BYTES",
     "MAX_FRAME_BYTES",
-    "STATUS_EVENTS",
     "KeyHolderLink",
     "KeyHolderUnreachable",
     "error_response",
@@ -275,5 +267,4 @@ __all__ = [
     "keyholder_app",
     "read_body",
     "status_for",
-    "store_status",
 ]

@@ -285,13 +285,19 @@ def rotate_template_keys(directory: str | Path, dim: int | None = None, passphra
     return old.id, new
 
 
-def load_template_context(path: str | Path, secret: str | Path | None = None, passphrase: str | None = None) -> TemplateContext:
-    """The public bundle at ``path`` (a file or a key directory), with the secret part if ``secret`` is given."""
+def _key_file(path: str | Path, name: str, missing: str) -> Path:
+    """``path``, or ``path/name`` when it is a key directory; KeyFileError (``missing`` naming it) if absent."""
     p = Path(path)
     if p.is_dir():
-        p = p / PUBLIC_BUNDLE
+        p = p / name
     if not p.is_file():
-        raise KeyFileError(f"template public keys {p} not found: the key holder makes them with `fedface keys templates`")
+        raise KeyFileError(missing.format(p))
+    return p
+
+
+def load_template_context(path: str | Path, secret: str | Path | None = None, passphrase: str | None = None) -> TemplateContext:
+    """The public bundle at ``path`` (a file or a key directory), with the secret part if ``secret`` is given."""
+    p = _key_file(path, PUBLIC_BUNDLE, "template public keys {} not found: the key holder makes them with `fedface keys templates`")
     header, parts = _unpack(p.read_bytes(), _BUNDLE_MAGIC, p)
     if len(parts) != 4 or len(parts[3]) != 32:
         raise KeyFileError(f"{p} does not hold a public, relinearisation, Galois and decision key: fetch the key holder's current templates.pub")
@@ -301,11 +307,7 @@ def load_template_context(path: str | Path, secret: str | Path | None = None, pa
         raise KeyFileError(f"{p} is damaged: its keys do not match the context id it names")
     if secret is None:
         return ctx
-    s = Path(secret)
-    if s.is_dir():
-        s = s / SECRET_FILE
-    if not s.is_file():
-        raise KeyFileError(f"template secret key {s} not found")
+    s = _key_file(secret, SECRET_FILE, "template secret key {} not found")
     sh, sparts = _unpack(s.read_bytes(), _SECRET_MAGIC, s)
     if sh.get("context") != ctx.id or len(sparts) != 1:
         raise KeyFileError(f"{s} belongs to key set {sh.get('context')}, not {ctx.id} ({p}): use the pair made together")

@@ -150,10 +150,10 @@ def gallery_status(
     its recent events (read from the store; no keys needed, nothing secret shown)."""
     _check_format(output_format)
     setup_logging()
-    from fedface.server.services import store_status
+    from fedface.server.gallery import read_status
 
     with user_errors():
-        status = store_status(store, events)
+        status = read_status(store, events)
     if output_format == "json":
         print_json(status)
         return
