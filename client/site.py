@@ -25,6 +25,7 @@ A round at a site (:meth:`Site.train_round`):
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -184,7 +185,7 @@ class Site:
         asks for more privacy loss than the policy allows.
         """
         t0 = time.perf_counter()
-        metrics: dict[str, Any] = {wire.M_SITE: self.name, wire.M_EXAMPLES: self.examples}
+        metrics: dict[str, Any] = {wire.M_SITE: self.name, wire.M_EXAMPLES: self.examples, wire.M_POLICY: self.policy_json()}
         if pinned_run_id is not None and run_id != pinned_run_id:
             detail = f"this Flower run started as run {pinned_run_id!r} at this site and now asks for run {run_id!r}"
             return self._refuse(weights, metrics, wire.REASON_RUN_ID, f"{wire.REASON_RUN_ID}: {detail}", round_)
@@ -250,6 +251,7 @@ class Site:
                     wire.M_NOISE: mech.noise_multiplier,
                     wire.M_SAMPLE_RATE: mech.sample_rate,
                     wire.M_STEPS: mech.steps,
+                    wire.M_CLIP: mech.max_grad_norm,
                 }
             )
         else:
@@ -313,6 +315,12 @@ class Site:
         logger.info("site %s round %d: mean training loss %.4f", self.name, round_, float(np.mean(losses)))
         metrics.update({wire.M_STATUS: wire.ANSWERED, wire.M_TRAIN_S: time.perf_counter() - t0})
         return RoundResult(weights=encoder_weights(encoder), examples=self.examples, metrics=metrics)
+
+    def policy_json(self) -> str:
+        """The site's policy as it enforces it (:data:`~fedface.common.wire.POLICY_FIELDS`), sent
+        with every reply so that the server's console shows what each site accepts."""
+        values = self.policy.model_dump(by_alias=True)
+        return json.dumps({key: values[key] for key in wire.POLICY_FIELDS}, sort_keys=True)
 
     def _refuse(self, weights: list[np.ndarray], metrics: dict[str, Any], reason: str, detail: str, round_: int) -> RoundResult:
         """A refusal: nothing trained or charged; the weights go back unchanged with weight 0."""

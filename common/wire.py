@@ -8,7 +8,7 @@ and status (and a refusal's reason), how many examples it trained on, its local 
 time, its privacy spend as its ledger computed it, the DP-SGD parameters of the round and the
 signed ledger receipt. Each is justified in docs/threat-model.md ("What a reply carries in the
 clear"); none is computed from the images except through the DP mechanism's parameters and
-the count of examples. The training loss is *not* sent: it is computed from the private
+the count of examples; the policy is the site's own configuration. The training loss is *not* sent: it is computed from the private
 images without noise. The class centres (the margin head) and the images never leave the
 site. ``tests/integration/test_wire_audit.py`` records every message a site sends in a real
 SecAgg+ round and fails on any clear value outside this list.
@@ -48,12 +48,19 @@ M_SAMPLE_RATE: Final = "sample_rate"
 M_STEPS: Final = "steps"
 M_RUN_EPSILON: Final = "run_epsilon"  # this run's own spend at the site after this round
 M_RECEIPT: Final = "receipt"  # the signed ledger receipt of this round's charge (JSON text)
+M_CLIP: Final = "max_grad_norm"  # the round's DP-SGD clipping norm
+M_POLICY: Final = "policy"  # the site's own privacy policy as it enforces it (JSON text: POLICY_FIELDS)
+
+#: The fields of a site's reported policy (:data:`M_POLICY`), its ``[policy]`` keys.
+POLICY_FIELDS: Final = (
+    "budget-epsilon", "delta", "accountant", "epsilon-per-run", "require-secagg", "min-peers", "allow-non-private",
+)
 
 #: Every metric a site's reply may carry in the clear (docs/threat-model.md justifies each).
 CLEAR_REPLY_KEYS: Final = frozenset(
     {
         M_SITE, M_STATUS, M_REASON, M_EXAMPLES, M_TRAIN_S, M_EPSILON, M_DELTA, M_ACCOUNTANT, M_BUDGET,
-        M_REMAINING, M_NOISE, M_SAMPLE_RATE, M_STEPS, M_RUN_EPSILON, M_RECEIPT,
+        M_REMAINING, M_NOISE, M_SAMPLE_RATE, M_STEPS, M_RUN_EPSILON, M_RECEIPT, M_CLIP, M_POLICY,
     }
 )
 
@@ -93,10 +100,12 @@ __all__ = [
     "LOCAL_SECAGG",
     "M_ACCOUNTANT",
     "M_BUDGET",
+    "M_CLIP",
     "M_DELTA",
     "M_EPSILON",
     "M_EXAMPLES",
     "M_NOISE",
+    "M_POLICY",
     "M_REASON",
     "M_RECEIPT",
     "M_REMAINING",

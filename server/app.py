@@ -46,6 +46,8 @@ from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet
 from fedface.common.evaluation import evaluate_open_set
 from fedface.common.models import build_encoder, encoder_weights, load_encoder_weights
+from fedface.server import site_reports
+from fedface.server.admin_log import AdminAction
 from fedface.server.store import Participation, RunStore
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class _RoundLog:
     collected: bool = False  # the strategy received the round's results (aggregate_fit ran)
     run_epsilon: dict[str, float] = field(default_factory=dict)  # each site's spend in this run so far
     receipts: dict[str, str] = field(default_factory=dict)  # each site's signed ledger receipt (JSON)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # each site's policy and mechanism as reported
 
 
 SIMULATION_PULL_INTERVAL_S = 0.01
@@ -111,6 +114,7 @@ class FedFaceRounds:
         self.history: list[dict[str, Any]] = []
         self.initial: dict[str, float] | None = None  # the starting encoder's metrics (round 0)
         self.secagg_rounds: dict[int, bool] = {}  # rounds whose kind was chosen per round (AlternatingFit)
+        self.stopped: AdminAction | None = None  # the console's stop request, once seen
         self.encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
@@ -125,7 +129,24 @@ class FedFaceRounds:
         }
 
     def filter_sampled(self, server_round: int, pairs: list[tuple[ClientProxy, FitIns]]) -> list[tuple[ClientProxy, FitIns]]:
-        keep = [(c, ins) for c, ins in pairs if c.cid not in self.exhausted]
+        """The sampled sites to ask: none once the console asked to stop the run (the rounds left
+        are skipped, not recorded), else all but the sites known to refuse every round and the
+        sites suspended in the console (by the name they reported, or ``node-<id>`` before)."""
+        if self.stopped is None:
+            self.stopped = self.store.stop_requested(self.run_id)
+            if self.stopped is not None:
+                logger.warning(
+                    "run %s: stopped by %s in the console at %s; the rounds left are skipped",
+                    self.run_id, self.stopped.admin, self.stopped.at,
+                )
+        if self.stopped is not None:
+            return []
+        suspended = self.store.suspended_sites()
+        keep = [(c, ins) for c, ins in pairs if c.cid not in self.exhausted and self.site_name(c.cid) not in suspended]
+        if len(keep) < len(pairs) and suspended:
+            names = sorted(self.site_name(c.cid) for c, _ in pairs if self.site_name(c.cid) in suspended)
+            if names:
+                logger.info("round %d: suspended sites not sampled: %s", self.first_round - 1 + server_round, ", ".join(names))
         log = _RoundLog(started=time.perf_counter(), started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         log.sampled = [c.cid for c, _ in keep]
         self.rounds[server_round] = log
@@ -147,6 +168,7 @@ class FedFaceRounds:
                 log.run_epsilon[site] = float(m[wire.M_RUN_EPSILON])  # type: ignore[arg-type]
             if wire.M_RECEIPT in m:
                 log.receipts[site] = str(m[wire.M_RECEIPT])
+            log.reports[site] = site_reports.from_metrics(m)
             if status == wire.ANSWERED:
                 total += int(res.num_examples)
             log.participation.append(
@@ -193,6 +215,8 @@ class FedFaceRounds:
         load_encoder_weights(self.encoder, weights)
         metrics = evaluate_open_set(self.encoder, self.test_faces, self.cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
         out = {k: float(v) for k, v in metrics.items()}
+        if server_round > 0 and self.stopped is not None:
+            return {}  # a round skipped after the console's stop: nothing trained, nothing recorded
         if server_round == 0:
             # the starting encoder (random, --init-from, or a resumed run's): reported as round 0,
             # not recorded as a training round
@@ -233,6 +257,7 @@ class FedFaceRounds:
             metrics=out,
             checkpoint=str(ckpt_path),
             receipts=log.receipts,
+            reports=log.reports,
         )
         row = {
             "round": number,
@@ -391,10 +416,12 @@ def reason_counts(history: list[dict[str, Any]]) -> dict[str, int]:
     return dict(total)
 
 
-def run_outcome(history: list[dict[str, Any]], planned: int) -> tuple[str, str | None]:
-    """A finished run's status and error from its rounds: failed unless every planned round was
-    recorded and at least one aggregated an update (Flower finishes a run whose every site
-    refused or failed as if it had succeeded)."""
+def run_outcome(history: list[dict[str, Any]], planned: int, stopped: AdminAction | None = None) -> tuple[str, str | None]:
+    """A finished run's status and error from its rounds: ``stopped`` when the console stopped
+    it, else failed unless every planned round was recorded and at least one aggregated an
+    update (Flower finishes a run whose every site refused or failed as if it had succeeded)."""
+    if stopped is not None:
+        return "stopped", f"stopped by {stopped.admin} in the console at {stopped.at}, after {len(history)} of {planned} rounds"
     if len(history) != planned:
         return "failed", f"{len(history)} of {planned} rounds completed: see the log above"
     if all(r["answered"] == 0 for r in history):
@@ -446,7 +473,7 @@ def _flwr_run_main(grid: Any, context: Context) -> None:
         status, error = "failed", None
         try:
             run_rounds(grid, context, rounds, initial)
-            status, error = run_outcome(rounds.history, cfg.federation.rounds)
+            status, error = run_outcome(rounds.history, cfg.federation.rounds, rounds.stopped)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise

@@ -50,7 +50,10 @@ from typing import Any, Literal
 
 from fedface.common.errors import ConfigError, RunDirError
 from fedface.common.sqlite_store import SQLiteStore
+from fedface.server import admin_log, site_reports
+from fedface.server.store_console import ConsoleRows
 from fedface.server import receipts as receipts_table
+from fedface.server.site_reports import SiteReport
 from fedface.server.run_records import (
     FINISH_STATUSES,
     PARTICIPATION_FIELDS,
@@ -81,7 +84,7 @@ from fedface.server.run_records import (
 from fedface.server.run_schema import APPLICATION, SCHEMA, SCHEMA_VERSION, TABLES
 
 
-class RunStore(SQLiteStore):
+class RunStore(ConsoleRows, SQLiteStore):
     """The server's run store in one SQLite file (see the module docstring).
 
     Parameters
@@ -109,10 +112,13 @@ class RunStore(SQLiteStore):
 
     def _init_schema(self) -> None:
         super()._init_schema()
-        # the sites' ledger receipts (fedface.server.receipts): added to stores made before them too
-        if "receipts" not in self._tables():
+        # tables kept by their own modules (receipts, site reports, the console's audit log):
+        # added to stores made before them too
+        missing = [m for m, name in _OWN_TABLES if name not in self._tables()]
+        if missing:
             with self._write() as conn:
-                receipts_table.ensure_schema(conn)
+                for module in missing:
+                    module.ensure_schema(conn)
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -224,6 +230,7 @@ class RunStore(SQLiteStore):
         metrics: Mapping[str, float],
         checkpoint: str | Path | None = None,
         receipts: Mapping[str, str] | None = None,
+        reports: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Record one finished round in one transaction: all of it or nothing.
 
@@ -250,6 +257,9 @@ class RunStore(SQLiteStore):
             Each site's signed ledger receipt of the round (JSON text), checked and kept by
             :mod:`fedface.server.receipts`; a receipt that fails its checks is kept with the
             problem found.
+        reports
+            What each site said about itself (:func:`fedface.server.site_reports.from_metrics`:
+            its policy, the round's mechanism), kept in :mod:`fedface.server.site_reports`.
 
         Raises
         ------
@@ -315,6 +325,8 @@ class RunStore(SQLiteStore):
             )
             if receipts:
                 receipts_table.insert(conn, run_id, int(round), receipts, now_utc())
+            if reports:
+                site_reports.insert(conn, run_id, int(round), reports, now_utc())
 
     def finish_run(
         self, run_id: str, *, status: Literal["completed", "failed", "stopped"], error: str | None = None
@@ -515,6 +527,11 @@ class RunStore(SQLiteStore):
             ).fetchall()
         return [RunEvent(run_id, at, event, rnd, detail) for at, event, rnd, detail in rows]
 
+    def site_reports(self, *, run_id: str | None = None, site: str | None = None) -> list[SiteReport]:
+        """What the sites reported about themselves (policy, mechanism), in arrival order."""
+        with self._read() as conn:
+            return site_reports.select(conn, run_id=run_id, site=site)
+
     # --- internals -----------------------------------------------------------------------------
 
     def _require(self, conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
@@ -549,6 +566,9 @@ class RunStore(SQLiteStore):
 
 
 # --- connection helpers ------------------------------------------------------------------------
+
+_OWN_TABLES = ((receipts_table, "receipts"), (site_reports, "site_reports"), (admin_log, "admin_actions"))
+
 
 
 def _run_row(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:

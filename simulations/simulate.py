@@ -320,8 +320,8 @@ def run_federated(
             )
         # failed unless every round ran and one aggregated an update (Flower finishes a run whose
         # every site refused or failed as if it had succeeded: ../shared/docs/STACK.md)
-        status, error = run_outcome(rounds.history, fc.rounds - first_round + 1)
-        if len(rounds.history) != fc.rounds - first_round + 1:
+        status, error = run_outcome(rounds.history, fc.rounds - first_round + 1, rounds.stopped)
+        if rounds.stopped is None and len(rounds.history) != fc.rounds - first_round + 1:
             error = f"{first_round - 1 + len(rounds.history)} of {fc.rounds} rounds completed: see the log above"
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
