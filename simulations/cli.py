@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedface.simulations.bench import bench_app
+from fedface.simulations.commands.console import console_app
 from fedface.simulations.commands.deploy import server_app, site_app
 from fedface.simulations.commands.evaluate import evaluate
 from fedface.simulations.commands.gallery import (
@@ -21,6 +22,7 @@ from fedface.simulations.commands.gallery import (
 )
 from fedface.simulations.commands.keys import keys_app
 from fedface.simulations.commands.privacy import privacy_app
+from fedface.simulations.commands.report import report_app
 from fedface.simulations.commands.simulate import simulate
 from fedface.simulations.commands.train import train
 
@@ -72,6 +74,8 @@ app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
 app.add_typer(gallery_app, name="gallery")
 app.add_typer(keyholder_app, name="keyholder")
+app.add_typer(console_app, name="console")
+app.add_typer(report_app, name="report")
 
 
 def main() -> None:
