@@ -70,3 +70,15 @@ def _private_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     # and simulated sites' ledgers (fedface simulate --ledger-dir) go under it too
     monkeypatch.setenv("FEDFACE_LEDGER_DIR", str(path.parent / "site-ledgers"))
     return path
+
+
+CHROMIUM = os.environ.get("FEDFACE_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict[str, object]) -> dict[str, object]:
+    """pytest-playwright launches the system Chromium (``.ci/run`` installs Debian's); there is
+    no ``playwright install`` here, it would download a browser. A missing binary is an error."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (`apt-get install chromium fonts-dejavu-core`, as .ci/run does) or set FEDFACE_CHROMIUM")
+    return {**browser_type_launch_args, "executable_path": CHROMIUM}
