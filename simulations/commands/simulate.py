@@ -46,7 +46,7 @@ def simulate(
     its own people, trains with DP-SGD at every site (each round charged to the site's ledger
     before its update leaves), aggregates through SecAgg+, and writes the run directory:
     config, split, partition, run store (runs.sqlite), a checkpoint per round, each site's head
-    under sites/, and metrics.json. Each site enforces the scenario's [site-policy] (SecAgg+
+    under sites/, and metrics.json. Each site enforces the scenario's site-policy section (SecAgg+
     required, at least 3 sites per sum, no non-private rounds unless allowed) and keeps its
     ledger in --ledger-dir, so its lifetime spend composes over every run on the same faces.
     """
