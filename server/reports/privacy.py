@@ -30,31 +30,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedface.common import wire
 from fedface.common.errors import ConfigError, LedgerError, RunDirError
-from fedface.common.privacy.ledger import PrivacyLedger, Session
-from fedface.server.queries import RoundRow, SpendPoint, run_timeline, site_spend_series
+from fedface.common.privacy.ledger import PrivacyLedger
+from fedface.server.queries import RoundRow, run_timeline, site_spend_series
 from fedface.server.reports import evidence
-from fedface.server.reports.sections import (
-    PROTECTIONS,
-    SCHEMA,
-    UNIT_OF_PRIVACY,
-    accountant_section,
-    budget_section,
-    compose,
-    delta_vs_n,
-    group_privacy,
-    mechanism_section,
-    statement,
-)
+from fedface.server.reports.sections import PROTECTIONS, SCHEMA
+from fedface.server.reports.sites import FROM_STORE, finish_site, ledger_site, run_site_from_ledger, run_site_from_store
 from fedface.server.run_records import RunSummary
-from fedface.server.site_reports import SiteReport
 from fedface.server.store import RunStore
 
 STORE_FILE = "runs.sqlite"
 LEDGERS_FILE = "ledgers.json"
 LEDGER_FILE = "ledger.sqlite"
-FROM_STORE = "the server's run store, as the site reported it"
 
 
 def _now() -> str:
@@ -75,288 +62,6 @@ def _envelope(kind: str, paths: dict[str, str | None], figures: str) -> dict[str
         "fedface_version": _version(),
         "source": {"kind": kind, "figures": figures, "paths": paths},
         "protections": PROTECTIONS,
-    }
-
-
-# --- sessions and rounds -----------------------------------------------------------------------
-
-
-def _session_dict(s: Session) -> dict[str, Any]:
-    m = s.mechanism
-    return {
-        "session_id": s.id,
-        "run_id": s.run_id,
-        "round": s.round,
-        "examples": s.examples,
-        "noise_multiplier": m.noise_multiplier,
-        "sample_rate": m.sample_rate,
-        "steps": m.steps,
-        "max_grad_norm": m.max_grad_norm,
-        "delta": m.delta,
-        "secure_mode": m.secure_mode,
-        "epsilon_after": s.epsilon_after,
-        "epsilon_delta": s.epsilon_delta,
-        "accountant": s.epsilon_accountant,
-        "created_at": s.created_at,
-    }
-
-
-def _reported_session(report: SiteReport, point: SpendPoint, examples: int | None) -> dict[str, Any]:
-    """A charged round as the site reported it (calibration delta and secure mode are not reported)."""
-    return {
-        "session_id": None,
-        "run_id": report.run_id,
-        "round": report.round,
-        "examples": examples,
-        "noise_multiplier": report.noise_multiplier,
-        "sample_rate": report.sample_rate,
-        "steps": report.steps,
-        "max_grad_norm": report.max_grad_norm,
-        "delta": None,
-        "secure_mode": None,
-        "epsilon_after": point.epsilon,
-        "epsilon_delta": point.delta,
-        "accountant": point.accountant,
-        "created_at": report.recorded_at,
-    }
-
-
-def _run_epsilons(
-    sessions: Sequence[dict[str, Any]], delta: float | None, accountant: str | None, problems: list[str], *, per_round: str | None
-) -> list[float | None]:
-    """The run epsilon after each session (its run's sessions up to it composed at the site's
-    delta): after every session of run ``per_round``, and after the last session of every other
-    run (``None`` between: an accountant call is slow, and only the run's total is shown)."""
-    last = {s["run_id"]: i for i, s in enumerate(sessions)}
-    out: list[float | None] = []
-    by_run: dict[str, list[dict[str, Any]]] = {}
-    for i, s in enumerate(sessions):
-        run = s["run_id"]
-        by_run.setdefault(run, []).append(s)
-        if run != per_round and i != last[run]:
-            out.append(None)
-            continue
-        try:
-            out.append(compose(by_run[run], delta=delta, accountant=accountant))
-        except ValueError as exc:
-            problems.append(f"cannot compose run {run} at delta {delta!r} ({accountant}): {exc}")
-            out.append(None)
-    return out
-
-
-def _runs_list(sessions: Sequence[dict[str, Any]], run_eps: Sequence[float | None]) -> list[dict[str, Any]]:
-    """Every run the sessions belong to, in order of first charge, with its own epsilon."""
-    runs: dict[str, dict[str, Any]] = {}
-    for s, eps in zip(sessions, run_eps, strict=True):
-        entry = runs.setdefault(
-            s["run_id"], {"run_id": s["run_id"], "sessions": 0, "first_at": s["created_at"], "last_at": None, "epsilon": None}
-        )
-        entry["sessions"] += 1
-        entry["last_at"] = s["created_at"]
-        entry["epsilon"] = eps
-        entry["epsilon_lifetime_after"] = s["epsilon_after"]
-    return list(runs.values())
-
-
-def _round_entry(
-    *, run_id: str, round_: int | None, lifetime: float | None, run_eps: float | None, status: str,
-    recorded_at: str | None, source: str, budget: float | None, remaining: float | None,
-) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "round": round_,
-        "epsilon_lifetime": lifetime,
-        "epsilon_run": run_eps,
-        "budget_epsilon": budget,
-        "remaining": remaining,
-        "status": status,
-        "recorded_at": recorded_at,
-        "source": source,
-    }
-
-
-def _finish(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at: str) -> dict[str, Any]:
-    """The sections computed from a site's figures, its problems gathered, and its statement."""
-    eps, delta = site["epsilon"]["lifetime"], site["delta"]
-    site["delta_vs_1_over_n"] = delta_vs_n(delta, site["mechanism"]["examples"])
-    site["group_privacy"] = group_privacy(eps, delta, site["people"].get("max_images_per_person"))
-    site["problems"] = [*site["problems"], *site["receipts"]["problems"]]
-    site["statement"] = statement(site, run=run, generated_at=generated_at)
-    return site
-
-
-def _site_base(site: str, dataset: str, figures_from: str, people: dict[str, Any]) -> dict[str, Any]:
-    return {"site": site, "dataset": dataset, "unit_of_privacy": UNIT_OF_PRIVACY, "figures_from": figures_from, "people": people}
-
-
-# --- a site of a run, from its ledger ----------------------------------------------------------
-
-
-def _ledger_site(
-    site: str,
-    book: PrivacyLedger,
-    *,
-    run_id: str,
-    dataset: str,
-    rows: Sequence[RoundRow],
-    reports: dict[int, SiteReport],
-    stored: Sequence[Any],
-    reported: dict[tuple[str, int], float],
-    people: dict[str, Any],
-) -> dict[str, Any]:
-    problems: list[str] = []
-    state = evidence.integrity(book)
-    if state != "ok":
-        problems.append(f"ledger integrity: {state}")
-    if dataset not in book.datasets():
-        problems.append(f"the ledger {book.path} holds no data set {dataset!r}")
-    every = [_session_dict(s) for s in book.sessions(dataset)]
-    try:
-        spend = book.spend(dataset)
-        lifetime, delta, acct, total = spend.epsilon, spend.delta, spend.accountant, spend.sessions
-    except ConfigError as exc:
-        problems.append(str(exc))
-        lifetime, delta, acct, total = None, None, None, len(every)
-    budget = book.budget(dataset)
-    run_eps = _run_epsilons(every, delta, acct, problems, per_round=run_id)
-    mine = [(s, e) for s, e in zip(every, run_eps, strict=True) if s["run_id"] == run_id]
-    part = {row.round: p for row in rows for p in row.participation if p.site == site}
-    started = {row.round: row.started_at for row in rows}
-    budget_eps = budget.epsilon if budget is not None else None
-    rounds = []
-    for s, eps in mine:
-        p = part.get(s["round"])
-        where = f"round {s['round']}"
-        status = p.status if p is not None else "charged; round not recorded in the run store"
-        rounds.append(_round_entry(
-            run_id=run_id, round_=s["round"], lifetime=s["epsilon_after"], run_eps=eps, status=status,
-            recorded_at=s["created_at"], source="ledger", budget=budget_eps,
-            remaining=None if budget_eps is None else max(0.0, budget_eps - s["epsilon_after"]),
-        ))
-        if p is None:
-            continue
-        if p.epsilon is None:
-            if p.status == wire.ANSWERED:
-                problems.append(f"{where}: the run store records no epsilon, the ledger's session {s['session_id']} {s['epsilon_after']!r}")
-        elif not evidence.same_bits(p.epsilon, s["epsilon_after"]):
-            problems.append(
-                f"{where}: the run store records epsilon {p.epsilon!r}, the ledger's session {s['session_id']} "
-                f"{s['epsilon_after']!r}"
-            )
-        if p.epsilon is not None and (not evidence.same_bits(p.delta, s["epsilon_delta"]) or p.accountant != s["accountant"]):
-            problems.append(
-                f"{where}: the run store records delta {p.delta!r} ({p.accountant}), the ledger {s['epsilon_delta']!r} ({s['accountant']})"
-            )
-        if p.examples != s["examples"]:
-            problems.append(f"{where}: the run store records {p.examples} images, the ledger {s['examples']}")
-        rep = reports.get(s["round"])
-        if rep is not None:
-            for key in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm"):
-                if getattr(rep, key) is not None and not evidence.same_bits(getattr(rep, key), s[key]):
-                    problems.append(f"{where}: the site reported {key} {getattr(rep, key)!r}, the ledger records {s[key]!r}")
-    charged = {s["round"] for s, _ in mine}
-    for rnd, p in sorted(part.items()):
-        if rnd in charged or p.epsilon is None:
-            continue
-        if p.status == wire.ANSWERED:
-            problems.append(f"round {rnd}: the run store records a private round with epsilon {p.epsilon!r}, the ledger no session of it")
-        rounds.append(_round_entry(
-            run_id=run_id, round_=rnd, lifetime=p.epsilon, run_eps=None, status=p.status + (f" ({p.reason})" if p.reason else ""),
-            recorded_at=started.get(rnd), source="run store", budget=p.budget_epsilon, remaining=p.remaining,
-        ))
-    rounds.sort(key=lambda r: r["round"])
-    latest = [p for _, p in sorted(part.items()) if p.budget_epsilon is not None]
-    if latest and not evidence.same_bits(latest[-1].budget_epsilon, budget_eps):
-        problems.append(f"the site last reported budget epsilon {latest[-1].budget_epsilon!r}, its ledger's budget is {budget_eps!r}")
-    run_sessions = [s for s, _ in mine]
-    runs = _runs_list(every, run_eps)
-    return {
-        **_site_base(site, dataset, f"the site's privacy ledger {book.path}", people),
-        "mechanism": mechanism_section(run_sessions),
-        "accountant": accountant_section(acct),
-        "delta": delta,
-        "epsilon": {
-            "run": mine[-1][1] if mine else 0.0,
-            "lifetime": lifetime,
-            "sessions": total,
-            "runs": len(runs),
-        },
-        "budget": budget_section(budget_eps, budget.delta if budget is not None else None, lifetime),
-        "rounds": rounds,
-        "runs": runs,
-        "receipts": evidence.stored_receipts_with_ledger(stored, book, key_dir=book.path.parent, reported=reported),
-        "ledger": {"path": str(book.path), "integrity": state},
-        "problems": problems,
-    }
-
-
-# --- a site of a run, from the run store alone -------------------------------------------------
-
-
-def _store_site(
-    site: str,
-    *,
-    run_id: str,
-    rows: Sequence[RoundRow],
-    reports: Sequence[SiteReport],
-    points: Sequence[SpendPoint],
-    stored: Sequence[Any],
-    reported: dict[tuple[str, int], float],
-    people: dict[str, Any],
-    ledger_note: str,
-    extra_problems: Sequence[str] = (),
-) -> dict[str, Any]:
-    problems = list(extra_problems)
-    part = {row.round: p for row in rows for p in row.participation if p.site == site}
-    started = {row.round: row.started_at for row in rows}
-    last = points[-1] if points else None
-    delta, acct = (last.delta, last.accountant) if last is not None else (None, None)
-    lifetime = last.epsilon if last is not None else None
-    # every charged round the store knows of, of every run (a report with a mechanism and a spend)
-    every_part = {(pt.run_id, pt.round): pt for pt in points}
-    sessions = []
-    for rep in reports:
-        pt = every_part.get((rep.run_id, rep.round))
-        if rep.noise_multiplier is None or rep.sample_rate is None or rep.steps is None or pt is None:
-            continue
-        p = part.get(rep.round) if rep.run_id == run_id else None
-        sessions.append(_reported_session(rep, pt, p.examples if p is not None else None))
-    run_eps = _run_epsilons(sessions, delta, acct, problems, per_round=run_id)
-    eps_of = {(s["run_id"], s["round"]): e for s, e in zip(sessions, run_eps, strict=True)}
-    run_sessions = [s for s in sessions if s["run_id"] == run_id]
-    rounds = []
-    for pt in points:
-        if pt.run_id != run_id:
-            continue
-        p = part.get(pt.round)
-        reason = f" ({p.reason})" if p is not None and p.reason else ""
-        rounds.append(_round_entry(
-            run_id=run_id, round_=pt.round, lifetime=pt.epsilon, run_eps=eps_of.get((run_id, pt.round)),
-            status=pt.status + reason, recorded_at=started.get(pt.round, pt.recorded_at), source="run store",
-            budget=pt.budget_epsilon, remaining=pt.remaining,
-        ))
-    budget_eps = last.budget_epsilon if last is not None else None
-    budget = budget_section(budget_eps, delta if budget_eps is not None else None, lifetime)
-    if last is not None and last.remaining is not None and not evidence.same_bits(budget["remaining"], last.remaining):
-        problems.append(f"the site reported remaining {last.remaining!r}, but its budget minus its spend is {budget['remaining']!r}")
-    runs = _runs_list(sessions, run_eps)
-    return {
-        **_site_base(site, site, FROM_STORE, people),
-        "mechanism": mechanism_section(run_sessions),
-        "accountant": accountant_section(acct),
-        "delta": delta,
-        "epsilon": {
-            "run": [eps_of[(s["run_id"], s["round"])] for s in run_sessions][-1] if run_sessions else 0.0,
-            "lifetime": lifetime,
-            "sessions": None,
-            "runs": None,
-        },
-        "budget": budget,
-        "rounds": rounds,
-        "runs": runs,
-        "receipts": evidence.stored_receipts_alone(stored, reported=reported),
-        "ledger": {"path": None, "integrity": ledger_note},
-        "problems": problems,
     }
 
 
@@ -507,13 +212,13 @@ def privacy_report_for_run(
             if path is not None and path.is_file():
                 dataset = next((json.loads(s.receipt).get("dataset") for s in stored if s.problem_kind is None), name)
                 with PrivacyLedger(path, create=False) as book:
-                    entry = _ledger_site(
+                    entry = run_site_from_ledger(
                         name, book, run_id=run.run_id, dataset=str(dataset), rows=rows,
                         reports={x.round: x for x in reports if x.site == name}, stored=stored, reported=reported, people=who,
                     )
             else:
                 missing = [] if path is None else [f"no ledger at {path} ({how}): figures from the run store"]
-                entry = _store_site(
+                entry = run_site_from_store(
                     name, run_id=run.run_id, rows=rows, reports=store.site_reports(site=name), points=points,
                     stored=stored, reported=reported, people=who, extra_problems=missing,
                     ledger_note=how if path is None else f"not checked: no ledger at {path}",
@@ -521,7 +226,7 @@ def privacy_report_for_run(
             sites.append(entry)
         run_part = _run_section(run, names)
     for entry in sites:
-        _finish(entry, run=run_part, generated_at=generated)
+        finish_site(entry, run=run_part, generated_at=generated)
     figures = {s["figures_from"] == FROM_STORE for s in sites}
     report = _envelope(
         "run",
@@ -577,47 +282,12 @@ def privacy_report_for_ledger(ledger_path: Path, *, site: str | None = None, rec
                 )
             names = [site]
         receipts, checked = evidence.receipts_file(book, receipts_path)
-        sites = []
-        for name in names:
-            problems = [] if state == "ok" else [f"ledger integrity: {state}"]
-            every = [_session_dict(s) for s in book.sessions(name)]
-            try:
-                spend = book.spend(name)
-                lifetime, delta, acct = spend.epsilon, spend.delta, spend.accountant
-            except ConfigError as exc:
-                problems.append(str(exc))
-                lifetime, delta, acct = None, None, None
-            budget = book.budget(name)
-            budget_eps = budget.epsilon if budget is not None else None
-            run_eps = _run_epsilons(every, delta, acct, problems, per_round=None)
-            rounds = [
-                _round_entry(
-                    run_id=s["run_id"], round_=s["round"], lifetime=s["epsilon_after"], run_eps=e, status="charged",
-                    recorded_at=s["created_at"], source="ledger", budget=budget_eps,
-                    remaining=None if budget_eps is None else max(0.0, budget_eps - s["epsilon_after"]),
-                )
-                for s, e in zip(every, run_eps, strict=True)
-            ]
-            runs = _runs_list(every, run_eps)
-            mine = {**checked, "count": sum(r.dataset == name for r in receipts), "problems": list(checked["problems"])}
-            sites.append({
-                **_site_base(name, name, f"the site's privacy ledger {path}", {
-                    "identities": None, "max_images_per_person": None,
-                    "source": "unknown: a ledger records images, not people",
-                }),
-                "mechanism": mechanism_section(every),
-                "accountant": accountant_section(acct),
-                "delta": delta,
-                "epsilon": {"run": None, "lifetime": lifetime, "sessions": len(every), "runs": len(runs)},
-                "budget": budget_section(budget_eps, budget.delta if budget is not None else None, lifetime),
-                "rounds": rounds,
-                "runs": runs,
-                "receipts": mine,
-                "ledger": {"path": str(path), "integrity": state},
-                "problems": problems,
-            })
+        sites = [
+            ledger_site(book, name, state=state, receipts=checked, count=sum(r.dataset == name for r in receipts))
+            for name in names
+        ]
     for entry in sites:
-        _finish(entry, run=None, generated_at=generated)
+        finish_site(entry, run=None, generated_at=generated)
     report = _envelope(
         "ledger",
         {"run_store": None, "run_dir": None, "ledger_dir": None, "ledger": str(path),
@@ -632,4 +302,4 @@ def privacy_report_for_ledger(ledger_path: Path, *, site: str | None = None, rec
     return report
 
 
-__all__ = ["FROM_STORE", "LEDGERS_FILE", "LEDGER_FILE", "STORE_FILE", "privacy_report_for_ledger", "privacy_report_for_run"]
+__all__ = ["LEDGERS_FILE", "LEDGER_FILE", "STORE_FILE", "privacy_report_for_ledger", "privacy_report_for_run"]

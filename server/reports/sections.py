@@ -251,16 +251,20 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
     if eps["lifetime"] is None:
         parts.append("No privacy spend of this site is known: it reported none and no ledger was read.")
     else:
-        account = f"the {acct['name']} accountant of {acct['library']} {acct['version']}"
+        alone = f"; this run alone spent at most epsilon {epsilon_text(eps['run'])}" if run is not None else ""
         if eps["sessions"] is not None:
-            over = f"over every session charged to its data set ({eps['sessions']} sessions in {eps['runs']} runs)"
+            parts.append(
+                f"Composed by the {acct['name']} accountant of {acct['library']} {acct['version']} over every session "
+                f"charged to its data set ({eps['sessions']} sessions in {eps['runs']} runs), its privacy loss is at most "
+                f"epsilon {epsilon_text(eps['lifetime'])} at delta {format_delta(delta)}{alone}."
+            )
         else:
-            over = "over every session charged to its data set, as the site reported it from its own ledger"
-        parts.append(
-            f"Composed by {account} {over}, its privacy loss is at most epsilon {epsilon_text(eps['lifetime'])} at "
-            f"delta {format_delta(delta)}"
-            + (f"; this run alone spent at most epsilon {epsilon_text(eps['run'])}." if run is not None else ".")
-        )
+            parts.append(
+                f"As the site reported it from its own ledger ({acct['name']} accountant, every session charged to its "
+                f"data set), its privacy loss is at most epsilon {epsilon_text(eps['lifetime'])} at delta "
+                f"{format_delta(delta)}{alone} (composed here by {acct['library']} {acct['version']} from the mechanism "
+                "it reported)."
+            )
         budget = site["budget"]
         if budget["epsilon"] is None:
             parts.append("No privacy budget is set for this data set, so nothing limits further spending.")
@@ -287,10 +291,16 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
     if site["ledger"]["path"] is not None:
         parts.append("The ledger passes its integrity check." if integrity == "ok" else f"Ledger integrity: {integrity}")
     problems = site["problems"]
+    if run is None:
+        compared = "the ledger and its receipts" if site["receipts"]["checked"] else "the ledger's sessions and its spend"
+    elif site["ledger"]["path"] is not None:
+        compared = "the ledger, the run store and the receipts"
+    else:
+        compared = "the run store and the receipts"
     parts.append(
         f"{len(problems)} problem(s) were found; see the list in this report."
         if problems
-        else "The figures of the ledger, the run store and the receipts agree wherever they were compared."
+        else f"The figures of {compared} agree wherever they were compared."
     )
     sessions = mech["sessions"]
     if sessions:

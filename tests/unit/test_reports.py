@@ -1,0 +1,497 @@
+"""Unit tests for fedface.server.reports: the privacy report of a run (from the sites' ledgers,
+held against the run store and its receipts, or from the run store alone) and of a ledger, its
+schema, exact floats, rounding in every text format, group privacy, delta against 1/n, problems
+when the figures disagree, a tampered or rolled-back ledger, a standalone HTML file, and the
+`fedface report privacy` errors.
+
+The federation here is real but small: three sites, each with its own PrivacyLedger charged
+round by round as a site charges it, the signed receipts and the figures recorded in a real
+RunStore, and a real partition of Yale A faces for the images per person.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import csv
+import io
+import json
+import math
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedface.common import wire
+from fedface.common.data import load_faces, partition_sites, split_open_set
+from fedface.common.federated import site_name
+from fedface.common.privacy.accounting import Mechanism, compute_epsilon, format_epsilon
+from fedface.common.privacy.ledger import PrivacyLedger
+from fedface.common.privacy.receipts import issue_receipt, receipt_key, write_receipts
+from fedface.server.reports import SCHEMA, privacy_report_for_ledger, privacy_report_for_run
+from fedface.server.reports.render import CSV_FIELDS, render_report
+from fedface.server.reports.sections import delta_vs_n, format_up, group_privacy
+from fedface.server.store import Participation, RunStore
+from fedface.simulations.cli import app
+
+RUN = "run-test-0001"
+SITES = [site_name(k) for k in range(3)]
+ROUNDS = 3
+BUDGET = 30.0
+DELTA = 1e-5
+MECH = Mechanism(noise_multiplier=1.1, sample_rate=0.25, steps=3, max_grad_norm=1.0, delta=DELTA, accountant="rdp")
+POLICY = json.dumps({"budget-epsilon": BUDGET, "delta": DELTA, "accountant": "rdp", "epsilon-per-run": None,
+                     "require-secagg": True, "min-peers": 3, "allow-non-private": False})
+
+runner = CliRunner()
+
+
+@dataclass
+class Federation:
+    run_dir: Path
+    ledger_dir: Path
+    examples: dict[str, int]
+    largest: dict[str, int]
+    identities: dict[str, int]
+    names: list[str]  # every identity name of the faces (none may show in a report)
+
+
+def _build(tmp: Path, yale_a_root: Path, *, tamper_round: int | None = None) -> Federation:
+    """A run directory of three sites x three rounds: ledgers charged, receipts and figures recorded.
+
+    ``tamper_round``: the run store records site-000's epsilon of that round one float step off.
+    """
+    faces = load_faces(yale_a_root, size=(16, 16))
+    split = split_open_set(faces, test_identities=3, seed=0)
+    train = faces.subset(split.train)
+    partition = partition_sites(train, sites=3, identities_per_site=4, skew=0.6, seed=1)
+    run_dir, ledger_dir = tmp / "run", tmp / "ledgers"
+    run_dir.mkdir(parents=True)
+    split.save(run_dir / "split.json", faces)
+    partition.save(run_dir / "partition.json", train)
+    (run_dir / "ledgers.json").write_text(json.dumps({"ledger_dir": str(ledger_dir)}))
+    counts = [np.bincount(train.labels[idx]) for idx in partition.sites]
+    examples = {site_name(k): int(idx.size) for k, idx in enumerate(partition.sites)}
+    config = {"data": {"root": str(yale_a_root), "image-size": [16, 16], "layout": "auto", "on-error": "fail"},
+              "privacy": {"epsilon": 8.0, "delta": DELTA}, "federation": {"strategy": "fedavg"}}
+    books = {}
+    for site in SITES:
+        books[site] = PrivacyLedger(ledger_dir / site / "ledger.sqlite")
+        books[site].set_budget(site, epsilon=BUDGET, delta=DELTA)
+    with RunStore(run_dir / "runs.sqlite") as store:
+        store.start_run(RUN, config=config, sites=3, rounds=ROUNDS, secagg=True, started_at="2026-05-09T10:00:00+00:00")
+        for rnd in range(1, ROUNDS + 1):
+            participation, receipts, reports = [], {}, {}
+            for site in SITES:
+                session = books[site].charge(site, MECH, run_id=RUN, round=rnd, examples=examples[site])
+                receipts[site] = issue_receipt(books[site], session, receipt_key(ledger_dir / site)).to_json()
+                eps = session.epsilon_after
+                if tamper_round == rnd and site == SITES[0]:
+                    eps = math.nextafter(eps, math.inf)
+                participation.append(Participation(
+                    site, "answered", examples=examples[site], train_s=0.5, epsilon=eps, delta=session.epsilon_delta,
+                    accountant=session.epsilon_accountant, budget_epsilon=BUDGET, remaining=max(0.0, BUDGET - eps),
+                ))
+                reports[site] = {"policy": POLICY, wire.M_NOISE: MECH.noise_multiplier, wire.M_SAMPLE_RATE: MECH.sample_rate,
+                                 wire.M_STEPS: MECH.steps, wire.M_CLIP: MECH.max_grad_norm}
+            store.record_round(
+                RUN, rnd, started_at=f"2026-05-09T10:0{rnd}:00+00:00", seconds=1.0, sampled=SITES, participation=participation,
+                metrics={"verif_acc": 0.6 + rnd / 20, "verif_auc": 0.7 + rnd / 20}, receipts=receipts, reports=reports,
+            )
+        store.finish_run(RUN, status="completed")
+    for book in books.values():
+        book.close()
+    return Federation(
+        run_dir=run_dir, ledger_dir=ledger_dir, examples=examples,
+        largest={site_name(k): int(c.max()) for k, c in enumerate(counts)},
+        identities={site_name(k): int(np.count_nonzero(c)) for k, c in enumerate(counts)},
+        names=list(faces.identity_names),
+    )
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, yale_a_root: Path) -> Federation:
+    return _build(tmp_path_factory.mktemp("fed"), yale_a_root)
+
+
+@pytest.fixture(scope="module")
+def report(fed: Federation) -> dict[str, Any]:
+    return privacy_report_for_run(fed.run_dir)
+
+
+def _ledger(fed: Federation, site: str) -> Path:
+    return fed.ledger_dir / site / "ledger.sqlite"
+
+
+@pytest.fixture
+def ledger_truth(fed: Federation) -> Iterator[dict[str, Any]]:
+    truth = {}
+    for site in SITES:
+        with PrivacyLedger(_ledger(fed, site), create=False) as book:
+            truth[site] = {"spend": book.spend(site), "sessions": book.sessions(site)}
+    yield truth
+
+
+# --- the run report: shape and exact figures ---------------------------------------------------
+
+
+def test_run_report_has_the_schema_v1_keys(report: dict[str, Any]) -> None:
+    assert report["schema"] == SCHEMA == "fedface.privacy-report/1"
+    for key in ("generated_at", "fedface_version", "source", "run", "sites", "protections", "accuracy_vs_epsilon", "problems"):
+        assert key in report
+    assert report["source"]["kind"] == "run" and report["source"]["figures"] == "ledger"
+    assert report["run"]["run_id"] == RUN and report["run"]["status"] == "completed" and report["run"]["secagg"] is True
+    assert (report["run"]["rounds_planned"], report["run"]["rounds_done"]) == (ROUNDS, ROUNDS)
+    assert set(report["protections"]) == {"dp_sgd", "secagg", "template_encryption"}
+    assert "masked sum" in report["protections"]["secagg"]["adds"]
+    assert "does not bound" in report["protections"]["secagg"]["does_not"]
+    assert [s["site"] for s in report["sites"]] == SITES
+    site = report["sites"][0]
+    for key in ("site", "unit_of_privacy", "mechanism", "accountant", "delta", "delta_vs_1_over_n", "epsilon", "budget",
+                "rounds", "group_privacy", "receipts", "ledger", "problems", "statement"):
+        assert key in site
+    assert site["unit_of_privacy"] == "one face image"
+    assert site["mechanism"]["name"] == "Poisson-sampled Gaussian (DP-SGD)"
+    assert site["accountant"] == {"name": "rdp", "library": "opacus", "version": __import__("opacus").__version__}
+    json.dumps(report, allow_nan=False)  # plain JSON, nothing a reader cannot parse
+
+
+def test_run_report_epsilons_are_the_ledgers_exact_floats(report: dict[str, Any], ledger_truth: dict[str, Any]) -> None:
+    for site in report["sites"]:
+        spend, sessions = ledger_truth[site["site"]]["spend"], ledger_truth[site["site"]]["sessions"]
+
+        assert site["epsilon"]["lifetime"] == spend.epsilon
+        assert [r["epsilon_lifetime"] for r in site["rounds"]] == [s.epsilon_after for s in sessions]
+        assert site["budget"] == {"epsilon": BUDGET, "delta": DELTA, "remaining": spend.remaining}
+        history = [s.mechanism.history_entry() for s in sessions]
+        assert site["epsilon"]["run"] == compute_epsilon(history, delta=DELTA, accountant="rdp")
+        assert site["rounds"][0]["epsilon_run"] == compute_epsilon(history[:1], delta=DELTA, accountant="rdp")
+        assert site["problems"] == [] and site["ledger"]["integrity"] == "ok"
+
+
+def test_run_report_mechanism_and_accuracy_vs_epsilon(fed: Federation, report: dict[str, Any]) -> None:
+    site = report["sites"][1]
+    mech = site["mechanism"]
+
+    assert (mech["sample_rate"], mech["noise_multiplier"], mech["max_grad_norm"]) == (0.25, 1.1, 1.0)
+    assert (mech["steps_per_round"], mech["steps_total"], mech["rounds"], mech["uniform"]) == (3, 9, 3, True)
+    assert mech["examples"] == fed.examples[SITES[1]]
+    assert [s["round"] for s in mech["sessions"]] == [1, 2, 3]
+    points = report["accuracy_vs_epsilon"]
+    assert [p["round"] for p in points] == [1, 2, 3]
+    assert points[2]["verif_acc"] == 0.6 + 3 / 20
+    assert points[2]["max_epsilon_lifetime"] == max(s["rounds"][2]["epsilon_lifetime"] for s in report["sites"])
+    assert points[2]["max_epsilon_run"] == max(s["epsilon"]["run"] for s in report["sites"])
+
+
+def test_run_report_receipts_verify_against_the_ledgers(report: dict[str, Any]) -> None:
+    for site in report["sites"]:
+        receipts = site["receipts"]
+        assert (receipts["checked"], receipts["verified"], receipts["against"], receipts["count"]) == (True, True, "ledger", ROUNDS)
+        assert receipts["problems"] == []
+        assert receipts["latest"]["round"] == ROUNDS and receipts["sessions_after_latest"] == 0
+
+
+def test_run_report_without_ledgers_takes_the_run_stores_figures(fed: Federation, report: dict[str, Any], tmp_path: Path) -> None:
+    # Arrange: the same run store where no ledger is reachable (a deployed server's store)
+    (tmp_path / "runs.sqlite").write_bytes((fed.run_dir / "runs.sqlite").read_bytes())
+
+    alone = privacy_report_for_run(tmp_path / "runs.sqlite")
+
+    assert alone["source"]["figures"] == "run store"
+    for mine, theirs in zip(alone["sites"], report["sites"], strict=True):
+        assert mine["figures_from"] == "the server's run store, as the site reported it"
+        assert mine["epsilon"]["lifetime"] == theirs["epsilon"]["lifetime"]
+        assert mine["epsilon"]["run"] == theirs["epsilon"]["run"]
+        assert [r["epsilon_lifetime"] for r in mine["rounds"]] == [r["epsilon_lifetime"] for r in theirs["rounds"]]
+        assert mine["budget"] == theirs["budget"]
+        assert mine["receipts"]["against"] == "run store" and mine["receipts"]["verified"] is True
+        assert "rollback of it is not checked" in mine["receipts"]["summary"]
+        assert mine["ledger"]["path"] is None and mine["ledger"]["integrity"].startswith("not checked")
+        assert mine["people"]["max_images_per_person"] is None  # not guessed without the run directory
+        assert mine["problems"] == []
+
+
+def test_run_report_for_one_site_and_an_explicit_ledger_dir(fed: Federation) -> None:
+    one = privacy_report_for_run(fed.run_dir / "runs.sqlite", run_id=RUN, site=SITES[2], ledger_dir=fed.ledger_dir)
+
+    assert [s["site"] for s in one["sites"]] == [SITES[2]]
+    assert one["sites"][0]["ledger"]["path"] == str(_ledger(fed, SITES[2]))
+
+
+def test_lifetime_composes_every_run_and_the_run_epsilon_only_this_one(tmp_path: Path, yale_a_root: Path) -> None:
+    # Arrange: after the run, site-000's data set is charged again by another run (no receipt yet)
+    fed = _build(tmp_path, yale_a_root)
+    later = Mechanism(noise_multiplier=2.0, sample_rate=0.5, steps=4, max_grad_norm=1.0, delta=DELTA, accountant="rdp")
+    with PrivacyLedger(_ledger(fed, SITES[0]), create=False) as book:
+        book.charge(SITES[0], later, run_id="later-run", examples=fed.examples[SITES[0]])
+        spend, sessions = book.spend(SITES[0]), book.sessions(SITES[0])
+
+    site = privacy_report_for_run(fed.run_dir, site=SITES[0])["sites"][0]
+
+    assert site["epsilon"]["lifetime"] == spend.epsilon > site["rounds"][-1]["epsilon_lifetime"]
+    assert (site["epsilon"]["sessions"], site["epsilon"]["runs"]) == (4, 2)
+    run_only = compute_epsilon([s.mechanism.history_entry() for s in sessions[:3]], delta=DELTA, accountant="rdp")
+    assert site["epsilon"]["run"] == run_only
+    assert [r["run_id"] for r in site["runs"]] == [RUN, "later-run"]
+    assert site["runs"][1]["epsilon"] == compute_epsilon([later.history_entry()], delta=DELTA, accountant="rdp")
+    assert [r["run_id"] for r in site["rounds"]] == [RUN] * ROUNDS
+    assert site["budget"]["remaining"] == spend.remaining
+    assert site["receipts"]["verified"] is True and site["receipts"]["sessions_after_latest"] == 1
+    assert "(4 sessions in 2 runs)" in site["statement"]
+
+
+# --- group privacy, delta against 1/n ----------------------------------------------------------
+
+
+def test_group_privacy_follows_the_standard_bound() -> None:
+    eps, delta = 0.5, 1e-6
+
+    entries = {e["k"]: e for e in group_privacy(eps, delta, 7)["entries"]}
+
+    assert sorted(entries) == [1, 2, 5, 7, 10]
+    assert entries[5]["epsilon"] == 5 * eps and entries[5]["delta"] == 5 * math.exp(4 * eps) * delta
+    assert entries[7]["largest_at_site"] and not entries[5]["largest_at_site"]
+    assert all(e["meaningful"] for e in entries.values())
+    big = {e["k"]: e for e in group_privacy(8.0, 1e-5, None)["entries"]}
+    assert big[2]["meaningful"] and not big[5]["meaningful"]  # 5 e^32 1e-5 is far above 1
+    assert big[10]["delta"] == 10 * math.exp(72.0) * 1e-5
+
+
+def test_group_privacy_uses_the_most_images_one_person_has_at_the_site(fed: Federation, report: dict[str, Any]) -> None:
+    for site in report["sites"]:
+        largest = fed.largest[site["site"]]
+        gp = site["group_privacy"]
+        mine = next(e for e in gp["entries"] if e["largest_at_site"])
+
+        assert gp["max_images_per_person"] == largest == site["people"]["max_images_per_person"]
+        assert site["people"]["identities"] == fed.identities[site["site"]]
+        assert mine["k"] == largest and mine["epsilon"] == largest * site["epsilon"]["lifetime"]
+        if not mine["meaningful"]:
+            assert f"one with {largest} images" in site["statement"] and "no meaningful guarantee" in site["statement"]
+
+
+def test_delta_against_one_over_n(fed: Federation, report: dict[str, Any]) -> None:
+    assert delta_vs_n(1e-5, 40) == {"n": 40, "one_over_n": 0.025, "delta_times_n": 1e-5 * 40, "ok": True}
+    assert delta_vs_n(0.05, 40)["ok"] is False
+    site = report["sites"][0]
+    assert site["delta_vs_1_over_n"] == {"n": fed.examples[SITES[0]], "one_over_n": 1 / fed.examples[SITES[0]],
+                                         "delta_times_n": DELTA * fed.examples[SITES[0]], "ok": True}
+
+
+# --- rounding in every text format -------------------------------------------------------------
+
+
+def _nudged(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with site-000's lifetime spend just above 1 and what remains just below 1."""
+    out = copy.deepcopy(report)
+    site = out["sites"][0]
+    site["epsilon"]["lifetime"] = 1.00000001
+    site["budget"]["remaining"] = 0.99999999
+    site["rounds"][0].update(epsilon_lifetime=1.00000001, remaining=0.99999999)
+    return out
+
+
+def test_markdown_rounds_epsilon_up_and_remaining_down(report: dict[str, Any]) -> None:
+    md = render_report(_nudged(report), "md")
+
+    row = next(line for line in md.splitlines() if line.startswith(f"| {SITES[0]} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "1.001" and cells[6] == "0.999"  # epsilon lifetime up, remaining down
+    assert "| 1.000 |" not in md and "| 1.001 |" in md
+
+
+def test_csv_carries_exact_figures_and_rounded_displays(report: dict[str, Any], ledger_truth: dict[str, Any]) -> None:
+    rows = list(csv.DictReader(io.StringIO(render_report(_nudged(report), "csv"))))
+
+    assert tuple(rows[0]) == CSV_FIELDS
+    assert len(rows) == len(SITES) * ROUNDS
+    first = rows[0]
+    assert (first["epsilon_lifetime"], first["epsilon_lifetime_display"]) == ("1.00000001", "1.001")
+    assert (first["remaining"], first["remaining_display"]) == ("0.99999999", "0.999")
+    other = [r for r in rows if r["site"] == SITES[1]]
+    assert [float(r["epsilon_lifetime"]) for r in other] == [s.epsilon_after for s in ledger_truth[SITES[1]]["sessions"]]
+
+
+def test_html_rounds_the_safe_way_and_stands_alone(report: dict[str, Any]) -> None:
+    text = render_report(_nudged(report), "html")
+
+    assert "<td>1.001</td>" in text and "<td>0.999</td>" in text and "<td>1.000</td>" not in text
+    assert not re.search(r"https?://", text) and "<script" not in text and "<link" not in text
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) == len(SITES) + 1  # one chart per site, one of accuracy against epsilon
+    assert all(base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n" for png in images)
+    assert len(re.findall(r"src=", text)) == len(images)
+
+
+def test_statement_rounds_epsilon_up_and_remaining_down(report: dict[str, Any], ledger_truth: dict[str, Any]) -> None:
+    site = report["sites"][0]
+    spend = ledger_truth[SITES[0]]["spend"]
+
+    assert f"at most epsilon {format_epsilon(spend.epsilon, rounding='up')} at delta 1e-05" in site["statement"]
+    assert f"at least {format_epsilon(spend.remaining, rounding='down')} remains" in site["statement"]
+    assert "one face image" in site["statement"] and "rdp accountant of opacus" in site["statement"]
+
+
+def test_a_group_delta_is_shown_rounded_up() -> None:
+    assert format_up(0.13531) == "0.136"
+    assert format_up(1.2301e30) == "1.24e+30"
+    assert format_up(1e-5) == "1.00e-5"
+    assert format_up(1.5565, 4, down=True) == "1.556"
+
+
+def test_no_identity_name_image_or_key_in_any_format(fed: Federation, report: dict[str, Any]) -> None:
+    texts = [render_report(report, fmt) for fmt in ("json", "md", "csv", "html")]
+
+    for text in texts:
+        for name in fed.names:
+            assert name not in text
+        assert "yalefaces/" not in text  # no image path
+        assert "PRIVATE KEY" not in text and "PUBLIC KEY" not in text
+        assert '"public_key"' not in text and '"signature"' not in text
+
+
+# --- disagreement, tampering, rollback ---------------------------------------------------------
+
+
+def test_a_run_store_figure_one_bit_off_the_ledger_is_a_problem(tmp_path: Path, yale_a_root: Path) -> None:
+    fed = _build(tmp_path, yale_a_root, tamper_round=2)
+
+    out = privacy_report_for_run(fed.run_dir, site=SITES[0])
+
+    problems = out["sites"][0]["problems"]
+    assert any(p.startswith("round 2: the run store records epsilon") for p in problems)
+    assert any("the run store records" in p and "for run run-test-0001 round 2" in p for p in problems)  # its receipt
+    assert out["problems"] == [f"{SITES[0]}: {p}" for p in problems]
+    assert out["sites"][0]["receipts"]["verified"] is False
+    assert "problem(s) were found" in out["sites"][0]["statement"]
+
+
+def _tamper(path: Path, sql: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(sql)
+    conn.close()
+
+
+def test_a_tampered_ledger_shows_its_integrity_error(tmp_path: Path, yale_a_root: Path) -> None:
+    fed = _build(tmp_path, yale_a_root)
+    _tamper(_ledger(fed, SITES[1]), "DROP TRIGGER sessions_no_update; UPDATE sessions SET steps = 1 WHERE id = 2; "
+            "CREATE TRIGGER sessions_no_update BEFORE UPDATE ON sessions BEGIN SELECT RAISE(ABORT, 'x'); END;")
+
+    run = privacy_report_for_run(fed.run_dir, site=SITES[1])
+    own = privacy_report_for_ledger(_ledger(fed, SITES[1]))
+
+    for site in (run["sites"][0], own["sites"][0]):
+        assert "fails its integrity check: sessions row 2 was altered" in site["ledger"]["integrity"]
+        assert any(p.startswith("ledger integrity: ") for p in site["problems"])
+        assert "Ledger integrity: privacy ledger" in site["statement"]
+    assert "INTEGRITY ERROR" in render_report(run, "md")
+
+
+def test_a_rolled_back_ledger_fails_its_receipts(tmp_path: Path, yale_a_root: Path) -> None:
+    fed = _build(tmp_path, yale_a_root)
+    ledger = _ledger(fed, SITES[0])
+    # the last session deleted, the sequence put back, the trigger re-created: verify() passes
+    _tamper(ledger, "DROP TRIGGER sessions_no_delete; DELETE FROM sessions WHERE id = 3; "
+            "UPDATE sqlite_sequence SET seq = 2 WHERE name = 'sessions'; "
+            "CREATE TRIGGER sessions_no_delete BEFORE DELETE ON sessions BEGIN SELECT RAISE(ABORT, 'x'); END;")
+
+    site = privacy_report_for_run(fed.run_dir, site=SITES[0])["sites"][0]
+
+    assert site["ledger"]["integrity"] == "ok"
+    assert site["receipts"]["verified"] is False
+    assert any("is behind its receipts" in p for p in site["receipts"]["problems"])
+    assert any("the ledger no session of it" in p for p in site["problems"])
+
+
+# --- the ledger report -------------------------------------------------------------------------
+
+
+def test_ledger_report_without_receipts_says_not_checked(fed: Federation, ledger_truth: dict[str, Any]) -> None:
+    out = privacy_report_for_ledger(_ledger(fed, SITES[0]))
+
+    assert out["source"]["kind"] == "ledger" and out["run"] is None and out["accuracy_vs_epsilon"] is None
+    site = out["sites"][0]
+    assert site["receipts"]["summary"] == "not checked: no receipts given"
+    assert (site["receipts"]["checked"], site["receipts"]["verified"]) == (False, None)
+    assert site["epsilon"]["lifetime"] == ledger_truth[SITES[0]]["spend"].epsilon and site["epsilon"]["run"] is None
+    assert [r["epsilon_lifetime"] for r in site["rounds"]] == [s.epsilon_after for s in ledger_truth[SITES[0]]["sessions"]]
+    assert site["runs"][0]["run_id"] == RUN and site["runs"][0]["sessions"] == ROUNDS
+    assert site["people"]["max_images_per_person"] is None
+    assert "Receipts: not checked: no receipts given." in site["statement"]
+
+
+def test_ledger_report_checks_a_receipts_file(fed: Federation, tmp_path: Path) -> None:
+    with RunStore(fed.run_dir / "runs.sqlite", create=False) as store:
+        stored = [r.receipt for r in store.receipts(site=SITES[0])]
+    receipts = tmp_path / "site.receipts.jsonl"
+    write_receipts(receipts, stored)
+
+    site = privacy_report_for_ledger(_ledger(fed, SITES[0]), site=SITES[0], receipts_path=receipts)["sites"][0]
+
+    assert (site["receipts"]["checked"], site["receipts"]["verified"], site["receipts"]["count"]) == (True, True, ROUNDS)
+    assert site["receipts"]["summary"].startswith(f"the ledger matches its {ROUNDS} receipt(s)")
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["report", "privacy", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_missing_run_dir_is_one_line_and_exit_9(tmp_path: Path) -> None:
+    code, out, err = _cli(str(tmp_path / "nope"))
+
+    assert code == 9 and out == ""
+    assert err == (
+        f"RunDirError: run directory {tmp_path / 'nope'} does not exist: pass the directory of a `fedface simulate` run "
+        "(it holds runs.sqlite) or a run store file\n"
+    )
+
+
+def test_cli_unknown_run_is_one_line_and_exit_9(fed: Federation) -> None:
+    code, _, err = _cli(str(fed.run_dir), "--run", "no-such-run")
+
+    assert code == 9
+    assert err == (
+        f"RunDirError: no run 'no-such-run' in run store {fed.run_dir / 'runs.sqlite'} (its runs: {RUN}): "
+        "pass --run with one of them\n"
+    )
+
+
+def test_cli_unknown_site_is_one_line_and_exit_3(fed: Federation) -> None:
+    code, _, err = _cli(str(fed.run_dir), "--site", "site-999", "--format", "json")
+
+    assert code == 3
+    assert err == (
+        f"ConfigError: site 'site-999' is not a site of run {RUN} (its sites: {', '.join(SITES)}): pass --site with one of them\n"
+    )
+
+
+def test_cli_bad_format_and_bad_combinations_are_one_line_and_exit_3(fed: Federation) -> None:
+    assert _cli(str(fed.run_dir), "--format", "pdf")[::2] == (
+        3, "ConfigError: --format must be one of html, json, md, csv, got 'pdf': pass --format html, json, md or csv\n"
+    )
+    code, _, err = _cli(str(fed.run_dir), "--ledger", str(_ledger(fed, SITES[0])))
+    assert code == 3 and err.startswith("ConfigError: pass exactly one of RUN_DIR") and err.count("\n") == 1
+    code, _, err = _cli("--ledger", str(fed.run_dir / "missing.sqlite"))
+    assert code == 11 and err.startswith("LedgerError: no privacy ledger at") and err.count("\n") == 1
+
+
+def test_cli_writes_the_report_to_a_file(fed: Federation, tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "report.json"
+
+    code, stdout, err = _cli(str(fed.run_dir), "--format", "json", "--out", str(out))
+
+    assert code == 0 and stdout == ""
+    assert "wrote the privacy report (json, 3 site(s), 0 problem(s))" in " ".join(err.split())
+    assert json.loads(out.read_text())["schema"] == SCHEMA
+    assert [p.name for p in out.parent.iterdir()] == ["report.json"]  # no temporary file left
