@@ -1,12 +1,126 @@
-"""`fedface console`: the administrators' web console (docs/console.md)."""
+"""`fedface console`: the administrators' web console (docs/console.md).
+
+``fedface console init-admin --admin-dir DIR`` writes the administrator (an argon2id hash of
+the password, never the password) and the key that signs session cookies;
+``fedface console serve --store RUN_DIR --admin-dir DIR`` serves the console with uvicorn
+(127.0.0.1:8765 by default; TLS with ``--tls-cert`` and ``--tls-key``). The app is
+:func:`fedface.server.console.app.create_app`.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from fedface.common.errors import ConfigError, DataNotFoundError
+from fedface.simulations.console import err_console, setup_logging, user_errors
 
 console_app = typer.Typer(
     help="The administrators' web console: runs, rounds, sites, privacy spend, gallery and audit log, live.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-__all__ = ["console_app"]
+PASSWORD_ENV = "FEDFACE_CONSOLE_PASSWORD"
+_ADMIN_DIR_HELP = "The console's admin directory: admin.json (the argon2id hash) and session.key, both mode 0600."
+
+
+def _password(password_file: Path | None) -> str:
+    """The new password: from --password-file (its first line), $FEDFACE_CONSOLE_PASSWORD, or typed twice."""
+    if password_file is not None:
+        try:
+            lines = password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise DataNotFoundError(f"cannot read the password file {password_file}: {exc.strerror}") from None
+        return lines[0] if lines else ""
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    return str(typer.prompt("Console password", hide_input=True, confirmation_prompt=True))
+
+
+@console_app.command("init-admin")
+def init_admin(
+    admin_dir: Annotated[Path, typer.Option(help=_ADMIN_DIR_HELP)],
+    user: Annotated[str, typer.Option(help="The administrator's user name.")] = "admin",
+    password_file: Annotated[Optional[Path], typer.Option(help="Read the password from the first line of this file "
+                                                          f"(else ${PASSWORD_ENV}, else it is asked for twice).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing administrator (the session key stays).")] = False,
+) -> None:
+    """Create the console's administrator: the password's argon2id hash in DIR/admin.json, and a
+    random session-signing key in DIR/session.key (kept if present). Passwords have at least 12
+    characters."""
+    setup_logging()
+    from fedface.server.console.auth import check_new_admin, check_password, check_user
+    from fedface.server.console.auth import init_admin as write_admin
+
+    with user_errors():
+        check_user(user)
+        check_new_admin(admin_dir, force=force)
+        password = _password(password_file)
+        check_password(password)
+        target = write_admin(admin_dir, user=user, password=password, force=force)
+    err_console.print(f"console admin {user!r} written to {target}; serve the console with "
+                      f"`fedface console serve --store RUN_DIR --admin-dir {admin_dir}`", soft_wrap=True, markup=False)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@console_app.command("serve")
+def serve(
+    store: Annotated[Path, typer.Option(help="The run store: a run directory (its runs.sqlite) or a run-store file. "
+                                        "It may not exist yet: the console shows it once it appears.")],
+    admin_dir: Annotated[Path, typer.Option(help="The admin directory of `fedface console init-admin`.")],
+    gallery: Annotated[Optional[Path], typer.Option(help="An encrypted gallery's directory (--store of `fedface gallery serve`): "
+                                                    "the gallery page shows its template counts.")] = None,
+    ledger_dir: Annotated[Optional[Path], typer.Option(help="The sites' ledger folder for the privacy page "
+                                                       "(default: the one the run directory recorded in ledgers.json).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (keep the loopback default unless TLS is on).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8765,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="TLS certificate (server.pem of `fedface keys init`).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="Its private key (server.key).")] = None,
+    session_hours: Annotated[float, typer.Option(help="How long a login lasts, in hours.", min=0.01, max=168)] = 8.0,
+) -> None:
+    """Serve the web console: runs, a run's rounds and charts, sites (suspend / resume), privacy
+    spend, the gallery and the audit log, updated live. Nothing but the login page is served
+    without logging in. Runs in the foreground."""
+    setup_logging()
+    import uvicorn
+
+    from fedface.server.console.app import create_app
+    from fedface.server.console.sources import Settings
+
+    with user_errors():
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("pass both --tls-cert and --tls-key (from `fedface keys init DIR --host HOST`), or neither")
+        tls: dict[str, str] = {}
+        if tls_cert is not None and tls_key is not None:
+            for f in (tls_cert, tls_key):
+                if not f.is_file():
+                    raise DataNotFoundError(f"{f} not found: create the certificate with `fedface keys init DIR --host HOST`")
+            tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
+        if gallery is not None and not gallery.is_dir():
+            raise DataNotFoundError(f"no gallery directory {gallery}: pass the --store directory of `fedface gallery serve`")
+        settings = Settings(store=store, admin_dir=admin_dir, gallery=gallery, ledger_dir=ledger_dir,
+                            session_hours=session_hours, https=bool(tls))
+        app = create_app(settings)
+    if not tls and not _loopback(host):
+        err_console.print(f"[yellow]warning: serving on {host} over plain HTTP: passwords and session cookies cross the "
+                          "network in the clear; pass --tls-cert and --tls-key[/]", soft_wrap=True)
+    scheme = "https" if tls else "http"
+    err_console.print(f"fedface console on {scheme}://{host}:{port} reading {app.state.source.path}", soft_wrap=True, markup=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
+                **tls)  # type: ignore[arg-type]
+
+
+__all__ = ["console_app", "init_admin", "serve"]
