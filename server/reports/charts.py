@@ -54,7 +54,12 @@ def data_uri(png: bytes) -> str:
 
 
 def epsilon_chart(site: dict[str, Any], *, run_id: str | None) -> bytes:
-    """PNG of a site's epsilon over the rounds it reported, against its budget (dashed).
+    """PNG of :func:`epsilon_figure`."""
+    return _png(epsilon_figure(site, run_id=run_id))
+
+
+def epsilon_figure(site: dict[str, Any], *, run_id: str | None) -> Figure:
+    """A site's epsilon over the rounds it reported, against its budget (dashed).
 
     In a run report (``run_id`` given) the x axis is the run's round and a second line is the
     run's own epsilon; in a ledger report it is every session in charge order, runs marked.
@@ -64,7 +69,7 @@ def epsilon_chart(site: dict[str, Any], *, run_id: str | None) -> bytes:
     budget = site["budget"]["epsilon"]
     if not rounds:
         _nothing(ax, f"{site['site']}: no privacy spend reported")
-        return _png(fig)
+        return fig
     if run_id is not None:
         xs = [r["round"] for r in rounds]
         ax.set_xlabel(f"round of run {run_id}")
@@ -76,11 +81,13 @@ def epsilon_chart(site: dict[str, Any], *, run_id: str | None) -> bytes:
             ax.axvline(x - 0.5, color="#999999", linestyle=":", linewidth=1)
         if starts:
             ax.plot([], [], color="#999999", linestyle=":", label="a new run starts")
-    ax.plot(xs, [r["epsilon_lifetime"] for r in rounds], color=_LIFETIME, marker="o", linewidth=2,
+    ax.plot(xs, [r["epsilon_lifetime"] for r in rounds], color=_LIFETIME, marker="o", linewidth=2, zorder=3,
             label="lifetime epsilon (every session of the data set)")
     runs = [(x, r["epsilon_run"]) for x, r in zip(xs, rounds, strict=True) if r["epsilon_run"] is not None]
     if run_id is not None and runs:
-        ax.plot([x for x, _ in runs], [e for _, e in runs], color=_RUN, marker="s", linewidth=1.5, label="this run's epsilon")
+        # dashed, open squares, drawn on top: still seen where it equals the lifetime (a data set's first run)
+        ax.plot([x for x, _ in runs], [e for _, e in runs], color=_RUN, marker="s", markersize=9, markerfacecolor="none",
+                markeredgewidth=1.5, linestyle=(0, (5, 3)), linewidth=1.5, zorder=4, label="this run's epsilon")
     top = max(r["epsilon_lifetime"] for r in rounds)
     if budget is not None:
         ax.axhline(budget, color=_BUDGET, linestyle="--", linewidth=1.5, label=f"budget epsilon {budget:g}")
@@ -92,16 +99,21 @@ def epsilon_chart(site: dict[str, Any], *, run_id: str | None) -> bytes:
     ax.set_ylabel(f"epsilon at delta {format_delta(site['delta'])}")
     ax.set_title(f"{site['site']}: privacy spend", loc="left", fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _png(fig)
+    return fig
 
 
 def accuracy_chart(points: Sequence[dict[str, Any]], *, run_id: str) -> bytes:
-    """PNG of a run's verification accuracy and AUC against the largest epsilon over its sites, by round."""
+    """PNG of :func:`accuracy_figure`."""
+    return _png(accuracy_figure(points, run_id=run_id))
+
+
+def accuracy_figure(points: Sequence[dict[str, Any]], *, run_id: str) -> Figure:
+    """A run's verification accuracy and AUC against the largest epsilon over its sites, by round."""
     fig, ax = _figure()
     rows = [p for p in points if p["max_epsilon_run"] is not None and (p["verif_acc"] is not None or p["verif_auc"] is not None)]
     if not rows:
         _nothing(ax, f"run {run_id}: no round with both a privacy spend and accuracy")
-        return _png(fig)
+        return fig
     xs = [p["max_epsilon_run"] for p in rows]
     for key, label, colour, marker in (("verif_acc", "verification accuracy", _LIFETIME, "o"), ("verif_auc", "verification AUC", _RUN, "s")):
         pairs = [(x, p[key]) for x, p in zip(xs, rows, strict=True) if p[key] is not None]
@@ -116,7 +128,7 @@ def accuracy_chart(points: Sequence[dict[str, Any]], *, run_id: str) -> bytes:
     ax.set_xlim(0, max(xs) * 1.1 if max(xs) > 0 else 1)
     ax.set_title(f"run {run_id}: accuracy against epsilon", loc="left", fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    return _png(fig)
+    return fig
 
 
-__all__ = ["accuracy_chart", "data_uri", "epsilon_chart"]
+__all__ = ["accuracy_chart", "accuracy_figure", "data_uri", "epsilon_chart", "epsilon_figure"]

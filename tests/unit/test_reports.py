@@ -35,6 +35,7 @@ from fedface.common.privacy.accounting import Mechanism, compute_epsilon, format
 from fedface.common.privacy.ledger import PrivacyLedger
 from fedface.common.privacy.receipts import issue_receipt, receipt_key, write_receipts
 from fedface.server.reports import SCHEMA, privacy_report_for_ledger, privacy_report_for_run
+from fedface.server.reports.charts import accuracy_figure, epsilon_figure
 from fedface.server.reports.render import CSV_FIELDS, render_report
 from fedface.server.reports.sections import delta_vs_n, format_up, group_privacy
 from fedface.server.store import Participation, RunStore
@@ -328,6 +329,37 @@ def test_html_rounds_the_safe_way_and_stands_alone(report: dict[str, Any]) -> No
     assert len(images) == len(SITES) + 1  # one chart per site, one of accuracy against epsilon
     assert all(base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n" for png in images)
     assert len(re.findall(r"src=", text)) == len(images)
+
+
+def _legend(fig: Any) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_epsilon_chart_draws_the_budget_line_or_says_there_is_none(report: dict[str, Any]) -> None:
+    site = copy.deepcopy(report["sites"][0])
+
+    fig = epsilon_figure(site, run_id=RUN)
+    ax = fig.axes[0]
+    assert "budget epsilon 30" in _legend(fig) and "lifetime epsilon (every session of the data set)" in _legend(fig)
+    budget = next(line for line in ax.get_lines() if line.get_label() == "budget epsilon 30")
+    assert budget.get_linestyle() == "--" and list(budget.get_ydata()) == [BUDGET, BUDGET]  # horizontal, dashed
+    lifetime = next(line for line in ax.get_lines() if line.get_label().startswith("lifetime"))
+    assert list(lifetime.get_ydata()) == [r["epsilon_lifetime"] for r in site["rounds"]]
+    assert ax.get_xlabel() == f"round of run {RUN}" and ax.get_ylabel() == "epsilon at delta 1e-05"
+
+    site["budget"]["epsilon"] = None
+    assert "no budget set" in _legend(epsilon_figure(site, run_id=RUN))
+    site["rounds"] = []
+    empty = epsilon_figure(site, run_id=RUN).axes[0]
+    assert [t.get_text() for t in empty.texts] == [f"{SITES[0]}: no privacy spend reported"]
+
+
+def test_accuracy_chart_plots_accuracy_against_the_run_epsilon(report: dict[str, Any]) -> None:
+    fig = accuracy_figure(report["accuracy_vs_epsilon"], run_id=RUN)
+
+    acc = next(line for line in fig.axes[0].get_lines() if line.get_label() == "verification accuracy")
+    assert list(acc.get_xdata()) == [p["max_epsilon_run"] for p in report["accuracy_vs_epsilon"]]
+    assert list(acc.get_ydata()) == [p["verif_acc"] for p in report["accuracy_vs_epsilon"]]
 
 
 def test_statement_rounds_epsilon_up_and_remaining_down(report: dict[str, Any], ledger_truth: dict[str, Any]) -> None:
