@@ -55,11 +55,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the console exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}")
+            raise AssertionError(f"the console exited with {proc.returncode}: {log.read_text()}")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -108,14 +108,17 @@ def live(browser: object, tmp_path_factory: pytest.TempPathFactory, orl_root: Pa
     assert init.returncode == 0, init.stderr
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
+    log = root / "console.log"  # a file, not a pipe: nobody reads a pipe while the test runs
+    console_log = log.open("wb")
     console = subprocess.Popen(
         [FEDFACE, "console", "serve", "--store", str(run_dir), "--admin-dir", str(admin_dir), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        stdout=subprocess.DEVNULL, stderr=console_log, env=env,
     )
     context = None
     sim = None
+    sim_log = (root / "simulate.log").open("wb")
     try:
-        _wait_for(f"{base}/login", console)
+        _wait_for(f"{base}/login", console, log)
         context = browser.new_context(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
         page = context.new_page()
         errors: list[str] = []
@@ -130,7 +133,7 @@ def live(browser: object, tmp_path_factory: pytest.TempPathFactory, orl_root: Pa
         sim = subprocess.Popen(
             [FEDFACE, "simulate", "-c", str(scenario), "--data", str(orl_root), "--sites", "3", "--rounds", "3",
              "--out", str(run_dir), "--ledger-dir", str(ledger_dir), "--client-cpus", "0.5", "-q"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            stdout=sim_log, stderr=sim_log, env=env,
         )
         # the run appears on the runs page without a reload (the store did not exist when it loaded)
         page.evaluate("() => { window.__fedfaceNoReload = true; }")
@@ -143,12 +146,13 @@ def live(browser: object, tmp_path_factory: pytest.TempPathFactory, orl_root: Pa
         page.evaluate("() => { window.__fedfaceNoReload = true; }")
         page.wait_for_function("() => document.querySelectorAll('#timeline tr[data-round]').length === 3", timeout=240_000)
         reloaded = not page.evaluate("() => window.__fedfaceNoReload === true")
-        out, err = sim.communicate(timeout=240)
-        assert sim.returncode == 0, err.decode()
+        assert sim.wait(timeout=240) == 0, (root / "simulate.log").read_text()
         yield Live(base, run_dir, ledger_dir, admin_dir, str(run_id), rows_at_load, reloaded, page, errors)
     finally:
         if sim is not None and sim.poll() is None:
             sim.kill()
+            sim.wait()
+        sim_log.close()
         if context is not None:
             context.close()
         console.terminate()
@@ -156,6 +160,8 @@ def live(browser: object, tmp_path_factory: pytest.TempPathFactory, orl_root: Pa
             console.wait(timeout=15)
         except subprocess.TimeoutExpired:
             console.kill()
+            console.wait()
+        console_log.close()
 
 
 def test_the_run_fills_live_without_a_reload(live: Live) -> None:
