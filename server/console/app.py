@@ -22,12 +22,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.responses import PlainTextResponse, RedirectResponse
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fedface.common.errors import FedFaceError
 from fedface.server.console import auth
 from fedface.server.console.pages import add_routes
 from fedface.server.console.sources import Settings, StoreSource
@@ -97,6 +98,12 @@ class LoginRequired:
         await response(scope, receive, send)
 
 
+async def _one_line_error(request: Request, exc: Exception) -> Response:
+    """A fedface error while serving (an unreadable run store ...): its one line, as a 500."""
+    logger.error("console: %s: %s", type(exc).__name__, exc)
+    return PlainTextResponse(f"{type(exc).__name__}: {exc}", status_code=500)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The console over ``settings`` (a run store, an admin directory ...).
 
@@ -122,6 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.source = source
     app.state.limiter = auth.LoginLimiter(limit=settings.login_limit, window_s=settings.login_window_s)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_exception_handler(FedFaceError, _one_line_error)
     add_routes(app)
     # added innermost first: LoginRequired runs inside the session, the headers outside both
     app.add_middleware(LoginRequired, max_age_s=settings.session_max_age_s)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -60,17 +61,18 @@ def start_cursor(current: Cursor, last_event_id: str | None) -> Cursor:
 
 
 async def change_events(
-    source: StoreSource, last_event_id: str | None = None, *, poll_s: float = 0.5
+    source: StoreSource, last_event_id: str | None = None, *, poll_s: float = 0.5, until: float | None = None
 ) -> AsyncIterator[dict[str, Any]]:
     """The feed (module docstring) as sse-starlette event dicts: ``{"event", "id", "data"}``.
 
-    Runs until cancelled (the client went away). While there is no store file, it waits for
-    one and then starts from its first row; a store file replaced by another starts again from
-    the new one's first row.
+    Runs until cancelled (the client went away) or until ``until`` (a ``time.time()``: the
+    session's end, after which the browser's reconnection is refused). While there is no
+    store file, it waits for one and then starts from its first row; a store file replaced by
+    another starts again from the new one's first row.
     """
     cursor: Cursor | None = None
     generation = None
-    while True:
+    while until is None or time.time() < until:
         store = await anyio.to_thread.run_sync(source.get)
         if store is None:
             cursor, generation = ZERO, None

@@ -128,10 +128,11 @@ async def _form(request: Request) -> dict[str, str] | Response:
 
 
 def _audit(request: Request, admin: str, action: AdminActionKind, target: str | None = None, detail: str | None = None) -> None:
-    """Append an audit-log row (a login while there is no run store yet is logged only)."""
-    store = _source(request).get()
+    """Append an audit-log row (kept until the store exists, if it does not yet)."""
+    source = _source(request)
+    store = source.get()
     if store is None:
-        logger.warning("console %s by %s from %s not audited: no run store yet at %s", action, admin, _client(request), _source(request).path)
+        source.defer(admin, action, target, detail=detail, client=_client(request))
         return
     store.record_action(admin, action, target, detail=detail, client=_client(request))
 
@@ -349,7 +350,9 @@ async def events(request: Request) -> Response:
     last = request.headers.get("last-event-id")
     if last is None:
         last = request.query_params.get("after")
-    return EventSourceResponse(change_events(_source(request), last, poll_s=_settings(request).poll_s), ping=15)
+    settings = _settings(request)
+    until = float(request.session["login_at"]) + settings.session_max_age_s  # LoginRequired checked it
+    return EventSourceResponse(change_events(_source(request), last, poll_s=settings.poll_s, until=until), ping=15)
 
 
 def add_routes(app: FastAPI) -> None:

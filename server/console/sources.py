@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedface.common.errors import RunDirError
+from fedface.server.admin_log import AdminActionKind
+from fedface.server.run_records import now_utc
 from fedface.server.store import RunStore
 
 logger = logging.getLogger(__name__)
@@ -28,12 +30,18 @@ def store_file(path: str | Path) -> Path:
     return p
 
 
+#: Audit-log rows kept in memory at most while there is no run store to write them to.
+MAX_DEFERRED = 1000
+
+
 class StoreSource:
     """The run store at a path, opened on first use once the file exists.
 
     :meth:`get` returns None while there is no store file; a store file replaced by another
     (a run directory made again) is reopened. One connection serves every request (the store
-    serialises its own use of it).
+    serialises its own use of it). The console never creates the file: audit-log rows of
+    the time before it exists (logins while a run is being prepared) are kept by :meth:`defer`
+    and written, with the time they happened, once the store appears.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -42,6 +50,26 @@ class StoreSource:
         self._lock = threading.Lock()
         self._store: RunStore | None = None
         self._identity: tuple[int, int] | None = None
+        self._deferred: list[tuple[str, AdminActionKind, str | None, str | None, str | None]] = []
+        self._dropped = 0
+
+    def defer(self, admin: str, action: AdminActionKind, target: str | None = None, *, detail: str | None = None,
+              client: str | None = None) -> None:
+        """Keep an audit-log row until the store exists (at most :data:`MAX_DEFERRED`; later ones are counted)."""
+        note = f"before the run store existed, at {now_utc()}"
+        with self._lock:
+            if len(self._deferred) >= MAX_DEFERRED:
+                self._dropped += 1
+                return
+            self._deferred.append((admin, action, target, f"{detail}; {note}" if detail else note, client))
+
+    def _flush(self, store: RunStore) -> None:
+        for admin, action, target, detail, client in self._deferred:
+            store.record_action(admin, action, target, detail=detail, client=client)
+        if self._dropped:
+            logger.warning("%d audit-log rows from before the run store existed were not kept (more than %d)",
+                           self._dropped, MAX_DEFERRED)
+        self._deferred, self._dropped = [], 0
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -69,6 +97,7 @@ class StoreSource:
                     return None
                 raise exc
             self._identity = identity
+            self._flush(self._store)
             return self._store
 
     def generation(self) -> tuple[int, int] | None:
@@ -111,4 +140,4 @@ class Settings:
         return max(1, int(self.session_hours * 3600))
 
 
-__all__ = ["STORE_FILE", "Settings", "StoreSource", "store_file"]
+__all__ = ["MAX_DEFERRED", "STORE_FILE", "Settings", "StoreSource", "store_file"]

@@ -393,17 +393,22 @@ def test_the_gallery_page_says_when_there_is_none(client: TestClient, run_dir: P
     assert 'data-page="gallery"' in html and "no gallery at" in html
 
 
-def test_a_store_that_appears_later_is_picked_up(tmp_path: Path, admin_dir: Path) -> None:
+def test_a_store_that_appears_later_is_picked_up_with_the_logins_before_it(tmp_path: Path, admin_dir: Path) -> None:
     run_dir = tmp_path / "later"
     with TestClient(create_app(_settings(run_dir, admin_dir)), follow_redirects=False) as c:
-        _login(c)  # no store yet: the login is logged, not audited
+        _login(c, password="a wrong password")
+        _login(c)  # no store yet: both kept until it appears
         before = c.get("/runs").text
         with RunStore(run_dir / "runs.sqlite") as store:
             _fill(store)
         after = c.get("/runs").text
+        with _store(run_dir) as store:
+            actions = store.actions()
 
     assert "No runs yet" in before
     assert f'data-run-id="{RUN}"' in after
+    assert [a.action for a in actions] == ["login", "login-failed"]
+    assert actions[1].detail.startswith("wrong user name or password; before the run store existed, at 20")  # type: ignore[union-attr]
 
 
 def test_the_console_never_creates_a_missing_store(tmp_path: Path, admin_dir: Path) -> None:
@@ -556,6 +561,27 @@ def test_a_new_round_produces_a_round_event(run_dir: Path) -> None:
     assert [e["event"] for e in events] == ["action", "round"]
     assert json.loads(events[1]["data"]) == {"kind": "round", "run_id": RUN}
     assert parse_cursor(events[1]["id"])[1] > parse_cursor(events[0]["id"])[1]  # type: ignore[index]
+
+
+def test_the_feed_ends_with_the_session(run_dir: Path) -> None:
+    source = StoreSource(run_dir)
+
+    async def drain() -> list[dict[str, Any]]:
+        return [e async for e in change_events(source, "0-0-0-0", poll_s=0.01, until=time.time() - 1)]
+
+    assert asyncio.run(drain()) == []  # the session is over: not even the backlog
+    source.close()
+
+
+def test_an_unreadable_run_store_is_a_one_line_500(tmp_path: Path, admin_dir: Path) -> None:
+    bad = tmp_path / "runs.sqlite"
+    bad.write_bytes(b"not a database at all" * 10)
+    with TestClient(create_app(_settings(bad, admin_dir)), follow_redirects=False, raise_server_exceptions=False) as c:
+        _login(c)
+        response = c.get("/runs")
+
+    assert response.status_code == 500
+    assert response.text.startswith("RunDirError: ") and "\n" not in response.text
 
 
 def test_the_feed_waits_for_a_store_and_then_sends_all_of_it(tmp_path: Path) -> None:
