@@ -98,10 +98,15 @@ def suspended(conn: sqlite3.Connection) -> dict[str, AdminAction]:
 
 
 def stop_request(conn: sqlite3.Connection, run_id: str) -> AdminAction | None:
-    """The first stop-run action for ``run_id``, or ``None``."""
+    """The first stop-run action for ``run_id`` since the run last started or resumed (a stopped
+    run that is resumed runs again), or ``None``."""
+    since = conn.execute(
+        "SELECT COALESCE(MAX(at), '') FROM events WHERE run_id = ? AND event IN ('started', 'resumed')", (run_id,)
+    ).fetchone()[0]
     row = conn.execute(
-        f"SELECT {', '.join(_FIELDS)} FROM admin_actions WHERE action = 'stop-run' AND target = ? ORDER BY id LIMIT 1",
-        (run_id,),
+        f"SELECT {', '.join(_FIELDS)} FROM admin_actions WHERE action = 'stop-run' AND target = ? AND at >= ? "
+        "ORDER BY id LIMIT 1",
+        (run_id, since),
     ).fetchone()
     return None if row is None else AdminAction(*row)
 

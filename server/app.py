@@ -69,6 +69,8 @@ class _RoundLog:
 
 
 SIMULATION_PULL_INTERVAL_S = 0.01
+MAX_REASON = 500  # characters of a site's refusal reason kept (it is the site's text)
+MAX_SITE_NAME = 128  # characters of the name a site reports
 
 ROUND_ABORTED = "round aborted before aggregation: a secure-aggregation stage lost too many sites (run with -v for Flower's log)"
 
@@ -106,7 +108,9 @@ class FedFaceRounds:
         self.run_dir = run_dir
         self.store = store
         self.test_faces = test_faces
-        self.names: dict[str, str] = {}
+        # the name each node reported, in this or an earlier run of the store (a deployment's
+        # node ids are stable: a suspended site is recognised before it answers again)
+        self.names: dict[str, str] = store.node_names()
         self.on_round = on_round
         self.first_round = first_round
         self.exhausted: set[str] = set()
@@ -128,10 +132,9 @@ class FedFaceRounds:
             wire.CFG_PROXIMAL_MU: fc.proximal_mu if fc.strategy == "fedprox" else 0.0,
         }
 
-    def filter_sampled(self, server_round: int, pairs: list[tuple[ClientProxy, FitIns]]) -> list[tuple[ClientProxy, FitIns]]:
-        """The sampled sites to ask: none once the console asked to stop the run (the rounds left
-        are skipped, not recorded), else all but the sites known to refuse every round and the
-        sites suspended in the console (by the name they reported, or ``node-<id>`` before)."""
+    def stop_requested(self) -> bool:
+        """Whether the console asked to stop this run (since it last started or resumed); once
+        seen, every round left is skipped."""
         if self.stopped is None:
             self.stopped = self.store.stop_requested(self.run_id)
             if self.stopped is not None:
@@ -139,7 +142,13 @@ class FedFaceRounds:
                     "run %s: stopped by %s in the console at %s; the rounds left are skipped",
                     self.run_id, self.stopped.admin, self.stopped.at,
                 )
-        if self.stopped is not None:
+        return self.stopped is not None
+
+    def filter_sampled(self, server_round: int, pairs: list[tuple[ClientProxy, FitIns]]) -> list[tuple[ClientProxy, FitIns]]:
+        """The sampled sites to ask: none once the console asked to stop the run (the rounds left
+        are skipped, not recorded), else all but the sites known to refuse every round and the
+        sites suspended in the console (by the name they reported, or ``node-<id>`` before)."""
+        if self.stop_requested():
             return []
         suspended = self.store.suspended_sites()
         keep = [(c, ins) for c, ins in pairs if c.cid not in self.exhausted and self.site_name(c.cid) not in suspended]
@@ -159,7 +168,7 @@ class FedFaceRounds:
         total = 0
         for proxy, res in results:
             m = res.metrics
-            site = str(m.get(wire.M_SITE, self.site_name(proxy.cid)))
+            site = str(m.get(wire.M_SITE, self.site_name(proxy.cid)))[:MAX_SITE_NAME]
             self.names[proxy.cid] = site
             status = str(m.get(wire.M_STATUS, wire.ANSWERED))
             if status == wire.REFUSED and m.get(wire.M_REASON) in wire.FINAL_REASONS:
@@ -168,14 +177,14 @@ class FedFaceRounds:
                 log.run_epsilon[site] = float(m[wire.M_RUN_EPSILON])  # type: ignore[arg-type]
             if wire.M_RECEIPT in m:
                 log.receipts[site] = str(m[wire.M_RECEIPT])
-            log.reports[site] = site_reports.from_metrics(m)
+            log.reports[site] = {**site_reports.from_metrics(m), "node": proxy.cid}
             if status == wire.ANSWERED:
                 total += int(res.num_examples)
             log.participation.append(
                 Participation(
                     site=site,
                     status=status,  # type: ignore[arg-type]
-                    reason=str(m[wire.M_REASON]) if wire.M_REASON in m else None,
+                    reason=str(m[wire.M_REASON])[:MAX_REASON] if wire.M_REASON in m else None,
                     examples=int(res.num_examples),
                     train_s=_float(m.get(wire.M_TRAIN_S)),
                     epsilon=_float(m.get(wire.M_EPSILON)),
@@ -189,10 +198,10 @@ class FedFaceRounds:
             if isinstance(failure, tuple):
                 site = self.site_name(failure[0].cid)
                 detail = failure[1].status.message if hasattr(failure[1], "status") else str(failure[1])
-                log.participation.append(Participation(site=site, status="failed", reason=f"failed reply: {detail}"[:500]))
+                log.participation.append(Participation(site=site, status="failed", reason=f"failed reply: {detail}"[:MAX_REASON]))
             else:
                 # Flower does not say which site an exception came from: counted, not attributed
-                log.failures.append(f"{type(failure).__name__}: {failure}"[:500])
+                log.failures.append(f"{type(failure).__name__}: {failure}"[:MAX_REASON])
         return total
 
     def abort(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any], reason: str) -> None:
@@ -212,11 +221,11 @@ class FedFaceRounds:
 
     def evaluate(self, server_round: int, weights: list[np.ndarray]) -> dict[str, float]:
         """Verification on the held-out identities; after a training round, also checkpoint and record it."""
+        if server_round > 0 and self.stopped is not None:
+            return {}  # a round skipped after the console's stop: nothing trained, evaluated or recorded
         load_encoder_weights(self.encoder, weights)
         metrics = evaluate_open_set(self.encoder, self.test_faces, self.cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
         out = {k: float(v) for k, v in metrics.items()}
-        if server_round > 0 and self.stopped is not None:
-            return {}  # a round skipped after the console's stop: nothing trained, nothing recorded
         if server_round == 0:
             # the starting encoder (random, --init-from, or a resumed run's): reported as round 0,
             # not recorded as a training round
@@ -292,6 +301,8 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
 
     class Strategy(base):  # type: ignore[valid-type, misc]
         def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+            if rounds.stop_requested():
+                return []  # before sampling: Flower's sampling waits for enough sites, which may be gone
             pairs = super().configure_fit(server_round, parameters, client_manager)
             return rounds.filter_sampled(server_round, pairs)
 

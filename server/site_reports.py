@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS site_reports (
     run_id TEXT NOT NULL,
     round INTEGER NOT NULL,
     site TEXT NOT NULL CHECK (length(site) > 0),
+    node TEXT,
     policy TEXT,
     noise_multiplier REAL,
     sample_rate REAL,
@@ -44,7 +45,7 @@ CREATE TABLE IF NOT EXISTS site_reports (
         for verb in ("UPDATE", "DELETE")
     ),
 )
-_FIELDS = ("run_id", "round", "site", "policy", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "problem", "recorded_at")
+_FIELDS = ("run_id", "round", "site", "node", "policy", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "problem", "recorded_at")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class SiteReport:
     run_id: str
     round: int
     site: str
+    node: str | None  # the Flower node the reply came from
     policy: dict[str, Any] | None
     noise_multiplier: float | None
     sample_rate: float | None
@@ -82,16 +84,30 @@ def from_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+MAX_POLICY = 2048  # characters of a reported policy (a real one is about 200)
+MAX_VALUE = 64  # characters of one policy value
+
+
 def _policy(text: object) -> tuple[str | None, str | None]:
-    """(canonical JSON, problem) of a reported policy: a JSON object of POLICY_FIELDS only."""
+    """(canonical JSON, problem) of a reported policy: a JSON object of POLICY_FIELDS only, each
+    value null, a boolean, a number or a short string. It comes from the site: anything else is
+    kept as a problem, never parsed deeper or stored."""
     if text is None:
         return None, "no policy reported"
+    text = str(text)
+    if len(text) > MAX_POLICY:
+        return None, f"policy longer than {MAX_POLICY} characters"
     try:
-        value = json.loads(str(text))
-    except ValueError:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
         return None, "policy is not JSON"
     if not isinstance(value, dict) or set(value) != set(wire.POLICY_FIELDS):
         return None, f"policy must be a JSON object of {', '.join(wire.POLICY_FIELDS)}"
+    for key, v in value.items():
+        if not (v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= MAX_VALUE)):
+            return None, f"policy value of {key} must be null, a boolean, a number or a string of at most {MAX_VALUE} characters"
+        if isinstance(v, float) and not math.isfinite(v):
+            return None, f"policy value of {key} must be finite"
     return json.dumps(value, sort_keys=True), None
 
 
@@ -106,15 +122,22 @@ def insert(conn: sqlite3.Connection, run_id: str, round_: int, reports: Mapping[
     rows = []
     for site, fields in reports.items():
         policy, problem = _policy(fields.get("policy"))
+        node = fields.get("node")
         rows.append(
             (
-                run_id, round_, site, policy,
+                run_id, round_, site, None if node is None else str(node), policy,
                 _number(fields.get(wire.M_NOISE)), _number(fields.get(wire.M_SAMPLE_RATE)),
                 _number(fields.get(wire.M_STEPS), integer=True), _number(fields.get(wire.M_CLIP)),
                 problem, now,
             )
         )
     conn.executemany(f"INSERT INTO site_reports ({', '.join(_FIELDS)}) VALUES ({', '.join('?' for _ in _FIELDS)})", rows)
+
+
+def node_names(conn: sqlite3.Connection) -> dict[str, str]:
+    """The name each Flower node last reported (node id -> site name), over every run."""
+    rows = conn.execute("SELECT node, site FROM site_reports WHERE node IS NOT NULL ORDER BY rowid")
+    return {str(node): str(site) for node, site in rows}
 
 
 def select(conn: sqlite3.Connection, *, run_id: str | None = None, site: str | None = None) -> list[SiteReport]:
@@ -138,4 +161,4 @@ def select(conn: sqlite3.Connection, *, run_id: str | None = None, site: str | N
     return out
 
 
-__all__ = ["SCHEMA", "SiteReport", "ensure_schema", "from_metrics", "insert", "select"]
+__all__ = ["MAX_POLICY", "MAX_VALUE", "SCHEMA", "SiteReport", "ensure_schema", "from_metrics", "insert", "node_names", "select"]

@@ -532,6 +532,11 @@ class RunStore(ConsoleRows, SQLiteStore):
         with self._read() as conn:
             return site_reports.select(conn, run_id=run_id, site=site)
 
+    def node_names(self) -> dict[str, str]:
+        """The site name each Flower node last reported, over every run (node id -> name)."""
+        with self._read() as conn:
+            return site_reports.node_names(conn)
+
     # --- internals -----------------------------------------------------------------------------
 
     def _require(self, conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:

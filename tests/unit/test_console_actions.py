@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import time
 import sqlite3
 from pathlib import Path
 
@@ -192,3 +193,88 @@ def test_the_change_feed_names_each_new_row_once(store: RunStore) -> None:
     after = store.cursor()
     assert store.changes(after) == []
     assert all(np.greater_equal(after, before))
+
+
+# --- review fixes: what a site or a resumed run cannot get past -----------------------------------
+
+
+def test_a_stopped_run_samples_and_evaluates_nothing(tmp_path: Path, store: RunStore, test_faces, monkeypatch) -> None:  # noqa: F811
+    """Once stopped, the strategy does not even sample (Flower's sampling waits for sites that
+    may be gone) and the server does not evaluate."""
+    from flwr.common import ndarrays_to_parameters
+
+    from fedface.server import app as server_app
+
+    cfg = _config()
+    w = _weights(cfg)
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    strategy = server_app.make_strategy(rounds, w)
+    store.record_action("admin", "stop-run", RUN)
+
+    class NoSampling:
+        def num_available(self) -> int:
+            return 3
+
+        def sample(self, *args: object, **kwargs: object) -> list[object]:
+            raise AssertionError("a stopped run sampled sites")
+
+    monkeypatch.setattr(server_app, "evaluate_open_set", lambda *a, **k: pytest.fail("a stopped run evaluated"))
+    assert strategy.configure_fit(1, ndarrays_to_parameters(w), NoSampling()) == []  # type: ignore[arg-type]
+    assert rounds.evaluate(1, w) == {}
+
+
+def test_a_stop_applies_to_the_run_until_it_is_resumed(store: RunStore) -> None:
+    _start(store)
+    store.record_action("admin", "stop-run", "r1")
+    assert store.stop_requested("r1") is not None
+    store.finish_run("r1", status="stopped", error="stopped")
+    time.sleep(0.001)
+    store.start_run("r1", config={"data": {"root": "/faces/orl"}}, sites=3, rounds=3, secagg=True, resume=True)
+    assert store.stop_requested("r1") is None  # the resumed run runs again
+    store.record_action("admin", "stop-run", "r1")
+    assert store.stop_requested("r1") is not None
+
+
+def test_a_suspended_site_is_known_by_its_node_in_the_next_run(tmp_path: Path, store: RunStore, test_faces) -> None:  # noqa: F811
+    """A deployment's node ids are stable: a site suspended after one run is not asked in round 1
+    of the next, before it has answered in that run."""
+    from fedface.server.app import FedFaceRounds
+
+    cfg = _config()
+    w = _weights(cfg)
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    rounds.filter_sampled(1, _pairs(["1", "2", "3"], cfg))
+    rounds.collect(1, [(_proxy(c), _answered(f"site-{c}", w, 40)) for c in ("1", "2", "3")], [])
+    rounds.evaluate(1, w)
+    store.finish_run(RUN, status="completed")
+    store.record_action("admin", "suspend-site", "site-2")
+
+    store.start_run("next", config=cfg.to_toml_dict(), sites=3, rounds=2, secagg=True)
+    second = FedFaceRounds(cfg=cfg, run_id="next", run_dir=tmp_path / "next", store=store, test_faces=test_faces)
+    assert [c.cid for c, _ in second.filter_sampled(1, _pairs(["1", "2", "3"], cfg))] == ["1", "3"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "problem"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "longer than"),
+        ("[" * 1000 + "]" * 1000, "policy is not JSON"),  # nested past json's recursion limit: a problem, not a crash
+        (json.dumps({k: "x" * 100 for k in wire.POLICY_FIELDS}), "at most 64 characters"),
+        (json.dumps({k: {"nested": 1} for k in wire.POLICY_FIELDS}), "must be null, a boolean"),
+    ],
+)
+def test_a_malicious_policy_is_a_problem_not_a_crash(tmp_path: Path, store: RunStore, test_faces, policy: str, problem: str) -> None:  # noqa: F811
+    cfg = _config()
+    w = _weights(cfg)
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    reply = _answered("site-a", w, 40)
+    reply.metrics[wire.M_POLICY] = policy
+    reply.metrics[wire.M_REASON] = "r" * 1_000_000
+    rounds.filter_sampled(1, _pairs(["1"], cfg))
+    rounds.collect(1, [(_proxy("1"), reply)], [])
+    rounds.evaluate(1, w)
+
+    (report,) = store.site_reports(run_id=RUN)
+    assert report.policy is None and report.problem is not None and problem in report.problem
+    (record,) = store.rounds(RUN)
+    assert len(record.participation[0].reason or "") == 500  # a site's text is capped
