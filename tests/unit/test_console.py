@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 from argon2 import PasswordHasher
 from typer.testing import CliRunner
@@ -391,6 +392,48 @@ def test_the_gallery_page_says_when_there_is_none(client: TestClient, run_dir: P
         _login(c)
         html = c.get("/gallery").text
     assert 'data-page="gallery"' in html and "no gallery at" in html
+
+
+def _small_gallery(root: Path) -> Path:
+    """A real encrypted gallery: site-a enrolls 3 people (8-d templates) through the gallery's HTTP API."""
+    from fedface.client.enroll import TemplateClient
+    from fedface.client.gallery_client import GalleryClient
+    from fedface.common.crypto import keyfiles as kf
+    from fedface.common.crypto.envelope import new_signing_key
+    from fedface.server.gallery import Gallery
+    from fedface.server.keyholder import KeyHolder
+    from fedface.server.services import KeyHolderLink, gallery_app, keyholder_app
+
+    kf.create_template_keys(root / "holder", dim=8)
+    pair = kf.create_signing_key(root / "site", "site-a")
+    for registry in ("gallery-sites", "holder-sites"):
+        (root / registry).mkdir()
+        kf.SiteKeys(root / registry).register("site-a", pair.public_key)
+    public, secret = kf.load_template_context(root / "holder"), kf.load_template_context(root / "holder", root / "holder")
+    server_key = new_signing_key()
+    holder = KeyHolder(root / "kh", secret, kf.SiteKeys(root / "holder-sites"), server_key.public_key(), seed=0)
+    gallery = Gallery(root / "gallery", public, kf.SiteKeys(root / "gallery-sites"), signing_key=server_key, threshold=0.5,
+                      keyholder=KeyHolderLink(TestClient(keyholder_app(holder))))
+    templates = np.random.default_rng(0).normal(size=(3, 8))
+    site = GalleryClient("http://testserver", TemplateClient("site-a", kf.load_signing_key(pair.private_key), public),
+                         client=TestClient(gallery_app(gallery)), wire_log=root / "wire.jsonl")
+    site.enroll(["ann", "bob", "cy"], (templates / np.linalg.norm(templates, axis=1, keepdims=True)).astype(np.float32), "enc-1")
+    gallery.close()
+    holder.close()
+    return root / "gallery"
+
+
+def test_the_gallery_page_shows_counts_per_site_and_version_only(run_dir: Path, admin_dir: Path, tmp_path: Path) -> None:
+    directory = _small_gallery(tmp_path / "g")
+    with TestClient(create_app(_settings(run_dir, admin_dir, gallery=directory)), follow_redirects=False) as c:
+        _login(c)
+        html = c.get("/gallery").text
+
+    assert 'id="gallery-templates">3<' in html
+    row = re.search(r'<tr data-site="site-a">(.*?)</tr>', html, re.S).group(1)  # type: ignore[union-attr]
+    assert re.search(r'data-field="templates">3<', row) and "enc-1" in row
+    for name in ("ann", "bob", "cy"):
+        assert f">{name}<" not in html and f'"{name}"' not in html  # no identity, no template
 
 
 def test_a_store_that_appears_later_is_picked_up_with_the_logins_before_it(tmp_path: Path, admin_dir: Path) -> None:
