@@ -6,7 +6,8 @@ passed through untouched):
 1. :class:`SecurityHeaders`: a strict Content-Security-Policy (scripts, styles and everything
    else from the console itself; no inline script or style, no frames, forms only to itself),
    ``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer``, and
-   ``Cache-Control: no-store`` on everything but the static files.
+   ``Cache-Control: no-store`` on everything but the static files, and under TLS
+   ``Strict-Transport-Security``.
 2. starlette's ``SessionMiddleware``: the signed session cookie (:mod:`.auth`).
 3. :class:`LoginRequired`: without a logged-in session only ``/login`` and ``/static/*`` are
    served; any other GET is redirected (303) to ``/login``, ``/events`` and every POST are
@@ -46,8 +47,9 @@ _PUBLIC = ("/login", "/static/")
 class SecurityHeaders:
     """Adds the console's security headers to every HTTP response (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, https: bool = False) -> None:
         self.app = app
+        self.https = https
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,6 +67,8 @@ class SecurityHeaders:
                     (b"x-frame-options", b"DENY"),
                 ]
                 headers.append((b"cache-control", b"no-cache" if static else b"no-store"))
+                if self.https:
+                    headers.append((b"strict-transport-security", b"max-age=31536000"))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -141,7 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
         same_site="strict",
         https_only=settings.https,
     )
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, https=settings.https)
     return app
 
 

@@ -501,7 +501,10 @@ def test_no_page_shows_the_password_hash_or_a_key(client: TestClient, admin_dir:
 
 def test_the_session_cookie_is_httponly_samesite_strict_and_expires(run_dir: Path, admin_dir: Path) -> None:
     with TestClient(create_app(_settings(run_dir, admin_dir, session_hours=2, https=True)), follow_redirects=False) as c:
-        cookie = _login(c).headers["set-cookie"]
+        login = _login(c)
+        cookie = login.headers["set-cookie"]
+
+    assert login.headers["strict-transport-security"] == "max-age=31536000"
 
     assert cookie.startswith(f"{auth.SESSION_COOKIE}=")
     flags = [part.strip().lower() for part in cookie.split(";")]
