@@ -84,7 +84,7 @@ class SiteRow:
     policy: dict[str, Any] | None  # the policy it last reported (wire.POLICY_FIELDS)
     policy_at: str | None
     suspended: AdminAction | None  # the console's suspension in force, if any
-    epsilon: float | None  # the lifetime epsilon it last reported (its data set's, every run)
+    epsilon: float | None  # the largest lifetime epsilon it reported (its data set's, every run: a spend only grows)
     delta: float | None
     budget_epsilon: float | None
 
@@ -177,7 +177,7 @@ def site_rows(store: RunStore) -> list[SiteRow]:
         return seen.setdefault(
             site,
             {"first": None, "last": None, "runs": set(), "sampled": 0, "joined": 0, "refused": Counter(), "failed": Counter(),
-             "epsilon": None, "delta": None, "budget": None},
+             "epsilon": None, "delta": None, "budget": None, "at": ""},
         )
 
     for run in store.runs():
@@ -196,8 +196,12 @@ def site_rows(store: RunStore) -> list[SiteRow]:
                     e["refused"][p.reason or "no reason given"] += 1
                 else:
                     e["failed"][p.reason or "no reason given"] += 1
-                if p.epsilon is not None:
-                    e["epsilon"], e["delta"], e["budget"] = p.epsilon, p.delta, p.budget_epsilon
+                # the largest spend (the latest of equal ones), not the last in store order: the
+                # store lists runs by start, and a run resumed after a later one spent last
+                if p.epsilon is not None and (
+                    e["epsilon"] is None or p.epsilon > e["epsilon"] or (p.epsilon == e["epsilon"] and record.started_at >= e["at"])
+                ):
+                    e["epsilon"], e["delta"], e["budget"], e["at"] = p.epsilon, p.delta, p.budget_epsilon, record.started_at
     policies: dict[str, tuple[dict[str, Any], str]] = {}
     for report in store.site_reports():
         entry(report.site)

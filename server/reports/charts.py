@@ -4,13 +4,15 @@ Drawn with matplotlib's object API on its Agg canvas (no pyplot, no global figur
 display): one chart per site of its epsilon over rounds against its budget line, and one of a
 run's accuracy against the largest epsilon over its sites. Every chart names its axes and has
 a legend; a site without a budget says so in the legend, and a chart with nothing to plot says
-that instead of drawing empty axes.
+that instead of drawing empty axes. An infinite epsilon (a non-private round) cannot be drawn:
+the legend counts what was left out, and a chart with nothing finite says so.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,10 +67,13 @@ def epsilon_figure(site: dict[str, Any], *, run_id: str | None) -> Figure:
     run's own epsilon; in a ledger report it is every session in charge order, runs marked.
     """
     fig, ax = _figure()
-    rounds = [r for r in site["rounds"] if r["epsilon_lifetime"] is not None]
+    spent = [r for r in site["rounds"] if r["epsilon_lifetime"] is not None]
+    rounds = [r for r in spent if math.isfinite(r["epsilon_lifetime"])]
+    infinite = len(spent) - len(rounds)
     budget = site["budget"]["epsilon"]
     if not rounds:
-        _nothing(ax, f"{site['site']}: no privacy spend reported")
+        what = "epsilon is infinite (not private): nothing to draw" if infinite else "no privacy spend reported"
+        _nothing(ax, f"{site['site']}: {what}")
         return fig
     if run_id is not None:
         xs = [r["round"] for r in rounds]
@@ -83,17 +88,22 @@ def epsilon_figure(site: dict[str, Any], *, run_id: str | None) -> Figure:
             ax.plot([], [], color="#999999", linestyle=":", label="a new run starts")
     ax.plot(xs, [r["epsilon_lifetime"] for r in rounds], color=_LIFETIME, marker="o", linewidth=2, zorder=3,
             label="lifetime epsilon (every session of the data set)")
-    runs = [(x, r["epsilon_run"]) for x, r in zip(xs, rounds, strict=True) if r["epsilon_run"] is not None]
+    runs = [
+        (x, r["epsilon_run"]) for x, r in zip(xs, rounds, strict=True)
+        if r["epsilon_run"] is not None and math.isfinite(r["epsilon_run"])
+    ]
     if run_id is not None and runs:
         # dashed, open squares, drawn on top: still seen where it equals the lifetime (a data set's first run)
         ax.plot([x for x, _ in runs], [e for _, e in runs], color=_RUN, marker="s", markersize=9, markerfacecolor="none",
                 markeredgewidth=1.5, linestyle=(0, (5, 3)), linewidth=1.5, zorder=4, label="this run's epsilon")
     top = max(r["epsilon_lifetime"] for r in rounds)
-    if budget is not None:
+    if budget is not None and math.isfinite(budget):
         ax.axhline(budget, color=_BUDGET, linestyle="--", linewidth=1.5, label=f"budget epsilon {budget:g}")
         top = max(top, budget)
     else:
-        ax.add_line(Line2D([], [], linestyle="none", label="no budget set"))
+        ax.add_line(Line2D([], [], linestyle="none", label="no budget set" if budget is None else "budget epsilon inf (no limit)"))
+    if infinite:
+        ax.add_line(Line2D([], [], linestyle="none", label=f"{infinite} infinite epsilon(s) (not private): not drawn"))
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)
     ax.set_xticks(xs if len(xs) <= 20 else xs[:: max(1, len(xs) // 10)])
     ax.set_ylabel(f"epsilon at delta {format_delta(site['delta'])}")
@@ -110,7 +120,11 @@ def accuracy_chart(points: Sequence[dict[str, Any]], *, run_id: str) -> bytes:
 def accuracy_figure(points: Sequence[dict[str, Any]], *, run_id: str) -> Figure:
     """A run's verification accuracy and AUC against the largest epsilon over its sites, by round."""
     fig, ax = _figure()
-    rows = [p for p in points if p["max_epsilon_run"] is not None and (p["verif_acc"] is not None or p["verif_auc"] is not None)]
+    rows = [
+        p for p in points
+        if p["max_epsilon_run"] is not None and math.isfinite(p["max_epsilon_run"])
+        and (p["verif_acc"] is not None or p["verif_auc"] is not None)
+    ]
     if not rows:
         _nothing(ax, f"run {run_id}: no round with both a privacy spend and accuracy")
         return fig

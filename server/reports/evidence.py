@@ -12,7 +12,8 @@ Receipts
     equal, to the bit, the ledger session it vouches for and the spend the run store recorded
     for its round. Without the ledger (a deployed server's store) only the receipts' signatures,
     their one key, and their epsilons against the run store can be checked: a rollback of the
-    ledger is then not checked, and the summary says so.
+    ledger is then not checked, so ``verified`` is ``None`` (not ``True``) and the summary says
+    the receipts are consistent, not checked against the site's ledger.
 
 People
     A ``fedface simulate`` run directory names every image of every site (``split.json``,
@@ -46,6 +47,9 @@ from fedface.server.receipts import StoredReceipt
 #: Receipts the server refused to trust on arrival (``fedface privacy receipts`` leaves them out too).
 UNTRUSTED_KINDS = ("unreadable", "foreign-key")
 NOT_CHECKED = "not checked: no receipts given"
+#: How receipts checked without the site's ledger are labelled: among themselves and against the
+#: run store only, so a rollback of the ledger is not ruled out (``verified`` is ``None``).
+CONSISTENT = "consistent (not checked against the site's ledger)"
 
 
 def same_bits(a: float | None, b: float | None) -> bool:
@@ -65,16 +69,26 @@ def integrity(book: PrivacyLedger) -> str:
 
 
 def receipts_result(
-    *, checked: bool, count: int, problems: list[str], summary: str, against: str | None, check: ReceiptCheck | None = None
+    *, checked: bool, count: int, problems: list[str], summary: str, against: str | None, check: ReceiptCheck | None = None,
+    consistent_only: bool = False,
 ) -> dict[str, Any]:
-    """The report's ``receipts`` object."""
+    """The report's ``receipts`` object. ``verified`` is true only when the receipts were held
+    against the site's ledger and passed; with ``consistent_only`` (no ledger: the receipts
+    checked among themselves and against the run store, a rollback not checked) it is ``None``
+    unless a problem was found (then ``False``)."""
+    if not checked:
+        verified = None
+    elif problems:
+        verified = False
+    else:
+        verified = None if consistent_only else True
     latest = None
     if check is not None:
         r = check.latest
         latest = {"session_id": r.session_id, "run_id": r.run_id, "round": r.round, "created_at": r.created_at}
     return {
         "checked": checked,
-        "verified": (not problems) if checked else None,
+        "verified": verified,
         "against": against,
         "count": count,
         "problems": problems,
@@ -196,8 +210,13 @@ def stored_receipts_alone(stored: Sequence[StoredReceipt], *, reported: Mapping[
     if problems:
         summary = f"{len(stored)} receipt(s) in the run store: {len(problems)} problem(s); {rollback}"
     else:
-        summary = f"{len(parsed)} receipt(s) in the run store are signed by one key and agree with its figures; {rollback}"
-    return receipts_result(checked=True, count=len(stored), problems=problems, summary=summary, against="run store")
+        summary = (
+            f"{CONSISTENT}: {len(parsed)} receipt(s) in the run store are signed by one key and agree with its figures; "
+            f"{rollback}"
+        )
+    return receipts_result(
+        checked=True, count=len(stored), problems=problems, summary=summary, against="run store", consistent_only=True
+    )
 
 
 def receipts_file(book: PrivacyLedger, path: Path | None, *, key_path: Path | None = None) -> tuple[list[Receipt], dict[str, Any]]:
@@ -270,6 +289,7 @@ def people_of_run(run_dir: Path | None, data: Mapping[str, Any]) -> tuple[dict[s
 
 
 __all__ = [
+    "CONSISTENT",
     "NOT_CHECKED",
     "UNTRUSTED_KINDS",
     "integrity",

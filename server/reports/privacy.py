@@ -34,7 +34,7 @@ from fedface.common.errors import ConfigError, LedgerError, RunDirError
 from fedface.common.privacy.ledger import PrivacyLedger
 from fedface.server.queries import RoundRow, run_timeline, site_spend_series
 from fedface.server.reports import evidence
-from fedface.server.reports.sections import PROTECTIONS, SCHEMA
+from fedface.server.reports.sections import PROTECTIONS, SCHEMA, run_epsilon_unknown
 from fedface.server.reports.sites import FROM_STORE, finish_site, ledger_site, run_site_from_ledger, run_site_from_store
 from fedface.server.run_records import RunSummary
 from fedface.server.store import RunStore
@@ -146,12 +146,14 @@ def _accuracy_vs_epsilon(rows: Sequence[RoundRow], sites: Sequence[dict[str, Any
         here = [r for s in sites for r in s["rounds"] if r["run_id"] == run_id and r["round"] == row.round]
         life = [r["epsilon_lifetime"] for r in here if r["epsilon_lifetime"] is not None]
         runs = [r["epsilon_run"] for r in here if r["epsilon_run"] is not None]
+        # a site whose run epsilon is unknown here could be the largest: then so is the largest
+        unknown = any(run_epsilon_unknown(s, row.round) for s in sites)
         out.append({
             "round": row.round,
             "verif_acc": _metric(row.metrics, "verif_acc"),
             "verif_auc": _metric(row.metrics, "verif_auc"),
             "max_epsilon_lifetime": max(life, default=None),
-            "max_epsilon_run": max(runs, default=None),
+            "max_epsilon_run": None if unknown else max(runs, default=None),
         })
     return out
 

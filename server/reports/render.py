@@ -1,12 +1,20 @@
 """The privacy report in each of its formats: JSON (the report itself), Markdown, CSV and one
 standalone HTML file.
 
-JSON carries every number exactly. Text rounds the safe way: a spend (epsilon) *up*, what
+JSON carries every number exactly, and is strict JSON: an infinite figure (a non-private
+round's epsilon) is the string ``"inf"``, never ``Infinity``, and there is no NaN. Text rounds
+the safe way: a spend (epsilon) *up*, what
 remains of a budget *down* (:func:`~fedface.common.privacy.accounting.format_epsilon`), a
 group-privacy delta up. CSV has one row per site and round, each figure exact with a rounded
 ``*_display`` column beside the spend and what remains. The HTML file stands alone: inline
 CSS, charts as PNG ``data:`` URIs, no reference to anything outside it, and every string
-escaped. Markdown and HTML are written from the same tables (:func:`_tables`).
+escaped. Markdown and HTML are written from the same tables (:func:`_site_tables`).
+
+The names in a report (sites, runs, reasons) come from the sites and the server's config, so
+they are treated as hostile text: in Markdown every cell and heading escapes what would be
+markup (HTML tags, table pipes, code spans, links); in CSV a text cell that a spreadsheet
+would read as a formula (``=``, ``+``, ``-``, ``@``, a tab or a carriage return first) starts
+with a single quote. The exact numeric columns of the CSV are never touched.
 """
 
 from __future__ import annotations
@@ -15,17 +23,20 @@ import csv
 import html
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedface.common.errors import ConfigError
 from fedface.server.reports.charts import accuracy_chart, data_uri, epsilon_chart
+from fedface.server.reports.evidence import CONSISTENT
 from fedface.server.reports.sections import (
     epsilon_text,
     format_delta,
     format_up,
     group_text,
     remaining_text,
+    run_epsilon_unknown,
 )
 
 FORMATS = ("html", "json", "md", "csv")
@@ -33,6 +44,11 @@ CSV_FIELDS = (
     "site", "run_id", "round", "epsilon_lifetime", "epsilon_lifetime_display", "delta", "accountant",
     "budget_epsilon", "remaining", "remaining_display", "status", "recorded_at",
 )
+CSV_EXACT = ("round", "epsilon_lifetime", "delta", "budget_epsilon", "remaining")
+"""The CSV's numeric columns (exact floats and the round number): written as numbers, never quoted."""
+INFINITY = "inf"
+"""How the JSON format writes an infinite figure (JSON has no infinity)."""
+UNKNOWN = "unknown"
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows (text cells)
 
@@ -52,7 +68,19 @@ def render_report(report: dict[str, Any], fmt: str) -> str:
 
 
 def _json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, sort_keys=True) + "\n"
+    return json.dumps(_strict(report), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every infinite float as ``"inf"`` (``"-inf"`` below zero) and NaN as
+    ``None`` (unknown), so that the JSON is strict: ``Infinity`` and ``NaN`` are not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else INFINITY if value > 0 else "-" + INFINITY
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _csv(report: dict[str, Any]) -> str:
@@ -61,7 +89,7 @@ def _csv(report: dict[str, Any]) -> str:
     writer.writeheader()
     for site in report["sites"]:
         for r in site["rounds"]:
-            writer.writerow({
+            row = {
                 "site": site["site"],
                 "run_id": r["run_id"],
                 "round": "" if r["round"] is None else r["round"],
@@ -74,8 +102,18 @@ def _csv(report: dict[str, Any]) -> str:
                 "remaining_display": "" if r["remaining"] is None else remaining_text(r["remaining"]),
                 "status": r["status"],
                 "recorded_at": r["recorded_at"] or "",
-            })
+            }
+            writer.writerow({k: v if k in CSV_EXACT else _csv_text(v) for k, v in row.items()})
     return out.getvalue()
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(value: object) -> str:
+    """A text cell a spreadsheet will not run: one that starts like a formula gets a leading ``'``."""
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _exact(value: float | None) -> str:
@@ -127,20 +165,33 @@ def _summary(report: dict[str, Any]) -> Table:
         receipts = s["receipts"]
         rows.append([
             s["site"],
-            *([epsilon_text(s["epsilon"]["run"])] if run else []),
+            *([_run_epsilon(s["epsilon"]["run"])] if run else []),
             epsilon_text(s["epsilon"]["lifetime"]),
             format_delta(s["delta"]),
             s["accountant"]["name"] or "-",
             "none" if s["budget"]["epsilon"] is None else f"{s['budget']['epsilon']:g}",
             remaining_text(s["budget"]["remaining"]),
-            "not checked" if not receipts["checked"] else "verified" if receipts["verified"] else "PROBLEMS",
+            _receipts_label(receipts),
             "-" if s["ledger"]["path"] is None else "ok" if s["ledger"]["integrity"] == "ok" else "INTEGRITY ERROR",
             str(len(s["problems"])),
         ])
     return "Summary (epsilon rounded up, remaining rounded down)", header, rows
 
 
-def _mechanism(site: dict[str, Any]) -> Table:
+def _run_epsilon(value: float | None) -> str:
+    """A run epsilon for text: rounded up, or ``unknown`` (a run report always has one)."""
+    return UNKNOWN if value is None else epsilon_text(value)
+
+
+def _receipts_label(receipts: dict[str, Any]) -> str:
+    if not receipts["checked"]:
+        return "not checked"
+    if receipts["verified"] is None:
+        return CONSISTENT
+    return "verified" if receipts["verified"] else "PROBLEMS"
+
+
+def _mechanism(site: dict[str, Any], *, ledger_report: bool) -> Table:
     m, a, d = site["mechanism"], site["accountant"], site["delta_vs_1_over_n"]
     people = site["people"]
 
@@ -155,7 +206,7 @@ def _mechanism(site: dict[str, Any]) -> Table:
         ["noise multiplier sigma (at least)", param(m["noise_multiplier"], lambda v: format_up(v, 4, down=True))],
         ["clipping norm C", param(m["max_grad_norm"], lambda v: f"{v:g}")],
         ["steps a round", param(m["steps_per_round"], str)],
-        ["steps in all / rounds", f"{m['steps_total']} / {m['rounds']}"],
+        ["steps in all / rounds", f"{m['steps_total']} / {m['rounds']}" + _unreported(m)],
         ["secure mode", _yes(m["secure_mode"])],
         ["images n", "-" if m["examples"] is None else str(m["examples"])],
         ["people / most images of one person", f"{_count(people['identities'])} / {_count(people['max_images_per_person'])} ({people['source']})"],
@@ -163,7 +214,7 @@ def _mechanism(site: dict[str, Any]) -> Table:
         ["delta", format_delta(site["delta"])],
         ["delta against 1/n", "-" if d["ok"] is None else
          f"delta x n = {format_up(d['delta_times_n'])}; 1/n = {format_up(d['one_over_n'])}: " + ("below 1/n" if d["ok"] else "NOT below 1/n")],
-        *([["epsilon this run (up)", epsilon_text(site["epsilon"]["run"])]] if site["epsilon"]["run"] is not None else []),
+        *([] if ledger_report else [["epsilon this run (up)", _run_epsilon(site["epsilon"]["run"])]]),
         ["epsilon lifetime (up)", epsilon_text(site["epsilon"]["lifetime"])],
         ["budget epsilon", "none set" if site["budget"]["epsilon"] is None else f"{site['budget']['epsilon']:g}"],
         ["remaining (down)", "no budget" if site["budget"]["epsilon"] is None else remaining_text(site["budget"]["remaining"])],
@@ -171,6 +222,11 @@ def _mechanism(site: dict[str, Any]) -> Table:
         ["ledger integrity", site["ledger"]["integrity"]],
     ]
     return "Mechanism, accounting and budget", ["", ""], rows
+
+
+def _unreported(mechanism: dict[str, Any]) -> str:
+    rounds = mechanism.get("rounds_unreported") or ()
+    return f" (and round(s) {', '.join(map(str, rounds))} charged, mechanism not reported)" if rounds else ""
 
 
 def _count(value: int | None) -> str:
@@ -182,7 +238,8 @@ def _rounds(site: dict[str, Any], *, ledger_report: bool) -> Table:
     header = ["run", "round", "epsilon lifetime (up)", *run, "remaining (down)", "status", "recorded (UTC)", "from"]
     rows = [
         [r["run_id"], "-" if r["round"] is None else str(r["round"]), epsilon_text(r["epsilon_lifetime"]),
-         *([] if ledger_report else [epsilon_text(r["epsilon_run"])]), remaining_text(r["remaining"]), r["status"],
+         *([] if ledger_report else [UNKNOWN if run_epsilon_unknown(site, r["round"]) else epsilon_text(r["epsilon_run"])]),
+         remaining_text(r["remaining"]), r["status"],
          r["recorded_at"] or "-", r["source"]]
         for r in site["rounds"]
     ]
@@ -191,7 +248,7 @@ def _rounds(site: dict[str, Any], *, ledger_report: bool) -> Table:
 
 def _runs(site: dict[str, Any]) -> Table:
     header = ["run", "sessions", "first charge (UTC)", "last charge (UTC)", "epsilon of the run alone (up)", "lifetime after (up)"]
-    rows = [[r["run_id"], str(r["sessions"]), r["first_at"], r["last_at"], epsilon_text(r["epsilon"]),
+    rows = [[r["run_id"], str(r["sessions"]), r["first_at"], r["last_at"], _run_epsilon(r["epsilon"]),
              epsilon_text(r["epsilon_lifetime_after"])] for r in site["runs"]]
     return "Every run of the data set", header, rows
 
@@ -212,7 +269,8 @@ def _group(site: dict[str, Any]) -> Table:
 
 def _receipts(site: dict[str, Any]) -> Table:
     r = site["receipts"]
-    rows = [["checked", _yes(r["checked"])], ["verified", _yes(r["verified"])], ["against", r["against"] or "-"],
+    verified = CONSISTENT if r["checked"] and r["verified"] is None else _yes(r["verified"])
+    rows = [["checked", _yes(r["checked"])], ["verified", verified], ["against", r["against"] or "-"],
             ["receipts", str(r["count"])], ["summary", r["summary"]]]
     rows += [["problem", p] for p in r["problems"]]
     return "Receipts", ["", ""], rows
@@ -236,7 +294,7 @@ def _protections(report: dict[str, Any]) -> Table:
 
 
 def _site_tables(site: dict[str, Any], *, ledger_report: bool) -> list[Table]:
-    tables = [_mechanism(site), _rounds(site, ledger_report=ledger_report)]
+    tables = [_mechanism(site, ledger_report=ledger_report), _rounds(site, ledger_report=ledger_report)]
     if ledger_report or len(site["runs"]) > 1:
         tables.append(_runs(site))
     if not site["mechanism"]["uniform"]:
@@ -247,8 +305,15 @@ def _site_tables(site: dict[str, Any], *, ledger_report: bool) -> list[Table]:
 # --- Markdown ----------------------------------------------------------------------------------
 
 
-def _md_cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
+_MD_ESCAPES = str.maketrans({
+    "\\": "\\\\", "|": "\\|", "`": "\\`", "[": "\\[", "]": "\\]", "&": "&amp;", "<": "&lt;", ">": "&gt;",
+})
+
+
+def _md_cell(text: object) -> str:
+    """Text from the report for a Markdown cell, heading or line: one line, and nothing in it
+    read as markup (an HTML tag, a table pipe, a code span, a link or image)."""
+    return " ".join(str(text).split()).translate(_MD_ESCAPES)
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -352,4 +417,4 @@ def _html(report: dict[str, Any]) -> str:
     )
 
 
-__all__ = ["CSV_FIELDS", "FORMATS", "render_report"]
+__all__ = ["CSV_EXACT", "CSV_FIELDS", "FORMATS", "INFINITY", "UNKNOWN", "render_report"]

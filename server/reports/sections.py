@@ -98,6 +98,13 @@ def format_delta(value: float | None) -> str:
     return short if float(short) == value else repr(float(value))
 
 
+def run_epsilon_unknown(site: dict[str, Any], round_: int | None) -> bool:
+    """Whether a run report's run epsilon after ``round_`` is unknown: the round is at or after
+    one the site was charged for without reporting its mechanism (``rounds_unreported``)."""
+    unreported = site["mechanism"].get("rounds_unreported") or ()
+    return bool(unreported) and round_ is not None and round_ >= min(unreported)
+
+
 def epsilon_text(value: float | None) -> str:
     """A spend for text: rounded up; ``-`` when unknown."""
     return "-" if value is None else format_epsilon(value, rounding="up")
@@ -131,12 +138,16 @@ def _composed(history: tuple[tuple[float, float, int], ...], delta: float, accou
     return compute_epsilon(history, delta=delta, accountant=accountant)  # type: ignore[arg-type]
 
 
-def mechanism_section(sessions: Sequence[dict[str, Any]], *, sampling: str = "poisson") -> dict[str, Any]:
+def mechanism_section(
+    sessions: Sequence[dict[str, Any]], *, sampling: str = "poisson", unreported: Sequence[int] = ()
+) -> dict[str, Any]:
     """The DP-SGD mechanism of ``sessions`` (each a report session dict, in charge order).
 
     A parameter that is the same in every session is given as a number; one that varies is
     ``null`` and ``uniform`` is false: each session's own is in ``sessions``. ``examples`` is
     the largest n of the sessions (the one that makes delta against 1/n hardest to meet).
+    ``rounds_unreported`` lists the rounds charged whose mechanism is not known (a site that
+    reported a spend but no mechanism): ``rounds`` and ``steps_total`` count the others only.
     """
 
     def same(key: str) -> Any:
@@ -158,6 +169,7 @@ def mechanism_section(sessions: Sequence[dict[str, Any]], *, sampling: str = "po
         "rounds": len(sessions),
         "examples": max((int(s["examples"]) for s in sessions if s["examples"] is not None), default=None),
         "uniform": uniform,
+        "rounds_unreported": sorted(unreported),
         "sessions": [dict(s) for s in sessions],
     }
 
@@ -174,11 +186,16 @@ def group_privacy(epsilon: float | None, delta: float | None, largest: int | Non
 
     ``k`` runs over :data:`GROUP_SIZES` and ``largest`` (the most images one person has at the
     site, if known). ``delta`` of an entry is ``null`` when it overflows a float (it is then far
-    above 1); ``meaningful`` is false when the delta term reaches 1: no guarantee at all.
+    above 1); ``meaningful`` is false when the delta term reaches 1: no guarantee at all. An
+    infinite epsilon (a non-private round) guarantees nothing for any k: epsilon is infinite and
+    delta 1 (never NaN, which (k - 1) * inf would give for k = 1).
     """
     sizes = sorted({*GROUP_SIZES, *([largest] if largest else [])})
     entries = []
     for k in sizes:
+        if epsilon is not None and math.isinf(epsilon):
+            entries.append({"k": k, "epsilon": math.inf, "delta": 1.0, "meaningful": False, "largest_at_site": k == largest})
+            continue
         if epsilon is None or delta is None:
             entries.append({"k": k, "epsilon": None, "delta": None, "meaningful": None, "largest_at_site": k == largest})
             continue
@@ -213,8 +230,12 @@ def group_text(entry: dict[str, Any]) -> str:
 
 
 def budget_section(epsilon: float | None, delta: float | None, lifetime: float | None) -> dict[str, Any]:
-    """``{epsilon, delta, remaining}``: remaining is the budget minus the lifetime spend, floored at 0."""
-    remaining = None if epsilon is None or lifetime is None else max(0.0, epsilon - lifetime)
+    """``{epsilon, delta, remaining}``: remaining is the budget minus the lifetime spend, floored
+    at 0; an infinite spend leaves nothing of any budget (never inf - inf, which is NaN)."""
+    if epsilon is None or lifetime is None:
+        remaining = None
+    else:
+        remaining = 0.0 if math.isinf(lifetime) else max(0.0, epsilon - lifetime)
     return {"epsilon": epsilon, "delta": delta, "remaining": remaining}
 
 
@@ -232,8 +253,9 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
     if people.get("identities"):
         who += f" of {people['identities']} people"
     parts.append(f"Site {name} trained on {who}, which never left the site.")
+    where = f" of run {run['run_id']}" if run is not None else ""
+    unreported = ", ".join(map(str, mech.get("rounds_unreported") or ()))
     if mech["rounds"]:
-        where = f" of run {run['run_id']}" if run is not None else ""
         if mech["uniform"]:
             params = (
                 f"sample rate {format_up(mech['sample_rate'], 4)}, noise multiplier at least "
@@ -242,16 +264,30 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
             )
         else:
             params = "parameters that varied between sessions, listed per session"
-        parts.append(
-            f"It trained with DP-SGD, the Poisson-sampled Gaussian mechanism ({params}): {mech['steps_total']} steps in "
-            f"{mech['rounds']} rounds{where}."
-        )
+        if unreported:
+            parts.append(
+                f"It trained with DP-SGD, the Poisson-sampled Gaussian mechanism ({params}): {mech['steps_total']} steps in "
+                f"the {mech['rounds']} round(s){where} whose mechanism it reported; it was also charged for round(s) "
+                f"{unreported}, whose mechanism it did not report."
+            )
+        else:
+            parts.append(
+                f"It trained with DP-SGD, the Poisson-sampled Gaussian mechanism ({params}): {mech['steps_total']} steps in "
+                f"{mech['rounds']} rounds{where}."
+            )
+    elif unreported:
+        parts.append(f"It was charged for round(s) {unreported}{where}, but did not report the mechanism of any of them.")
     else:
         parts.append("No private training session of it is recorded here.")
     if eps["lifetime"] is None:
         parts.append("No privacy spend of this site is known: it reported none and no ledger was read.")
     else:
-        alone = f"; this run alone spent at most epsilon {epsilon_text(eps['run'])}" if run is not None else ""
+        alone = ""
+        if run is not None:
+            alone = (
+                "; what this run alone spent is unknown (see the problems)" if eps["run"] is None
+                else f"; this run alone spent at most epsilon {epsilon_text(eps['run'])}"
+            )
         if eps["sessions"] is not None:
             parts.append(
                 f"Composed by the {acct['name']} accountant of {acct['library']} {acct['version']} over every session "
@@ -262,8 +298,10 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
             parts.append(
                 f"As the site reported it from its own ledger ({acct['name']} accountant, every session charged to its "
                 f"data set), its privacy loss is at most epsilon {epsilon_text(eps['lifetime'])} at delta "
-                f"{format_delta(delta)}{alone} (composed here by {acct['library']} {acct['version']} from the mechanism "
-                "it reported)."
+                f"{format_delta(delta)}{alone}"
+                + ("" if eps["run"] is None else
+                   f" (composed here by {acct['library']} {acct['version']} from the mechanism it reported)")
+                + "."
             )
         budget = site["budget"]
         if budget["epsilon"] is None:
@@ -326,5 +364,6 @@ __all__ = [
     "group_text",
     "mechanism_section",
     "remaining_text",
+    "run_epsilon_unknown",
     "statement",
 ]

