@@ -186,10 +186,10 @@ def site_rows(store: RunStore) -> list[SiteRow]:
                 e = entry(site)
                 e["runs"].add(run.run_id)
                 e["sampled"] += 1
-                e["first"] = e["first"] or record.started_at
+                e["first"] = min(e["first"] or record.started_at, record.started_at)
             for p in record.participation:
                 e = entry(p.site)
-                e["last"] = record.started_at
+                e["last"] = max(e["last"] or "", record.started_at)  # runs are read by start: a resumed one comes first
                 if p.status == wire.ANSWERED:
                     e["joined"] += 1
                 elif p.status == wire.REFUSED:

@@ -278,3 +278,27 @@ def test_a_malicious_policy_is_a_problem_not_a_crash(tmp_path: Path, store: RunS
     assert report.policy is None and report.problem is not None and problem in report.problem
     (record,) = store.rounds(RUN)
     assert len(record.participation[0].reason or "") == 500  # a site's text is capped
+
+
+def test_a_sites_first_and_last_seen_follow_time_not_run_order(store: RunStore) -> None:
+    """Runs are read by start; a run resumed after a later one must still move last-seen on."""
+    from fedface.server.queries import site_rows
+
+    def round_(run: str, n: int, at: str) -> None:
+        store.record_round(
+            run, n, started_at=at, seconds=1.0, sampled=["a"],
+            participation=[Participation(site="a", status="answered", examples=3, epsilon=float(n), delta=1e-5, accountant="rdp")],
+            metrics={},
+        )
+
+    _start(store, "A")
+    round_("A", 1, "2026-12-01T10:00:00+00:00")
+    store.finish_run("A", status="failed", error="crash")
+    _start(store, "B")
+    round_("B", 1, "2026-12-01T11:00:00+00:00")
+    store.finish_run("B", status="completed")
+    store.start_run("A", config={"data": {"root": "/faces/orl"}}, sites=3, rounds=3, secagg=True, resume=True)
+    round_("A", 2, "2026-12-01T12:00:00+00:00")
+
+    (row,) = site_rows(store)
+    assert (row.first_seen, row.last_seen) == ("2026-12-01T10:00:00.000000+00:00", "2026-12-01T12:00:00.000000+00:00")
