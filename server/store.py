@@ -108,7 +108,7 @@ class RunStore(ConsoleRows, SQLiteStore):
     SCHEMA = SCHEMA
     REQUIRED_TABLES = TABLES
     ERROR = RunDirError
-    ELSEWHERE = "point the server at another run-store file"
+    ELSEWHERE = "pass another run-store file (a run directory's runs.sqlite)"
 
     def _init_schema(self) -> None:
         super()._init_schema()

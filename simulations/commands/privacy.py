@@ -270,7 +270,7 @@ def verify(
 
 @privacy_app.command()
 def receipts(
-    run_store: Annotated[Path, typer.Option("--run-store", help="The server's run store (runs.sqlite of a run directory).")],
+    run_store: Annotated[Path, typer.Option("--run-store", help="The server's run store: a run directory (its runs.sqlite) or the file.")],
     out: Annotated[Path, typer.Option("--out", help="JSON-lines file to write, for `fedface privacy verify --receipts`.")],
     site: Annotated[Optional[str], typer.Option("--site", help="Only this site's receipts (default: every site's).")] = None,
 ) -> None:
@@ -285,6 +285,8 @@ def receipts(
     from fedface.server.store import RunStore
 
     with user_errors():
+        if run_store.is_dir():
+            run_store = run_store / "runs.sqlite"
         with RunStore(run_store, create=False) as store:
             stored = store.receipts(site=site)
         if not stored:

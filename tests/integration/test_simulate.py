@@ -546,6 +546,10 @@ def test_receipts_kept_by_the_server_catch_a_truncated_site_ledger(tmp_path: Pat
     assert [(r.round, r.problem) for r in kept] == [(1, None), (2, None)]
     exported = tmp_path / "site-000.receipts"
     assert runner.invoke(app, ["privacy", "receipts", "--run-store", str(out / "runs.sqlite"), "--site", "site-000", "--out", str(exported)]).exit_code == 0
+    # the run directory itself is taken as its run store too
+    from_dir = tmp_path / "site-000-from-dir.receipts"
+    assert runner.invoke(app, ["privacy", "receipts", "--run-store", str(out), "--site", "site-000", "--out", str(from_dir)]).exit_code == 0
+    assert from_dir.read_text() == exported.read_text()
     ledger = _ledger(out, "site-000")
     ok = runner.invoke(app, ["privacy", "verify", "--ledger", str(ledger), "--receipts", str(exported)])
     assert ok.exit_code == 0, ok.stderr
