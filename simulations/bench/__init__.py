@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedface.simulations.bench.baseline import baseline
+from fedface.simulations.bench.console import console
 from fedface.simulations.bench.dp import dp
 from fedface.simulations.bench.federated import federated
 from fedface.simulations.bench.gallery import gallery
@@ -17,6 +18,7 @@ bench_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 bench_app.command()(baseline)
+bench_app.command()(console)
 bench_app.command()(dp)
 bench_app.command()(federated)
 bench_app.command()(gallery)

@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 
 from fedface.simulations.cli import app
 
+runner = CliRunner()
+
 pytestmark = pytest.mark.integration
 
 REQUIRED = (
@@ -169,3 +171,36 @@ def test_bench_policy_times_the_checks_inside_real_rounds(orl_root: Path, tmp_pa
     assert all(0 < p < r for p, r in zip(figures["policy_s_all"], figures["round_s_all"], strict=True))
     assert all(0 < p < r for p, r in zip(figures["receipt_s_all"], figures["round_s_all"], strict=True))
     assert figures["policy_over_round"] == pytest.approx(figures["policy_s"] / figures["round_s"])
+
+
+def test_bench_console_times_every_page_and_report_on_a_copy_of_the_store(tmp_path: Path) -> None:
+    from fedface.server.store import Participation, RunStore
+
+    run = tmp_path / "run"
+    with RunStore(run / "runs.sqlite") as store:
+        store.start_run("r", config={"data": {"root": "/faces/orl"}, "privacy": {"epsilon": 8.0}}, sites=3, rounds=2, secagg=True)
+        for n in (1, 2):
+            store.record_round(
+                "r", n, started_at=f"2026-12-01T10:0{n}:00+00:00", seconds=2.0, sampled=["a", "b", "c"],
+                participation=[Participation(s, "answered", examples=30, epsilon=2.0 * n, delta=1e-5, accountant="rdp") for s in "abc"],
+                metrics={"verif_acc": 0.7 + 0.05 * n, "verif_auc": 0.8},
+            )
+        store.finish_run("r", status="completed")
+        before = store.cursor()
+
+    result = runner.invoke(app, ["bench", "console", "--store", str(run), "--repeat", "1"])
+
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (figures["run_id"], figures["sites"], figures["rounds"]) == ("r", 3, 2)
+    for page in ("runs", "run", "sites", "privacy", "audit"):
+        assert figures[f"page_{page}_ms"] > 0 and figures[f"page_{page}_over_reads"] > 0
+    assert all(figures[f"report_render_{fmt}_s"] > 0 for fmt in ("json", "md", "csv", "html"))
+    with RunStore(run / "runs.sqlite", create=False) as store:
+        assert store.cursor() == before and store.actions() == []  # the bench logged in on a copy
+
+
+def test_bench_console_without_a_run_store_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "console", "--store", str(tmp_path)])
+    assert result.exit_code == 9
+    assert result.stderr.strip().startswith("RunDirError: no run store at")
