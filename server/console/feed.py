@@ -11,23 +11,30 @@ goes on just after it, so nothing is missed and nothing is replayed. A stream wi
 at the store's current cursor (only what happens from now). A malformed id, or one from another
 store (ahead of this store's cursor), also starts from now: never from the beginning.
 The store is polled every ``poll_s`` seconds (its cursor: four indexed ``MAX`` lookups).
+
+The stream ends as soon as the session it was opened for ends (logout, expiry, a replaced
+administrator): it asks before each poll; the browser's reconnection is then refused (401).
+While the store file cannot be read it waits, as while there is none.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 
+from fedface.common.errors import FedFaceError
 from fedface.server.console.sources import StoreSource
 from fedface.server.store_console import CHANGE_KINDS, Cursor
 
 _CURSOR = re.compile(r"^(\d{1,18})-(\d{1,18})-(\d{1,18})-(\d{1,18})$")
 ZERO: Cursor = (0, 0, 0, 0)
+
+logger = logging.getLogger(__name__)
 
 
 def encode_cursor(cursor: Cursor) -> str:
@@ -61,19 +68,28 @@ def start_cursor(current: Cursor, last_event_id: str | None) -> Cursor:
 
 
 async def change_events(
-    source: StoreSource, last_event_id: str | None = None, *, poll_s: float = 0.5, until: float | None = None
+    source: StoreSource, last_event_id: str | None = None, *, poll_s: float = 0.5, alive: Callable[[], bool] | None = None
 ) -> AsyncIterator[dict[str, Any]]:
     """The feed (module docstring) as sse-starlette event dicts: ``{"event", "id", "data"}``.
 
-    Runs until cancelled (the client went away) or until ``until`` (a ``time.time()``: the
-    session's end, after which the browser's reconnection is refused). While there is no
-    store file, it waits for one and then starts from its first row; a store file replaced by
-    another starts again from the new one's first row.
+    Runs until cancelled (the client went away) or until ``alive()`` is false (asked before
+    each poll: the session is over). While there is no store file, it waits for one and then
+    starts from its first row; a store file replaced by another starts again from the new
+    one's first row. While the store file cannot be read it waits (logged once), where it was.
     """
     cursor: Cursor | None = None
     generation = None
-    while until is None or time.time() < until:
-        store = await anyio.to_thread.run_sync(source.get)
+    unreadable = False
+    while alive is None or alive():
+        try:
+            store = await anyio.to_thread.run_sync(source.get)
+        except FedFaceError as exc:
+            if not unreadable:
+                logger.error("console feed waits for a readable run store: %s: %s", type(exc).__name__, exc)
+            unreadable = True
+            await anyio.sleep(poll_s)
+            continue
+        unreadable = False
         if store is None:
             cursor, generation = ZERO, None
             await anyio.sleep(poll_s)

@@ -5,9 +5,15 @@ Pages: ``/runs``, ``/runs/{run_id}``, ``/sites``, ``/privacy?run=RUN_ID``, ``/ga
 (``/`` redirects to ``/runs``). Each page has one live fragment (``templates/_<page>.html``);
 a request with ``HX-Request: true`` (htmx, when the feed reports a change) gets only that
 fragment. Actions (POST, CSRF-checked, written to the audit log with the admin and the client
-address, then 303 back to the page with a notice): ``/runs/{run_id}/stop``,
-``/sites/{site}/suspend``, ``/sites/{site}/resume``, ``/logout``. ``/login`` is the only page
-without a session. ``/events``: the server-sent events of :mod:`.feed`.
+address, then 303 back to the page with a notice): ``/runs/{run_id}/stop``, ``/sites/suspend``
+and ``/sites/resume`` (the site named by the form's ``site`` field: sites choose their own
+names, which may hold ``/`` or be ``..``), ``/logout``. ``/login`` is the only page without a
+session. ``/events``: the server-sent events of :mod:`.feed`.
+
+A fedface error while serving a page (an unreadable run store, a file that is not a fedface
+run store ...) is shown as its one line inside the page layout (``error.html``, 500); the
+login still works then, its audit-log rows kept until the store can be written
+(:meth:`~.sources.StoreSource.defer`) and logged to stderr meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MAX_USER = 64
 MAX_PASSWORD = 1024
+MAX_SITE = 256
 NAV = (("runs", "/runs", "Runs"), ("sites", "/sites", "Sites"), ("privacy", "/privacy", "Privacy"),
        ("gallery", "/gallery", "Gallery"), ("audit", "/audit", "Audit log"))
 #: The notices an action redirects back with: (kind, text; {target} is the run or site).
@@ -100,7 +107,7 @@ def _render(
         "page": page,
         "nav": NAV,
         "user": getattr(request.state, "user", None),
-        "csrf": auth.csrf_token(session) if name == "login" or "user" in session else "",
+        "csrf": auth.csrf_token(session) if name == "login" or getattr(request.state, "session", None) else "",
         "cursor": cursor,
         "store_path": str(_source(request).path),
         "notice": None,
@@ -128,13 +135,21 @@ async def _form(request: Request) -> dict[str, str] | Response:
 
 
 def _audit(request: Request, admin: str, action: AdminActionKind, target: str | None = None, detail: str | None = None) -> None:
-    """Append an audit-log row (kept until the store exists, if it does not yet)."""
+    """Append an audit-log row. Kept until the store exists, if it does not yet; kept too, and
+    logged to stderr, if the store cannot be read or written (a login works all the same)."""
     source = _source(request)
-    store = source.get()
-    if store is None:
-        source.defer(admin, action, target, detail=detail, client=_client(request))
+    client = _client(request)
+    try:
+        store = source.get()
+        if store is not None:
+            store.record_action(admin, action, target, detail=detail, client=client)
+            return
+    except FedFaceError as exc:
+        logger.error("console audit log: cannot write %s by %r from %s to the run store (%s: %s); kept until it can be",
+                     action, admin, client, type(exc).__name__, exc)
+        source.defer(admin, action, target, detail=detail, client=client, why="while the run store could not be written")
         return
-    store.record_action(admin, action, target, detail=detail, client=_client(request))
+    source.defer(admin, action, target, detail=detail, client=client)
 
 
 # --- login -------------------------------------------------------------------------------------
@@ -146,47 +161,56 @@ def _login_page(request: Request, error: str | None = None, status: int = 200, h
     return response
 
 
+def _admin_file(request: Request) -> auth.AdminFile:
+    return request.app.state.admin  # type: ignore[no-any-return]
+
+
+def _sessions(request: Request) -> auth.Sessions:
+    return request.app.state.sessions  # type: ignore[no-any-return]
+
+
 def login_form(request: Request) -> Response:
     """The login page; it sets the session's pre-login CSRF token."""
-    if auth.session_user(request.session, _settings(request).session_max_age_s) is not None:
+    if _sessions(request).current(request.session, _admin_file(request).fingerprint()) is not None:
         return RedirectResponse("/runs", status_code=303)
     return _login_page(request)
 
 
 async def login(request: Request) -> Response:
-    """Check the form's CSRF token, the rate limit, then the password (in a thread: ~0.2 s)."""
+    """Check the form's CSRF token, count the attempt against the rate limit, then check the
+    password (in a thread: ~0.2 s); a right one takes the count back and opens a session."""
     form = await _form(request)
     if isinstance(form, Response):
         return _login_page(request, "The login form expired: please try again.", status=403)
     user = form.get("username", "")[:MAX_USER]
     password = form.get("password", "")[:MAX_PASSWORD]
-    client = _client(request)
     limiter: auth.LoginLimiter = request.app.state.limiter
-    wait = limiter.retry_after(client, user)
-    if wait is not None:
-        return _login_page(request, f"Too many failed logins: try again in {wait} s.", status=429, headers={"Retry-After": str(wait)})
+    attempt = limiter.reserve(_client(request), user)
+    if isinstance(attempt, int):
+        return _login_page(request, f"Too many failed logins: try again in {attempt} s.", status=429,
+                           headers={"Retry-After": str(attempt)})
     try:
-        admin = await run_in_threadpool(auth.load_admin, _settings(request).admin_dir)
+        admin, fingerprint = await run_in_threadpool(_admin_file(request).current)
     except KeyFileError as exc:
+        limiter.cancel(attempt)
         logger.error("console login impossible: %s", exc)
         return _login_page(request, "The console's admin file cannot be read: see the console's log.", status=500)
     if not await run_in_threadpool(auth.verify_password, admin, user, password):
-        limiter.failed(client, user)
         await run_in_threadpool(_audit, request, user or "(none)", "login-failed", None, "wrong user name or password")
         return _login_page(request, "Wrong user name or password.", status=401)
-    limiter.succeeded(client, user)
-    auth.start_session(request.session, admin.user)
+    limiter.succeeded(attempt)
+    _sessions(request).start(request.session, admin.user, fingerprint)
     await run_in_threadpool(_audit, request, admin.user, "login")
     return RedirectResponse("/runs", status_code=303)
 
 
 async def logout(request: Request) -> Response:
-    """End the session (CSRF-checked) and log it."""
+    """End the session (CSRF-checked; every copy of its cookie stops working) and log it."""
     form = await _form(request)
     if isinstance(form, Response):
         return form
     await run_in_threadpool(_audit, request, _user(request), "logout")
-    request.session.clear()
+    _sessions(request).end(request.session)
     return RedirectResponse("/login", status_code=303)
 
 
@@ -288,21 +312,22 @@ def audit_page(request: Request) -> Response:
 # --- actions -----------------------------------------------------------------------------------
 
 
-async def _action_store(request: Request, back: str) -> RunStore | Response:
-    """The run store an action writes to, once the form's CSRF token is checked; else the
-    response (403, or back to the ``back`` page when there is no store yet)."""
+async def _action_store(request: Request, back: str) -> tuple[RunStore, dict[str, str]] | Response:
+    """The run store an action writes to and the form, once the form's CSRF token is checked;
+    else the response (403, or back to the ``back`` page when there is no store yet)."""
     form = await _form(request)
     if isinstance(form, Response):
         return form
     store = _source(request).get()
-    return _redirect(request, back, {"notice": "no-store"}) if store is None else store
+    return _redirect(request, back, {"notice": "no-store"}) if store is None else (store, form)
 
 
 async def stop_run(request: Request) -> Response:
     """Ask the server to stop a running run before its next round."""
-    store = await _action_store(request, "runs_page")
-    if isinstance(store, Response):
-        return store
+    got = await _action_store(request, "runs_page")
+    if isinstance(got, Response):
+        return got
+    store, _ = got
     run_id = request.path_params["run_id"]
     try:
         await run_in_threadpool(lambda: store.record_action(_user(request), "stop-run", run_id, client=_client(request)))
@@ -314,13 +339,15 @@ async def stop_run(request: Request) -> Response:
 
 
 async def _site_action(request: Request, action: AdminActionKind) -> Response:
-    store = await _action_store(request, "sites_page")
-    if isinstance(store, Response):
-        return store
-    site = request.path_params["site"]
+    """Suspend or resume the site the form's ``site`` field names (any name a site reported)."""
+    got = await _action_store(request, "sites_page")
+    if isinstance(got, Response):
+        return got
+    store, form = got
+    site = form.get("site", "")[:MAX_SITE]
 
     def act() -> str:
-        if site not in {r.site for r in queries.site_rows(store)}:
+        if not site or site not in {r.site for r in queries.site_rows(store)}:
             return "unknown-site"
         suspended = site in store.suspended_sites()
         if action == "suspend-site" and suspended:
@@ -346,17 +373,34 @@ async def resume_site(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     """The live feed (:mod:`.feed`): from ``Last-Event-ID`` when the browser resumes, else from
-    the cursor the page was rendered at (``?after=``), else from now."""
+    the cursor the page was rendered at (``?after=``), else from now; it ends with the session
+    (logout, expiry, a replaced administrator), checked before each poll."""
     last = request.headers.get("last-event-id")
     if last is None:
         last = request.query_params.get("after")
     settings = _settings(request)
-    until = float(request.session["login_at"]) + settings.session_max_age_s  # LoginRequired checked it
-    return EventSourceResponse(change_events(_source(request), last, poll_s=settings.poll_s, until=until), ping=15)
+    session: auth.Session = request.state.session  # LoginRequired checked it
+    sessions, admin = _sessions(request), _admin_file(request)
+
+    def alive() -> bool:
+        return sessions.alive(session.sid, admin.fingerprint())
+
+    return EventSourceResponse(change_events(_source(request), last, poll_s=settings.poll_s, alive=alive), ping=15)
+
+
+async def error_page(request: Request, exc: Exception) -> Response:
+    """A fedface error while serving (an unreadable run store ...): its one line inside the
+    page layout, as a 500 (only the line for ``/events`` and a POST)."""
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    logger.error("console: %s", line)
+    if request.method != "GET" or request.url.path == "/events":
+        return PlainTextResponse(line, status_code=500)
+    return _render(request, "error", {"error": line}, cursor=encode_cursor(ZERO), status=500)
 
 
 def add_routes(app: FastAPI) -> None:
-    """Register the console's routes on ``app``."""
+    """Register the console's routes on ``app``, and :func:`error_page` for every fedface error."""
+    app.add_exception_handler(FedFaceError, error_page)
     get, post = ["GET"], ["POST"]
     for path, endpoint, methods in (
         ("/", home, get),
@@ -367,8 +411,8 @@ def add_routes(app: FastAPI) -> None:
         ("/runs/{run_id}", run_page, get),
         ("/runs/{run_id}/stop", stop_run, post),
         ("/sites", sites_page, get),
-        ("/sites/{site}/suspend", suspend_site, post),
-        ("/sites/{site}/resume", resume_site, post),
+        ("/sites/suspend", suspend_site, post),
+        ("/sites/resume", resume_site, post),
         ("/privacy", privacy_page, get),
         ("/gallery", gallery_page, get),
         ("/audit", audit_page, get),
@@ -377,4 +421,4 @@ def add_routes(app: FastAPI) -> None:
         app.add_api_route(path, endpoint, methods=methods, name=endpoint.__name__, include_in_schema=False)
 
 
-__all__ = ["NAV", "NOTICES", "add_routes"]
+__all__ = ["MAX_SITE", "NAV", "NOTICES", "add_routes", "error_page"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def store_file(path: str | Path) -> Path:
 
 #: Audit-log rows kept in memory at most while there is no run store to write them to.
 MAX_DEFERRED = 1000
+#: Who the row counting the audit-log rows not kept names as its admin.
+CONSOLE_ADMIN = "(console)"
+
+_Row = tuple[str, AdminActionKind, str | None, str | None, str | None]
 
 
 class StoreSource:
@@ -40,8 +45,11 @@ class StoreSource:
     :meth:`get` returns None while there is no store file; a store file replaced by another
     (a run directory made again) is reopened. One connection serves every request (the store
     serialises its own use of it). The console never creates the file: audit-log rows of
-    the time before it exists (logins while a run is being prepared) are kept by :meth:`defer`
-    and written, with the time they happened, once the store appears.
+    the time before it exists (logins while a run is being prepared), or while it cannot be
+    read, are kept by :meth:`defer` and written, with the time they happened, once a readable
+    store is there. The first :data:`MAX_DEFERRED` rows are kept; later ones are counted, and
+    one more row (admin :data:`CONSOLE_ADMIN`, the action most of them were) says how many of
+    each action were not kept.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -50,26 +58,41 @@ class StoreSource:
         self._lock = threading.Lock()
         self._store: RunStore | None = None
         self._identity: tuple[int, int] | None = None
-        self._deferred: list[tuple[str, AdminActionKind, str | None, str | None, str | None]] = []
-        self._dropped = 0
+        self._deferred: list[_Row] = []
+        self._dropped: Counter[AdminActionKind] = Counter()
+        self._dropped_since: str | None = None
 
     def defer(self, admin: str, action: AdminActionKind, target: str | None = None, *, detail: str | None = None,
-              client: str | None = None) -> None:
-        """Keep an audit-log row until the store exists (at most :data:`MAX_DEFERRED`; later ones are counted)."""
-        note = f"before the run store existed, at {now_utc()}"
+              client: str | None = None, why: str = "before the run store existed") -> None:
+        """Keep an audit-log row until a readable store is there (``why`` goes into its detail,
+        with the time); beyond :data:`MAX_DEFERRED` rows only the count per action is kept."""
+        at = now_utc()
+        note = f"{why}, at {at}"
         with self._lock:
             if len(self._deferred) >= MAX_DEFERRED:
-                self._dropped += 1
+                self._dropped[action] += 1
+                self._dropped_since = self._dropped_since or at
                 return
             self._deferred.append((admin, action, target, f"{detail}; {note}" if detail else note, client))
 
+    def deferred(self) -> tuple[int, int]:
+        """How many audit-log rows wait for the store: kept, and counted only."""
+        with self._lock:
+            return len(self._deferred), sum(self._dropped.values())
+
     def _flush(self, store: RunStore) -> None:
-        for admin, action, target, detail, client in self._deferred:
+        while self._deferred:  # one at a time: a write that fails leaves the rest (and only them) for next time
+            admin, action, target, detail, client = self._deferred[0]
             store.record_action(admin, action, target, detail=detail, client=client)
+            self._deferred.pop(0)
         if self._dropped:
-            logger.warning("%d audit-log rows from before the run store existed were not kept (more than %d)",
-                           self._dropped, MAX_DEFERRED)
-        self._deferred, self._dropped = [], 0
+            total = sum(self._dropped.values())
+            counts = ", ".join(f"{action} \u00d7{n}" for action, n in self._dropped.most_common())
+            detail = (f"{total} more audit-log rows from before the run store could be written were not kept "
+                      f"(only the first {MAX_DEFERRED} were), from {self._dropped_since} on: {counts}")
+            logger.warning("console: %s", detail)
+            store.record_action(CONSOLE_ADMIN, self._dropped.most_common(1)[0][0], None, detail=detail)
+        self._dropped, self._dropped_since = Counter(), None
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -113,6 +136,15 @@ class StoreSource:
             self._store, self._identity = None, None
 
 
+#: Host names the console always answers to (besides ``Settings.host``).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def host_name(text: str) -> str:
+    """A host as the Host check compares it: lower case, an IPv6 address without brackets."""
+    return text.strip().lower().removeprefix("[").removesuffix("]")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What ``fedface console serve`` was given (see :func:`fedface.server.console.app.create_app`).
@@ -121,7 +153,11 @@ class Settings:
     the privacy page (default: the privacy report's, the one a run directory's ``ledgers.json``
     names). ``gallery``: an encrypted
     gallery's directory (the gallery page shows only with it). ``session_hours``: how long a
-    login lasts. ``https``: the console is served over TLS (Secure cookies).
+    login lasts. ``https``: the console is served over TLS (Secure cookies). ``host``: the
+    address it listens on; with ``allowed_hosts`` (``--allowed-host``: the names browsers use
+    to reach it) and :data:`LOOPBACK_HOSTS`, the only Host headers answered
+    (:attr:`trusted_hosts`). ``login_*``: the login rate limit
+    (:class:`~fedface.server.console.auth.LoginLimiter`).
     """
 
     store: Path
@@ -130,8 +166,13 @@ class Settings:
     ledger_dir: Path | None = None
     session_hours: float = 8.0
     https: bool = False
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
     login_limit: int = 5
     login_window_s: float = 300.0
+    login_address_limit: int = 20
+    login_user_limit: int = 50
+    login_user_backoff_s: float = 10.0
     poll_s: float = 0.5
 
     @property
@@ -139,5 +180,10 @@ class Settings:
         """A login's lifetime in whole seconds (at least one)."""
         return max(1, int(self.session_hours * 3600))
 
+    @property
+    def trusted_hosts(self) -> tuple[str, ...]:
+        """The Host header names answered (each once, as :func:`host_name` writes them)."""
+        return tuple(dict.fromkeys(host_name(h) for h in (self.host, *LOOPBACK_HOSTS, *self.allowed_hosts)))
 
-__all__ = ["MAX_DEFERRED", "STORE_FILE", "Settings", "StoreSource", "store_file"]
+
+__all__ = ["CONSOLE_ADMIN", "LOOPBACK_HOSTS", "MAX_DEFERRED", "STORE_FILE", "Settings", "StoreSource", "host_name", "store_file"]

@@ -3,14 +3,17 @@
 ``fedface console init-admin --admin-dir DIR`` writes the administrator (an argon2id hash of
 the password, never the password) and the key that signs session cookies;
 ``fedface console serve --store RUN_DIR --admin-dir DIR`` serves the console with uvicorn
-(127.0.0.1:8765 by default; TLS with ``--tls-cert`` and ``--tls-key``). The app is
-:func:`fedface.server.console.app.create_app`.
+(127.0.0.1:8765 by default; TLS with ``--tls-cert`` and ``--tls-key``; ``--allowed-host NAME``
+for each name browsers reach it by). The app is :func:`fedface.server.console.app.create_app`.
+uvicorn runs without proxy headers: ``X-Forwarded-For`` is never believed, so the audit log's
+client address and the login rate limit see the connection's real peer.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,6 +30,7 @@ console_app = typer.Typer(
 
 PASSWORD_ENV = "FEDFACE_CONSOLE_PASSWORD"
 _ADMIN_DIR_HELP = "The console's admin directory: admin.json (the argon2id hash) and session.key, both mode 0600."
+_HOST_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9._-]{1,253}$")
 
 
 def _password(password_file: Path | None) -> str:
@@ -48,7 +52,8 @@ def init_admin(
     user: Annotated[str, typer.Option(help="The administrator's user name.")] = "admin",
     password_file: Annotated[Optional[Path], typer.Option(help="Read the password from the first line of this file "
                                                           f"(else ${PASSWORD_ENV}, else it is asked for twice).")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing administrator (the session key stays).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing administrator (the session key stays; every session "
+                                        "of the old one ends at its next request).")] = False,
 ) -> None:
     """Create the console's administrator: the password's argon2id hash in DIR/admin.json, and a
     random session-signing key in DIR/session.key (kept if present). Passwords have at least 12
@@ -65,6 +70,19 @@ def init_admin(
         target = write_admin(admin_dir, user=user, password=password, force=force)
     err_console.print(f"console admin {user!r} written to {target}; serve the console with "
                       f"`fedface console serve --store RUN_DIR --admin-dir {admin_dir}`", soft_wrap=True, markup=False)
+
+
+def _allowed_host(name: str) -> str:
+    """An --allowed-host value: a DNS name (``*.example.org`` for every subdomain) or an IP address."""
+    bare = name.strip().removeprefix("[").removesuffix("]")
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if not _HOST_NAME.match(bare):
+        raise ConfigError(f"--allowed-host takes a host name (example.org, *.example.org) or an IP address, without "
+                          f"scheme or port, got {name!r}")
+    return bare.lower()
 
 
 def _loopback(host: str) -> bool:
@@ -90,6 +108,10 @@ def serve(
     tls_cert: Annotated[Optional[Path], typer.Option(help="TLS certificate (server.pem of `fedface keys init`).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="Its private key (server.key).")] = None,
     session_hours: Annotated[float, typer.Option(help="How long a login lasts, in hours.", min=0.01, max=168)] = 8.0,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", help="A name browsers reach the console by (its TLS certificate's host name), without port; "
+        "repeatable. Requests naming any other host are refused (400). 127.0.0.1, localhost, ::1 and --host are always "
+        "allowed.")] = None,
 ) -> None:
     """Serve the web console: runs, a run's rounds and charts, sites (suspend / resume), privacy
     spend, the gallery and the audit log, updated live. Nothing but the login page is served
@@ -111,16 +133,22 @@ def serve(
             tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
         if gallery is not None and not gallery.is_dir():
             raise DataNotFoundError(f"no gallery directory {gallery}: pass the --store directory of `fedface gallery serve`")
+        names = tuple(_allowed_host(name) for name in allowed_host or ())
         settings = Settings(store=store, admin_dir=admin_dir, gallery=gallery, ledger_dir=ledger_dir,
-                            session_hours=session_hours, https=bool(tls))
+                            session_hours=session_hours, https=bool(tls), host=host, allowed_hosts=names)
         app = create_app(settings)
     if not tls and not _loopback(host):
         err_console.print(f"[yellow]warning: serving on {host} over plain HTTP: passwords and session cookies cross the "
                           "network in the clear; pass --tls-cert and --tls-key[/]", soft_wrap=True)
+    if not names and host.strip("[]") in ("0.0.0.0", "::"):
+        err_console.print(f"[yellow]warning: listening on {host} but answering only to {', '.join(settings.trusted_hosts)}: "
+                          "pass --allowed-host NAME for the name browsers use to reach it[/]", soft_wrap=True)
     scheme = "https" if tls else "http"
     err_console.print(f"fedface console on {scheme}://{host}:{port} reading {app.state.source.path}", soft_wrap=True, markup=False)
+    # no proxy headers: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1, i.e. from every
+    # client of a loopback console, and the audit log's client column and the rate limit would be forged
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
-                **tls)  # type: ignore[arg-type]
+                proxy_headers=False, forwarded_allow_ips="", **tls)  # type: ignore[arg-type]
 
 
 __all__ = ["console_app", "init_admin", "serve"]

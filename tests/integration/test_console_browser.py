@@ -221,7 +221,7 @@ def test_without_a_session_only_the_login_page_is_served(live: Live) -> None:
             assert response.status_code in (302, 303, 307), path
             assert response.headers["location"].endswith("/login"), path
         assert client.get("/events").status_code == 401
-        assert client.post(f"/sites/{SITES[0]}/suspend", data={"csrf_token": "x"}).status_code in (401, 403)
+        assert client.post("/sites/suspend", data={"csrf_token": "x", "site": SITES[0]}).status_code in (401, 403)
         login = client.get("/login")
         assert login.status_code == 200
         assert "default-src 'self'" in login.headers["content-security-policy"]
@@ -229,7 +229,7 @@ def test_without_a_session_only_the_login_page_is_served(live: Live) -> None:
 
 def test_a_bad_csrf_token_is_refused_and_changes_nothing(live: Live) -> None:
     request = live.page.context.request  # type: ignore[attr-defined]  # the logged-in session's cookies
-    response = request.post(f"{live.base}/sites/{SITES[0]}/suspend", form={"csrf_token": "forged"}, max_redirects=0)
+    response = request.post(f"{live.base}/sites/suspend", form={"csrf_token": "forged", "site": SITES[0]}, max_redirects=0)
     assert response.status == 403
     response = request.post(f"{live.base}/runs/{live.run_id}/stop", form={}, max_redirects=0)
     assert response.status == 403

@@ -3,17 +3,23 @@
 Starlette's TestClient drives the real app against a real run store filled through the
 RunStore API (a running run with a refusal and a failure, a finished one) and a real admin
 directory (argon2id; a cheap hasher for speed, given explicitly). Covered: login (right and
-wrong password, rate limit, its CSRF token), nothing but /login and /static without a session,
-CSRF on every POST, the actions as the ServerApp sees them (stop, suspend, resume), the pages'
-stable hooks and numbers, the privacy page against the privacy report, security headers,
-session cookie flags and expiry, no secret in any page, the live feed (Last-Event-ID resume,
-a new round's event), and the `fedface console` commands.
+wrong password, its CSRF token), the rate limit (per address and name, per address, the
+per-name slow-down, parallel guesses, its memory), server-side sessions (logout, expiry, a
+replaced admin, a restart end them; a copied cookie is worth nothing after), nothing but
+/login and /static without a session, CSRF on every POST, the Host check, the POST body's size
+and type, the actions as the ServerApp sees them (stop, suspend, resume a site of any name),
+the pages' stable hooks and numbers, the privacy page against the privacy report, an
+unreadable store, the audit rows kept before the store exists, security headers, session
+cookie flags, no secret in any page, the live feed (Last-Event-ID resume, a new round's
+event, its end with the session), and the `fedface console` commands (no proxy headers,
+--allowed-host).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import html as html_lib
 import json
 import re
 import stat
@@ -29,6 +35,7 @@ import pytest
 from argon2 import PasswordHasher
 from typer.testing import CliRunner
 
+from fedface.common.errors import KeyFileError
 from fedface.common.privacy.accounting import format_epsilon
 from fedface.server.console import auth
 from fedface.server.console.app import CSP, create_app
@@ -49,6 +56,7 @@ SITES = ("site-a", "site-b", "site-c")
 EPS = {"site-a": [0.1 + 0.2, 1.2345678901234567], "site-b": [2.0000000000000004], "site-c": [7.9999999999999982]}
 POLICY = {"budget-epsilon": 10.0, "delta": 1e-5, "accountant": "rdp", "epsilon-per-run": None, "require-secagg": True,
           "min-peers": 3, "allow-non-private": False}
+html_escape, html_unescape = html_lib.escape, html_lib.unescape
 PAGES = ("/", "/runs", f"/runs/{RUN}", "/sites", f"/privacy?run={RUN}", "/gallery", "/audit")
 
 
@@ -91,7 +99,7 @@ def run_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def _settings(store: Path, admin_dir: Path, **kw: Any) -> Settings:
-    return Settings(store=store, admin_dir=admin_dir, poll_s=0.01, **kw)
+    return Settings(store=store, admin_dir=admin_dir, poll_s=0.01, allowed_hosts=("testserver",), **kw)
 
 
 @pytest.fixture
@@ -151,16 +159,114 @@ def test_failed_logins_are_rate_limited_with_retry_after(run_dir: Path, admin_di
     assert "Too many failed logins" in limited.text and 'id="login-error"' in limited.text
 
 
-def test_the_limiter_counts_per_client_and_per_user_in_a_sliding_window() -> None:
+def test_the_limiter_holds_an_address_per_user_name_in_a_sliding_window() -> None:
     now = [0.0]
     limiter = auth.LoginLimiter(limit=2, window_s=60, clock=lambda: now[0])
-    limiter.failed("10.0.0.1", "admin")
-    limiter.failed("10.0.0.2", "admin")
+    assert isinstance(limiter.reserve("10.0.0.1", "admin"), auth.Reservation)
+    assert isinstance(limiter.reserve("10.0.0.1", "admin"), auth.Reservation)
 
-    assert limiter.retry_after("10.0.0.3", "admin") == 61  # the user name, from any address
-    assert limiter.retry_after("10.0.0.1", "other") is None
+    assert limiter.reserve("10.0.0.1", "admin") == 61  # that address, that user name
+    assert isinstance(limiter.reserve("10.0.0.2", "admin"), auth.Reservation)  # another address is not locked out
+    assert isinstance(limiter.reserve("10.0.0.1", "other"), auth.Reservation)  # nor another name from it
     now[0] = 60.0
-    assert limiter.retry_after("10.0.0.3", "admin") is None  # the failures left the window
+    assert isinstance(limiter.reserve("10.0.0.1", "admin"), auth.Reservation)  # the failures left the window
+
+
+def test_the_limiter_holds_one_address_over_every_user_name_and_an_ipv6_host_by_its_64() -> None:
+    limiter = auth.LoginLimiter(limit=5, window_s=60, address_limit=3, clock=lambda: 0.0)
+    for i in range(3):
+        assert isinstance(limiter.reserve(f"2001:db8::{i + 1}", f"user-{i}"), auth.Reservation)
+
+    assert limiter.reserve("2001:db8::ffff", "user-9") == 61  # the same /64: the same address
+    assert isinstance(limiter.reserve("2001:db8:0:1::1", "user-9"), auth.Reservation)  # another /64
+    assert auth.address_key("::ffff:10.0.0.1") == "10.0.0.1" and auth.address_key("testclient") == "testclient"
+
+
+def test_the_limiter_only_slows_a_user_name_attacked_from_many_addresses() -> None:
+    now = [0.0]
+    limiter = auth.LoginLimiter(limit=5, window_s=300, user_limit=4, user_backoff_s=10, clock=lambda: now[0])
+    for i in range(4):
+        assert isinstance(limiter.reserve(f"198.51.100.{i}", "admin"), auth.Reservation)
+
+    assert limiter.reserve("198.51.100.0", "admin") == 11  # an address that failed for it waits the back-off
+    fresh = limiter.reserve("192.0.2.7", "admin")  # the administrator, from an address that never failed
+    assert isinstance(fresh, auth.Reservation)
+    limiter.succeeded(fresh)
+    now[0] = 10.0
+    assert isinstance(limiter.reserve("198.51.100.0", "admin"), auth.Reservation)  # slowed, not locked
+
+
+def test_a_right_password_takes_its_reserved_attempt_back() -> None:
+    limiter = auth.LoginLimiter(limit=2, window_s=60, clock=lambda: 0.0)
+    first = limiter.reserve("10.0.0.1", "admin")
+    assert isinstance(first, auth.Reservation)
+    second = limiter.reserve("10.0.0.1", "admin")
+    assert isinstance(second, auth.Reservation)
+
+    limiter.succeeded(second)
+
+    assert len(limiter) == 2  # the first failure still counts for the address and the name; the pair is forgotten
+    assert isinstance(limiter.reserve("10.0.0.1", "admin"), auth.Reservation)
+    assert isinstance(limiter.reserve("10.0.0.1", "admin"), auth.Reservation)
+
+
+def test_the_limiter_sweeps_expired_keys_and_refuses_beyond_its_cap() -> None:
+    now = [0.0]
+    limiter = auth.LoginLimiter(limit=5, window_s=300, max_keys=100, clock=lambda: now[0])
+    answers = [limiter.reserve(f"10.0.{i >> 8}.{i & 255}", f"user-{i:058d}") for i in range(1000)]  # forged names and addresses
+
+    assert len(limiter) <= 100
+    assert sum(isinstance(a, auth.Reservation) for a in answers) == 33  # three keys each: an address, a name, the pair
+    assert all(isinstance(a, int) and 1 <= a <= 301 for a in answers[33:])
+    now[0] = 10_000.0  # long after every window
+    assert isinstance(limiter.reserve("10.9.9.9", "admin"), auth.Reservation)
+    assert len(limiter) == 3
+
+
+def _async_client(app: Any, address: str) -> Any:
+    import httpx
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(address, 50000)), base_url="http://testserver",
+                             follow_redirects=False)
+
+
+async def _async_login(c: Any, password: str = PASSWORD, user: str = "admin") -> Any:
+    token = _csrf((await c.get("/login")).text)
+    return await c.post("/login", data={"username": user, "password": password, "csrf_token": token})
+
+
+def test_parallel_wrong_guesses_are_counted_before_their_password_is_checked(run_dir: Path, admin_dir: Path) -> None:
+    app = create_app(_settings(run_dir, admin_dir))
+
+    async def scenario() -> list[int]:
+        async with _async_client(app, "198.51.100.1") as c:
+            token = _csrf((await c.get("/login")).text)
+            answers = await asyncio.gather(*[
+                c.post("/login", data={"username": "admin", "password": f"guess-{i:08d}", "csrf_token": token}) for i in range(40)])
+        return [a.status_code for a in answers]
+
+    codes = asyncio.run(scenario())
+
+    assert sorted(codes) == [401] * 5 + [429] * 35  # only the first five were checked
+    with _store(run_dir) as store:
+        assert [a.action for a in store.actions()] == ["login-failed"] * 5
+
+
+def test_a_locked_out_address_does_not_lock_the_admin_out_from_another(run_dir: Path, admin_dir: Path) -> None:
+    app = create_app(_settings(run_dir, admin_dir))
+
+    async def scenario() -> tuple[list[int], int, int]:
+        async with _async_client(app, "203.0.113.9") as attacker, _async_client(app, "192.0.2.7") as admin:
+            codes = [(await _async_login(attacker, password=f"wrong password {i}")).status_code for i in range(6)]
+            held = (await _async_login(attacker)).status_code  # even the right password, from that address
+            return codes, held, (await _async_login(admin)).status_code
+
+    codes, held, admin = asyncio.run(scenario())
+
+    assert codes == [401] * 5 + [429] and held == 429
+    assert admin == 303
+    with _store(run_dir) as store:
+        assert [(a.action, a.client) for a in store.actions()][0] == ("login", "192.0.2.7")
 
 
 def test_the_login_form_needs_its_own_csrf_token(client: TestClient, run_dir: Path) -> None:
@@ -184,6 +290,51 @@ def test_logout_ends_the_session(client: TestClient, run_dir: Path) -> None:
         assert [a.action for a in store.actions()] == ["logout", "login"]
 
 
+def _assert_the_session_is_dead(c: TestClient, token: str, run_dir: Path) -> None:
+    """The session of ``c`` (its CSRF token ``token``) reads no page and suspends no site."""
+    page = c.get("/sites")
+    action = c.post("/sites/suspend", data={"csrf_token": token, "site": "site-a"})
+
+    assert page.status_code == 303 and page.headers["location"] == "/login"
+    assert action.status_code == 401
+    with _store(run_dir) as store:
+        assert store.suspended_sites() == {}
+
+
+def test_a_copied_session_cookie_is_worth_nothing_after_logout(run_dir: Path, admin_dir: Path) -> None:
+    app = create_app(_settings(run_dir, admin_dir))
+    with TestClient(app, follow_redirects=False) as c:
+        _login(c)
+        token = _csrf(c.get("/sites").text)
+        copied = c.cookies.get(auth.SESSION_COOKIE)
+        c.post("/logout", data={"csrf_token": token})
+    with TestClient(app, follow_redirects=False, cookies={auth.SESSION_COOKIE: copied}) as thief:
+        _assert_the_session_is_dead(thief, token, run_dir)
+
+
+@pytest.mark.parametrize(("user", "password"), [("root", "another long password"), ("admin", "a new password for admin")])
+def test_replacing_the_admin_ends_every_session_of_the_old_one(run_dir: Path, tmp_path: Path, user: str, password: str) -> None:
+    admin_dir = tmp_path / "admin"
+    auth.init_admin(admin_dir, user="admin", password=PASSWORD, hasher=CHEAP)
+    with TestClient(create_app(_settings(run_dir, admin_dir)), follow_redirects=False) as c:
+        _login(c)
+        token = _csrf(c.get("/sites").text)
+        auth.init_admin(admin_dir, user=user, password=password, force=True, hasher=CHEAP)  # init-admin --force
+
+        _assert_the_session_is_dead(c, token, run_dir)
+
+        assert _login(c, password=password, user=user).status_code == 303  # the new administrator logs in
+        assert c.get("/sites").status_code == 200
+
+
+def test_a_restart_ends_every_session(run_dir: Path, admin_dir: Path) -> None:
+    with TestClient(create_app(_settings(run_dir, admin_dir)), follow_redirects=False) as c:
+        _login(c)
+        cookie = c.cookies.get(auth.SESSION_COOKIE)
+    with TestClient(create_app(_settings(run_dir, admin_dir)), follow_redirects=False, cookies={auth.SESSION_COOKIE: cookie}) as c:
+        assert c.get("/runs").headers["location"] == "/login"  # sessions live in the process that opened them
+
+
 # --- nothing without a session -----------------------------------------------------------------
 
 
@@ -198,8 +349,8 @@ def test_every_page_redirects_to_the_login_without_a_session(client: TestClient,
 
 def test_the_feed_and_every_action_answer_401_without_a_session(client: TestClient, run_dir: Path) -> None:
     assert client.get("/events").status_code == 401
-    for path in (f"/runs/{RUN}/stop", "/sites/site-a/suspend", "/sites/site-a/resume", "/logout"):
-        assert client.post(path, data={"csrf_token": "x"}).status_code == 401, path
+    for path in (f"/runs/{RUN}/stop", "/sites/suspend", "/sites/resume", "/logout"):
+        assert client.post(path, data={"csrf_token": "x", "site": "site-a"}).status_code == 401, path
     with _store(run_dir) as store:
         assert store.actions() == [] and store.suspended_sites() == {}
 
@@ -210,16 +361,18 @@ def test_the_login_page_and_static_files_are_served_without_a_session(client: Te
     assert client.get("/static/htmx.min.js").status_code == 200
 
 
-@pytest.mark.parametrize("path", [f"/runs/{RUN}/stop", "/sites/site-a/suspend", "/sites/site-b/resume", "/logout"])
+@pytest.mark.parametrize(("path", "site"), [(f"/runs/{RUN}/stop", None), ("/sites/suspend", "site-a"), ("/sites/resume", "site-b"),
+                                            ("/logout", None)])
 @pytest.mark.parametrize("token", [None, "", "forged"])
 def test_a_post_with_a_bad_or_missing_csrf_token_is_403_and_changes_nothing(
-    client: TestClient, run_dir: Path, path: str, token: str | None
+    client: TestClient, run_dir: Path, path: str, site: str | None, token: str | None
 ) -> None:
     _login(client)
     with _store(run_dir) as store:
         store.record_action("admin", "suspend-site", "site-b")
+    data = ({} if token is None else {"csrf_token": token}) | ({} if site is None else {"site": site})
 
-    response = client.post(path, data={} if token is None else {"csrf_token": token})
+    response = client.post(path, data=data)
 
     assert response.status_code == 403
     with _store(run_dir) as store:
@@ -264,15 +417,16 @@ def test_suspend_then_resume_a_site(client: TestClient, run_dir: Path) -> None:
     _login(client)
     token = _csrf(client.get("/sites").text)
 
-    suspended = client.post("/sites/site-b/suspend", data={"csrf_token": token})
+    suspended = client.post("/sites/suspend", data={"csrf_token": token, "site": "site-b"})
     with _store(run_dir) as store:
         assert set(store.suspended_sites()) == {"site-b"}
     page = client.get(suspended.headers["location"]).text
-    again = client.post("/sites/site-b/suspend", data={"csrf_token": token})
-    resumed = client.post("/sites/site-b/resume", data={"csrf_token": token})
+    again = client.post("/sites/suspend", data={"csrf_token": token, "site": "site-b"})
+    resumed = client.post("/sites/resume", data={"csrf_token": token, "site": "site-b"})
 
     assert suspended.headers["location"] == "/sites?notice=suspended&site=site-b"
-    assert re.search(r'<tr data-site="site-b">.*?form method="post" action="/sites/site-b/resume" class="resume-site"', page, re.S)
+    row = re.search(r'<tr data-site="site-b">(.*?)</tr>', page, re.S).group(1)  # type: ignore[union-attr]
+    assert re.search(r'form method="post" action="/sites/resume" class="resume-site">.*?name="site" value="site-b"', row, re.S)
     assert again.headers["location"].startswith("/sites?notice=already-suspended")
     assert resumed.headers["location"].startswith("/sites?notice=resumed")
     with _store(run_dir) as store:
@@ -286,9 +440,36 @@ def test_an_unknown_site_cannot_be_suspended(client: TestClient, run_dir: Path) 
     _login(client)
     token = _csrf(client.get("/sites").text)
 
-    response = client.post("/sites/site-z/suspend", data={"csrf_token": token})
+    response = client.post("/sites/suspend", data={"csrf_token": token, "site": "site-z"})
+    missing = client.post("/sites/suspend", data={"csrf_token": token})
 
     assert response.headers["location"].startswith("/sites?notice=unknown-site")
+    assert missing.headers["location"].startswith("/sites?notice=unknown-site")
+    with _store(run_dir) as store:
+        assert store.suspended_sites() == {}
+
+
+@pytest.mark.parametrize("name", ["evil/x", "..", "a b?c=d#e", "%2e%2e"])
+def test_a_site_is_suspended_and_resumed_whatever_name_it_chose(client: TestClient, run_dir: Path, name: str) -> None:
+    with _store(run_dir) as store:
+        store.record_round(RUN, 3, started_at="2026-05-09T10:03:00+00:00", seconds=1.0, sampled=[name],
+                           participation=[Participation(name, "answered", examples=1)], metrics={})
+    _login(client)
+    html = client.get("/sites").text
+    row = html[html.index(f'<tr data-site="{html_escape(name)}">'):]
+    form = re.search(r'<form method="post" action="([^"]+)" class="suspend-site">.*?name="site" value="([^"]*)"', row, re.S)
+    assert form is not None
+
+    suspended = client.post(form.group(1), data={"csrf_token": _csrf(html), "site": html_unescape(form.group(2))})
+    with _store(run_dir) as store:
+        after_suspend = set(store.suspended_sites())
+    resumed = client.post("/sites/resume", data={"csrf_token": _csrf(html), "site": name})
+
+    assert form.group(1) == "/sites/suspend"
+    assert suspended.status_code == 303 and suspended.headers["location"].startswith("/sites?notice=suspended&site=")
+    assert after_suspend == {name}
+    assert f"Site {html_escape(name)} suspended" in client.get(suspended.headers["location"]).text
+    assert resumed.headers["location"].startswith("/sites?notice=resumed")
     with _store(run_dir) as store:
         assert store.suspended_sites() == {}
 
@@ -454,6 +635,32 @@ def test_a_store_that_appears_later_is_picked_up_with_the_logins_before_it(tmp_p
     assert actions[1].detail.startswith("wrong user name or password; before the run store existed, at 20")  # type: ignore[union-attr]
 
 
+def test_audit_rows_beyond_the_deferred_limit_are_counted_in_one_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedface.server.console import sources
+
+    monkeypatch.setattr(sources, "MAX_DEFERRED", 3)
+    source = StoreSource(tmp_path / "later")
+    for i in range(3):
+        source.defer(f"first-{i}", "login-failed", detail="wrong user name or password", client="10.0.0.1")
+    for i in range(5):
+        source.defer(f"later-{i}", "login-failed" if i < 4 else "login", client="10.0.0.2")
+    assert source.deferred() == (3, 5)
+    with RunStore(tmp_path / "later" / "runs.sqlite"):
+        pass
+
+    source.get()
+    with _store(tmp_path / "later") as store:
+        actions = store.actions()
+    source.close()
+
+    assert [a.admin for a in reversed(actions)] == ["first-0", "first-1", "first-2", sources.CONSOLE_ADMIN]  # the first ones, then the count
+    summary = actions[0]
+    assert summary.action == "login-failed" and summary.detail is not None
+    assert summary.detail.startswith("5 more audit-log rows from before the run store could be written were not kept (only the first 3 were)")
+    assert summary.detail.endswith("login-failed \u00d74, login \u00d71")
+    assert source.deferred() == (0, 0)
+
+
 def test_the_console_never_creates_a_missing_store(tmp_path: Path, admin_dir: Path) -> None:
     with TestClient(create_app(_settings(tmp_path / "absent", admin_dir)), follow_redirects=False) as c:
         _login(c)
@@ -476,6 +683,50 @@ def test_pages_carry_the_strict_csp_and_no_store(client: TestClient) -> None:
         assert headers["referrer-policy"] == "no-referrer"
         assert headers["cache-control"] == "no-store"
     assert client.get("/static/console.css").headers["cache-control"] == "no-cache"
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("127.0.0.1:8765", True), ("localhost:8765", True), ("LOCALHOST", True), ("[::1]:8765", True), ("[::1]", True),
+    ("console.example.org:8443", True), ("a.fed.example.org", True), ("evil.example", False), ("127.0.0.1.evil.example", False),
+    ("fed.example.org.evil", False), ("[::2]:8765", False), ("", False)])
+def test_only_the_consoles_own_host_names_are_answered(run_dir: Path, admin_dir: Path, host: str, allowed: bool) -> None:
+    settings = Settings(store=run_dir, admin_dir=admin_dir, allowed_hosts=("console.example.org", "*.fed.example.org"))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8765", follow_redirects=False) as c:
+        response = c.get("/login", headers={"host": host})
+
+    assert response.status_code == (200 if allowed else 400)
+    assert response.headers["content-security-policy"] == CSP
+    if not allowed:
+        assert "--allowed-host" in response.text and "csrf_token" not in response.text
+
+
+def test_a_post_is_refused_before_parsing_unless_a_small_url_encoded_form(client: TestClient, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette import formparsers  # starlette's form parsers (python-multipart underneath)
+
+    parsed: list[str] = []
+    for parser in (formparsers.MultiPartParser, formparsers.FormParser):
+        real = parser.parse
+
+        async def spy(self: Any, _real: Any = real) -> Any:
+            parsed.append(type(self).__name__)
+            return await _real(self)
+
+        monkeypatch.setattr(parser, "parse", spy)
+    token = _csrf(client.get("/login").text)
+    fields = {"username": "admin", "password": PASSWORD, "csrf_token": token}
+
+    upload = client.post("/login", data=fields, files={"f": ("x.bin", b"\0" * 100, "application/octet-stream")})
+    big = client.post("/login", data=fields | {"pad": "x" * 9000})
+    streamed = client.post("/login", content=(b"pad=" + b"x" * 1000 for _ in range(10)),
+                           headers={"content-type": "application/x-www-form-urlencoded"})
+    untyped = client.post("/login", content=b"username=admin")
+    assert parsed == []  # refused before any parser ran
+    logged_in = client.post("/login", data=fields)
+
+    assert (upload.status_code, big.status_code, streamed.status_code, untyped.status_code) == (415, 413, 413, 415)
+    assert logged_in.status_code == 303 and parsed == ["FormParser"]
+    with _store(run_dir) as store:
+        assert [a.action for a in store.actions()] == ["login"]
 
 
 def test_no_page_has_inline_script_or_style(client: TestClient) -> None:
@@ -523,14 +774,42 @@ def test_a_login_older_than_the_session_lifetime_is_refused(client: TestClient, 
     assert client.get("/events").status_code == 401
 
 
-def test_the_session_holds_only_the_user_the_token_and_the_login_time() -> None:
-    session: dict[str, Any] = {"csrf": "pre-login", "other": 1}
+def test_the_cookie_holds_only_a_session_id_and_the_csrf_token_the_rest_stays_on_the_server() -> None:
+    now = [100.0]
+    sessions = auth.Sessions(max_age_s=60, limit=2, clock=lambda: now[0])
+    cookie: dict[str, Any] = {"csrf": "pre-login", "other": 1}
 
-    auth.start_session(session, "admin", now=100.0)
+    session = sessions.start(cookie, "admin", "fingerprint-1")
 
-    assert sorted(session) == ["csrf", "login_at", "user"] and session["csrf"] != "pre-login"
-    assert auth.session_user(session, 60, now=150.0) == "admin"
-    assert auth.session_user(session, 60, now=161.0) is None and session == {}
+    assert sorted(cookie) == ["csrf", "sid"] and cookie["sid"] == session.sid and cookie["csrf"] != "pre-login"
+    assert sessions.current(cookie, "fingerprint-1") == session and session.expires_at == 160.0
+    assert sessions.current(dict(cookie), None) is None and sessions.current(cookie, "fingerprint-1") == session  # admin file unreadable: refused, kept
+    assert sessions.current(dict(cookie), "fingerprint-2") is None  # another administrator now: ended for good
+    assert sessions.current(cookie, "fingerprint-1") is None and cookie == {}
+    replaced = sessions.start(cookie, "admin", "fingerprint-1")
+    later = sessions.start(cookie, "admin", "fingerprint-1")  # logging in again ends the cookie's earlier session
+    assert not sessions.alive(replaced.sid, "fingerprint-1") and sessions.alive(later.sid, "fingerprint-1")
+    now[0] = 160.0
+    assert sessions.current(cookie, "fingerprint-1") is None and not sessions.alive(later.sid, "fingerprint-1")  # expired
+    first, second, third = ({} for _ in range(3))
+    for c in (first, second, third):
+        sessions.start(c, "admin", "fingerprint-1")
+    assert len(sessions) == 2 and sessions.current(first, "fingerprint-1") is None  # beyond the limit the oldest ends
+
+
+def test_the_admin_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    auth.init_admin(tmp_path, user="admin", password=PASSWORD, hasher=CHEAP)
+    watched = auth.AdminFile(tmp_path, auth.load_session_key(tmp_path))
+    before = watched.fingerprint()
+
+    auth.init_admin(tmp_path, user="admin", password=PASSWORD, force=True, hasher=CHEAP)  # the same name and password
+    after = watched.fingerprint()
+    (tmp_path / auth.ADMIN_FILE).write_text("{}")
+
+    assert before is not None and after is not None and before != after  # a new hash (salt) and time: a new admin
+    assert watched.fingerprint() is None
+    with pytest.raises(KeyFileError):
+        watched.load()
 
 
 # --- the live feed -----------------------------------------------------------------------------
@@ -613,21 +892,68 @@ def test_the_feed_ends_with_the_session(run_dir: Path) -> None:
     source = StoreSource(run_dir)
 
     async def drain() -> list[dict[str, Any]]:
-        return [e async for e in change_events(source, "0-0-0-0", poll_s=0.01, until=time.time() - 1)]
+        return [e async for e in change_events(source, "0-0-0-0", poll_s=0.01, alive=lambda: False)]
 
     assert asyncio.run(drain()) == []  # the session is over: not even the backlog
     source.close()
 
 
-def test_an_unreadable_run_store_is_a_one_line_500(tmp_path: Path, admin_dir: Path) -> None:
-    bad = tmp_path / "runs.sqlite"
-    bad.write_bytes(b"not a database at all" * 10)
-    with TestClient(create_app(_settings(bad, admin_dir)), follow_redirects=False, raise_server_exceptions=False) as c:
-        _login(c)
-        response = c.get("/runs")
+def test_an_open_feed_ends_when_its_session_is_logged_out(run_dir: Path, admin_dir: Path) -> None:
+    app = create_app(_settings(run_dir, admin_dir))
 
-    assert response.status_code == 500
-    assert response.text.startswith("RunDirError: ") and "\n" not in response.text
+    async def scenario() -> tuple[int, str, int]:
+        async with _async_client(app, "192.0.2.7") as c:
+            await _async_login(c)
+            token = _csrf((await c.get("/runs")).text)
+            stream = asyncio.ensure_future(c.get("/events", params={"after": "0-0-0-0"}))  # returns once the stream ends
+            await asyncio.sleep(0.3)
+            assert not stream.done()
+            logout = await c.post("/logout", data={"csrf_token": token})
+            with anyio.fail_after(5):
+                events = await stream
+            return logout.status_code, events.text, (await c.get("/events")).status_code
+
+    logout, text, again = asyncio.run(scenario())
+
+    assert logout == 303
+    assert "event: action" in text  # it streamed while the session lived
+    assert again == 401  # and the reconnection is refused
+
+
+@pytest.mark.parametrize("kind", ["garbage", "another sqlite file"])
+def test_an_unreadable_run_store_lets_the_admin_in_and_shows_its_one_line_in_the_layout(
+    tmp_path: Path, admin_dir: Path, kind: str
+) -> None:
+    import sqlite3
+
+    bad = tmp_path / "run" / "runs.sqlite"
+    bad.parent.mkdir()
+    if kind == "garbage":
+        bad.write_bytes(b"not a database at all" * 10)
+    else:
+        with sqlite3.connect(bad) as conn:
+            conn.execute("CREATE TABLE t (x)")
+    with TestClient(create_app(_settings(bad.parent, admin_dir)), follow_redirects=False, raise_server_exceptions=False) as c:
+        login = _login(c)
+        pages = {path: c.get(path) for path in ("/runs", "/sites", f"/runs/{RUN}", "/privacy", "/audit")}
+        fragment = c.get("/runs", headers={"HX-Request": "true"})
+        bad.unlink()  # the operator puts a run store there
+        with RunStore(bad) as store:
+            _fill(store)
+        recovered = c.get("/audit")
+        with _store(bad.parent) as store:
+            actions = store.actions()
+
+    assert login.status_code == 303  # the audit row waited for the store
+    for path, response in pages.items():
+        assert response.status_code == 500, path
+        assert 'data-page="error"' in response.text and 'class="nav"' in response.text, path  # the normal layout
+        line = re.search(r'<p id="store-error"[^>]*>([^<]*)</p>', response.text).group(1)  # type: ignore[union-attr]
+        assert line.startswith("RunDirError: ") and str(bad) in line and "\n" not in line, path
+    assert fragment.status_code == 500 and fragment.text.lstrip().startswith('<section id="error" class="live"')
+    assert recovered.status_code == 200 and 'data-page="audit"' in recovered.text
+    assert [a.action for a in actions] == ["login"]
+    assert actions[0].detail.startswith("while the run store could not be written, at 20")  # type: ignore[union-attr]
 
 
 def test_the_feed_waits_for_a_store_and_then_sends_all_of_it(tmp_path: Path) -> None:
@@ -641,6 +967,27 @@ def test_the_feed_waits_for_a_store_and_then_sends_all_of_it(tmp_path: Path) -> 
         loop = asyncio.get_running_loop()
         loop.call_later(0.1, create)
         return await _take(source, "0-0-0-0", 1)
+
+    events = asyncio.run(scenario())
+    source.close()
+
+    assert [(e["event"], json.loads(e["data"])["run_id"]) for e in events] == [("event", "r")]
+
+
+def test_the_feed_waits_out_an_unreadable_store_and_then_sends_its_replacement(tmp_path: Path) -> None:
+    bad = tmp_path / "run" / "runs.sqlite"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a database at all" * 10)
+    source = StoreSource(tmp_path / "run")
+
+    def replace() -> None:
+        bad.unlink()
+        with RunStore(bad) as store:
+            store.start_run("r", config={}, sites=1, rounds=1, secagg=False)
+
+    async def scenario() -> list[dict[str, Any]]:
+        asyncio.get_running_loop().call_later(0.1, replace)
+        return await _take(source, "0-0-0-0", 1)  # what an error page's feed asks: from the start
 
     events = asyncio.run(scenario())
     source.close()
@@ -717,9 +1064,44 @@ def test_serve_runs_uvicorn_with_a_short_shutdown_and_warns_off_loopback_without
     half_tls = CliRunner().invoke(cli, [*args, "--tls-cert", str(tmp_path / "c.pem")])
 
     assert local.exit_code == 0 and "warning" not in local.output
-    assert exposed.exit_code == 0 and "plain HTTP" in exposed.output
+    assert exposed.exit_code == 0 and "plain HTTP" in exposed.output and "--allowed-host" in exposed.output
     assert [(c["host"], c["port"], c["timeout_graceful_shutdown"]) for c in calls] == [("127.0.0.1", 8765, 1), ("0.0.0.0", 9000, 1)]
     assert half_tls.exit_code == 3 and "pass both --tls-cert and --tls-key" in half_tls.output
+
+
+def test_serve_never_believes_x_forwarded_for(tmp_path: Path, admin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
+
+    done = CliRunner().invoke(cli, ["console", "serve", "--store", str(tmp_path / "run"), "--admin-dir", str(admin_dir)])
+
+    assert done.exit_code == 0, done.output
+    [(app, kw)] = calls
+    assert kw["proxy_headers"] is False and kw["forwarded_allow_ips"] == ""
+    config = uvicorn.Config(app, ws="none", **kw)
+    config.load()
+    assert not isinstance(config.loaded_app, ProxyHeadersMiddleware)  # uvicorn's default would wrap it: 127.0.0.1 trusted
+
+
+def test_serve_answers_the_allowed_hosts_and_refuses_a_bad_one(tmp_path: Path, admin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    apps: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    args = ["console", "serve", "--store", str(tmp_path / "run"), "--admin-dir", str(admin_dir), "--host", "10.1.2.3"]
+
+    named = CliRunner().invoke(cli, [*args, "--allowed-host", "Console.Example.org", "--allowed-host", "[2001:db8::1]",
+                                     "--allowed-host", "*.fed.example.org"])
+    bad = CliRunner().invoke(cli, [*args, "--allowed-host", "https://console.example.org:8443"])
+
+    assert named.exit_code == 0, named.output
+    assert apps[0].state.settings.trusted_hosts == ("10.1.2.3", "127.0.0.1", "localhost", "::1", "console.example.org", "2001:db8::1",
+                                                     "*.fed.example.org")
+    assert bad.exit_code == 3 and "--allowed-host takes a host name" in bad.output and len(apps) == 1
 
 
 def test_the_vendored_scripts_are_the_ones_vendored_md_names() -> None:

@@ -603,7 +603,8 @@ def _console_privacy_page(store: Path, tmp_path: Path, run: str | None = None) -
         from starlette.testclient import TestClient
     admin, password = tmp_path / "admin", "a console test password"
     auth.init_admin(admin, user="admin", password=password, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
-    with TestClient(create_app(Settings(store=store, admin_dir=admin, poll_s=0.01)), follow_redirects=False) as client:
+    with TestClient(create_app(Settings(store=store, admin_dir=admin, poll_s=0.01)), base_url="http://127.0.0.1:8765",
+                    follow_redirects=False) as client:  # a Host the console answers to
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
         assert client.post("/login", data={"username": "admin", "password": password, "csrf_token": token}).status_code == 303
         page = client.get("/privacy" + ("" if run is None else f"?run={run}"))
