@@ -162,7 +162,7 @@ class ReceiptKey:
     @property
     def public_id(self) -> str:
         """The raw public key in base64url, as receipts carry it."""
-        return _public_id(self.public_key)
+        return public_key_id(self.public_key)
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def receipt_key(state_dir: str | Path, *, create: bool = True) -> ReceiptKey:
     )
     if not public_path.exists():
         _write_new(public_path, public_pem, 0o644)
-    elif _public_id(load_public_key(public_path)) != _public_id(private.public_key()):
+    elif public_key_id(load_public_key(public_path)) != public_key_id(private.public_key()):
         raise LedgerError(
             f"{public_path} is not the public half of {private_path}: move it away; it is written again from the key"
         )
@@ -241,6 +241,12 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise LedgerError(f"{p} is not an Ed25519 receipt public key; pass the site's receipt.pub")
     return key
+
+
+def public_key_id(key: Ed25519PublicKey) -> str:
+    """The raw public key in base64url, as a receipt carries it (``Receipt.public_key``): which
+    receipts of a file a site signed."""
+    return _b64(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
 # --- issuing and checking one receipt ----------------------------------------------------------
@@ -281,7 +287,7 @@ def issue_receipt(ledger: PrivacyLedger, session: Session, key: ReceiptKey | Ed2
 def sign(receipt: Receipt, key: ReceiptKey | Ed25519PrivateKey) -> Receipt:
     """``receipt`` with ``public_key`` set to ``key``'s and signed by it."""
     private = key.private_key if isinstance(key, ReceiptKey) else key
-    unsigned = dataclasses.replace(receipt, public_key=_public_id(private.public_key()), signature="")
+    unsigned = dataclasses.replace(receipt, public_key=public_key_id(private.public_key()), signature="")
     return dataclasses.replace(unsigned, signature=_b64(private.sign(unsigned.payload())))
 
 
@@ -299,10 +305,10 @@ def verify_signature(receipt: Receipt, public_key: Ed25519PublicKey | None = Non
     """
     if not receipt.signature or not receipt.public_key:
         raise LedgerError(f"the {receipt.describe()} is not signed: take the receipts the server keeps")
-    if public_key is not None and receipt.public_key != _public_id(public_key):
+    if public_key is not None and receipt.public_key != public_key_id(public_key):
         raise LedgerError(
             f"the {receipt.describe()} is signed by receipt key {receipt.public_key[:12]}..., not by this "
-            f"site's key {_public_id(public_key)[:12]}...: it is another site's receipt, or the wrong public key was given"
+            f"site's key {public_key_id(public_key)[:12]}...: it is another site's receipt, or the wrong public key was given"
         )
     try:
         signer = public_key if public_key is not None else Ed25519PublicKey.from_public_bytes(_unb64(receipt.public_key))
@@ -453,6 +459,28 @@ def check_ledger_against(
     return ReceiptCheck(receipts=len(receipts), latest=by_session[-1], ledger_sessions=heads["sessions"][0])
 
 
+def receipts_of_ledger(
+    ledger: PrivacyLedger, receipts: Sequence[Receipt], public_key: Ed25519PublicKey | None = None
+) -> tuple[list[Receipt], list[Receipt]]:
+    """``receipts`` split into this ledger's and other sites' (a file of every site's receipts).
+
+    A receipt is this ledger's when it is signed by ``public_key`` (the site's ``receipt.pub``),
+    names this ledger (its ``ledger_id``) or names one of its data sets: each of those must
+    then pass :func:`check_ledger_against`, so one of them under another key is still caught,
+    and with the key so is one of a replaced ledger or of a data set the ledger lost. Only a
+    receipt of another key, another ledger and another data set is another site's.
+    """
+    first_hash = ledger.row_hash("sessions", 1)
+    identity = None if first_hash is None else first_hash[:LEDGER_ID_DIGITS]
+    datasets = set(ledger.datasets())
+    key_id = None if public_key is None else public_key_id(public_key)
+    mine, others = [], []
+    for receipt in receipts:
+        ours = receipt.public_key == key_id or receipt.ledger_id == identity or receipt.dataset in datasets
+        (mine if ours else others).append(receipt)
+    return mine, others
+
+
 # --- receipt files ------------------------------------------------------------------------------
 
 
@@ -512,10 +540,6 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _public_id(key: Ed25519PublicKey) -> str:
-    return _b64(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
 def _below(value: float, floor: float) -> bool:
@@ -598,8 +622,10 @@ __all__ = [
     "issue_receipt",
     "load_public_key",
     "parse_receipt",
+    "public_key_id",
     "read_receipts",
     "receipt_key",
+    "receipts_of_ledger",
     "sign",
     "verify_signature",
     "write_receipts",

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from fedface.server.reports.sections import format_delta
+from fedface.server.reports.sections import format_delta, plural
 
 _SIZE = (9.6, 3.6)  # inches, at 100 dpi: 960 x 360 pixels
 _DPI = 100
@@ -103,7 +103,7 @@ def epsilon_figure(site: dict[str, Any], *, run_id: str | None) -> Figure:
     else:
         ax.add_line(Line2D([], [], linestyle="none", label="no budget set" if budget is None else "budget epsilon inf (no limit)"))
     if infinite:
-        ax.add_line(Line2D([], [], linestyle="none", label=f"{infinite} infinite epsilon(s) (not private): not drawn"))
+        ax.add_line(Line2D([], [], linestyle="none", label=f"{plural(infinite, 'infinite epsilon')} (not private): not drawn"))
     ax.set_ylim(0, top * 1.12 if top > 0 else 1)
     ax.set_xticks(xs if len(xs) <= 20 else xs[:: max(1, len(xs) // 10)])
     ax.set_ylabel(f"epsilon at delta {format_delta(site['delta'])}")

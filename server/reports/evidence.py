@@ -40,9 +40,13 @@ from fedface.common.privacy.receipts import (
     check_ledger_against,
     load_public_key,
     parse_receipt,
+    public_key_id,
     read_receipts,
+    receipts_of_ledger,
+    verify_signature,
 )
 from fedface.server.receipts import StoredReceipt
+from fedface.server.reports.sections import plural
 
 #: Receipts the server refused to trust on arrival (``fedface privacy receipts`` leaves them out too).
 UNTRUSTED_KINDS = ("unreadable", "foreign-key")
@@ -70,12 +74,13 @@ def integrity(book: PrivacyLedger) -> str:
 
 def receipts_result(
     *, checked: bool, count: int, problems: list[str], summary: str, against: str | None, check: ReceiptCheck | None = None,
-    consistent_only: bool = False,
+    consistent_only: bool = False, left_out: int = 0,
 ) -> dict[str, Any]:
     """The report's ``receipts`` object. ``verified`` is true only when the receipts were held
     against the site's ledger and passed; with ``consistent_only`` (no ledger: the receipts
     checked among themselves and against the run store, a rollback not checked) it is ``None``
-    unless a problem was found (then ``False``)."""
+    unless a problem was found (then ``False``). ``left_out``: receipts of other sites in a
+    receipts file, not held against this ledger."""
     if not checked:
         verified = None
     elif problems:
@@ -91,6 +96,7 @@ def receipts_result(
         "verified": verified,
         "against": against,
         "count": count,
+        "left_out": left_out,
         "problems": problems,
         "summary": summary,
         "latest": latest,
@@ -146,10 +152,12 @@ def _against_ledger(book: PrivacyLedger, receipts: list[Receipt]) -> tuple[Recei
 
 
 def _passed(check: ReceiptCheck, count: int) -> str:
-    since = f"; {check.uncovered} session(s) charged since have no receipt yet" if check.uncovered else ""
+    since = ""
+    if check.uncovered:
+        since = f"; {plural(check.uncovered, 'session')} charged since {'has' if check.uncovered == 1 else 'have'} no receipt yet"
     return (
-        f"the ledger matches its {count} receipt(s) (latest: {check.latest.describe()}): it was not rolled back "
-        f"behind them{since}"
+        f"the ledger matches its {plural(count, 'receipt')} (latest: {check.latest.describe()}): it was not rolled back "
+        f"behind {'it' if count == 1 else 'them'}{since}"
     )
 
 
@@ -184,7 +192,7 @@ def stored_receipts_with_ledger(
     sessions = {s.id: s for s in book.sessions()}
     problems += _epsilon_checks(parsed, sessions=sessions, reported=reported)
     if problems:
-        summary = f"{len(stored)} receipt(s) held against the ledger: {len(problems)} problem(s){note}"
+        summary = f"{plural(len(stored), 'receipt')} held against the ledger: {plural(len(problems), 'problem')}{note}"
     elif check is not None:
         summary = _passed(check, len(parsed)) + note
     else:
@@ -208,11 +216,12 @@ def stored_receipts_alone(stored: Sequence[StoredReceipt], *, reported: Mapping[
         "`fedface report privacy --ledger LEDGER --receipts FILE` (receipts from `fedface privacy receipts`)"
     )
     if problems:
-        summary = f"{len(stored)} receipt(s) in the run store: {len(problems)} problem(s); {rollback}"
+        summary = f"{plural(len(stored), 'receipt')} in the run store: {plural(len(problems), 'problem')}; {rollback}"
     else:
+        are = "is" if len(parsed) == 1 else "are"
         summary = (
-            f"{CONSISTENT}: {len(parsed)} receipt(s) in the run store are signed by one key and agree with its figures; "
-            f"{rollback}"
+            f"{CONSISTENT}: {plural(len(parsed), 'receipt')} in the run store {are} signed by one key and agree with its "
+            f"figures; {rollback}"
         )
     return receipts_result(
         checked=True, count=len(stored), problems=problems, summary=summary, against="run store", consistent_only=True
@@ -221,6 +230,12 @@ def stored_receipts_alone(stored: Sequence[StoredReceipt], *, reported: Mapping[
 
 def receipts_file(book: PrivacyLedger, path: Path | None, *, key_path: Path | None = None) -> tuple[list[Receipt], dict[str, Any]]:
     """A receipts file (``fedface privacy receipts``) held against a ledger: the receipts read and the result.
+
+    The file may hold every site's receipts (the export without ``--site``): only this
+    ledger's (:func:`~fedface.common.privacy.receipts.receipts_of_ledger`: signed by the
+    ``receipt.pub`` beside the ledger, or naming the ledger or one of its data sets) are held
+    against it, each under the site's key as before; the others are counted in ``left_out``
+    and named in the summary. A file of other sites' receipts only is one problem that says so.
 
     Raises
     ------
@@ -233,27 +248,78 @@ def receipts_file(book: PrivacyLedger, path: Path | None, *, key_path: Path | No
         raise LedgerError(f"receipts file {path} does not exist: export it with `fedface privacy receipts --run-store ... --out FILE`")
     key_file = key_path if key_path is not None else book.path.parent / RECEIPT_PUBLIC_KEY_FILE
     problems: list[str] = []
-    receipts: list[Receipt] = []
+    key = None
     if not key_file.is_file():
         problems.append(f"no receipt public key at {key_file}: the receipts cannot be tied to this site")
     else:
         try:
-            receipts = read_receipts(path, load_public_key(key_file))
+            key = load_public_key(key_file)
         except LedgerError as exc:
             problems.append(str(exc))
+    try:
+        every = read_receipts(path)  # each signature under the key it carries: an altered receipt fails here
+    except LedgerError as exc:
+        every = []
+        problems.append(str(exc))
+    mine, others = receipts_of_ledger(book, every, key)
+    receipts: list[Receipt] = []
+    if mine and key is not None:
+        foreign = [r for r in mine if r.public_key != public_key_id(key)]
+        if foreign:
+            problems.append(_foreign(path, foreign, key))
+        receipts = [r for r in mine if r.public_key == public_key_id(key)]
     check = None
     if receipts:
         check, found = _against_ledger(book, receipts)
         problems += found
         problems += _epsilon_checks(receipts, sessions={s.id: s for s in book.sessions()}, reported={})
-    elif not problems:
+    elif every and not mine:
+        problems = [_only_others(path, others, book, signed=key is not None)]  # the one problem: the wrong file
+    elif not every and not problems:
         problems.append(f"receipts file {path} holds no receipts")
+    left = _left_out(others) if mine else ""
     if problems or check is None:
-        summary = f"receipts file {path.name} held against the ledger: {len(problems)} problem(s)"
+        summary = f"receipts file {path.name} held against the ledger: {plural(len(problems), 'problem')}{left}"
     else:
-        summary = _passed(check, len(receipts))
+        summary = _passed(check, len(receipts)) + left
     return receipts, receipts_result(
-        checked=True, count=len(receipts), problems=problems, summary=summary, against="ledger", check=check
+        checked=True, count=len(receipts), problems=problems, summary=summary, against="ledger", check=check,
+        left_out=len(others),
+    )
+
+
+def _datasets(receipts: Sequence[Receipt]) -> str:
+    return ", ".join(map(repr, sorted({r.dataset for r in receipts})))
+
+
+def _left_out(others: Sequence[Receipt]) -> str:
+    if not others:
+        return ""
+    return f"; {plural(len(others), 'receipt')} of other sites (data sets {_datasets(others)}) left out"
+
+
+def _foreign(path: Path, foreign: Sequence[Receipt], key: Any) -> str:
+    """The problem of this ledger's receipts (its data sets, or itself) that its site's key did not sign."""
+    first = f"the {foreign[0].describe()} is not signed by this site's key"
+    try:
+        verify_signature(foreign[0], key)
+    except LedgerError as exc:
+        first = str(exc)
+    more = f" (and {plural(len(foreign) - 1, 'more receipt')} of this ledger's data sets like it)" if len(foreign) > 1 else ""
+    return (
+        f"receipts file {path}: {first}{more}; if another site uses the same data set name, export this site's receipts "
+        "alone with `fedface privacy receipts --site SITE`"
+    )
+
+
+def _only_others(path: Path, others: Sequence[Receipt], book: PrivacyLedger, *, signed: bool) -> str:
+    """The one problem of a receipts file that holds no receipt of this ledger."""
+    names = book.datasets()
+    site = names[0] if len(names) == 1 else "SITE"  # a site's data set is named after it unless privacy.dataset is set
+    return (
+        f"receipts file {path} holds receipts of other sites only (data sets {_datasets(others)}), none of this "
+        f"ledger's data sets ({', '.join(map(repr, names)) or 'none'})" + (" nor signed by its site's key" if signed else "")
+        + f": export this site's with `fedface privacy receipts --run-store RUN_STORE --site {site} --out FILE`"
     )
 
 

@@ -8,7 +8,12 @@ remains of a budget *down* (:func:`~fedface.common.privacy.accounting.format_eps
 group-privacy delta up. CSV has one row per site and round, each figure exact with a rounded
 ``*_display`` column beside the spend and what remains. The HTML file stands alone: inline
 CSS, charts as PNG ``data:`` URIs, no reference to anything outside it, and every string
-escaped. Markdown and HTML are written from the same tables (:func:`_site_tables`).
+escaped. Markdown and HTML are written from the same tables (:func:`_site_tables`) and carry
+the same parts: the problems (or that there are none) and, under each statement, the lines an
+officer signs and dates. Text shows a group-privacy delta at or above 1 as "no meaningful
+guarantee", never as a number, every delta as ``f"{delta:g}"`` writes it, and a time to the
+second in UTC (:func:`~fedface.server.reports.sections.time_text`); the JSON and the CSV's
+exact columns keep the full figures and times.
 
 The names in a report (sites, runs, reasons) come from the sites and the server's config, so
 they are treated as hostile text: in Markdown every cell and heading escapes what would be
@@ -36,7 +41,10 @@ from fedface.server.reports.sections import (
     format_up,
     group_text,
     remaining_text,
+    rounds_text,
     run_epsilon_unknown,
+    threshold_text,
+    time_text,
 )
 
 FORMATS = ("html", "json", "md", "csv")
@@ -49,6 +57,9 @@ CSV_EXACT = ("round", "epsilon_lifetime", "delta", "budget_epsilon", "remaining"
 INFINITY = "inf"
 """How the JSON format writes an infinite figure (JSON has no infinity)."""
 UNKNOWN = "unknown"
+NO_PROBLEMS = "No problems: the figures agree wherever they were compared."
+SIGN_LINES = ("Signed:", "Date (UTC):")
+"""The lines under each statement where the officer signs and dates it (HTML and Markdown)."""
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows (text cells)
 
@@ -136,7 +147,7 @@ def _title(report: dict[str, Any]) -> str:
 
 def _about(report: dict[str, Any]) -> list[list[str]]:
     rows = [
-        ["generated (UTC)", report["generated_at"]],
+        ["generated (UTC)", time_text(report["generated_at"])],
         ["fedface", str(report["fedface_version"])],
         ["schema", report["schema"]],
         ["figures from", report["source"]["figures"]],
@@ -147,7 +158,8 @@ def _about(report: dict[str, Any]) -> list[list[str]]:
         rows += [
             ["run", run["run_id"]],
             ["status", run["status"] + (f" ({run['error']})" if run["error"] else "")],
-            ["started / finished (UTC)", f"{run['started_at']} / {run['finished_at'] or 'not finished'}"],
+            ["started / finished (UTC)",
+             f"{time_text(run['started_at'])} / {time_text(run['finished_at']) if run['finished_at'] else 'not finished'}"],
             ["rounds done / planned", f"{run['rounds_done']} / {run['rounds_planned']}"],
             ["SecAgg+", _yes(run["secagg"], "on", "off")],
             ["sites", f"{run['sites']} planned; reported here: {', '.join(run['site_names']) or 'none'}"],
@@ -213,7 +225,7 @@ def _mechanism(site: dict[str, Any], *, ledger_report: bool) -> Table:
         ["accountant", f"{a['name'] or '-'} ({a['library']} {a['version']})"],
         ["delta", format_delta(site["delta"])],
         ["delta against 1/n", "-" if d["ok"] is None else
-         f"delta x n = {format_up(d['delta_times_n'])}; 1/n = {format_up(d['one_over_n'])}: " + ("below 1/n" if d["ok"] else "NOT below 1/n")],
+         f"delta x n = {format_up(d['delta_times_n'])}; 1/n = 1/{d['n']}: " + ("below 1/n" if d["ok"] else "NOT below 1/n")],
         *([] if ledger_report else [["epsilon this run (up)", _run_epsilon(site["epsilon"]["run"])]]),
         ["epsilon lifetime (up)", epsilon_text(site["epsilon"]["lifetime"])],
         ["budget epsilon", "none set" if site["budget"]["epsilon"] is None else f"{site['budget']['epsilon']:g}"],
@@ -226,7 +238,7 @@ def _mechanism(site: dict[str, Any], *, ledger_report: bool) -> Table:
 
 def _unreported(mechanism: dict[str, Any]) -> str:
     rounds = mechanism.get("rounds_unreported") or ()
-    return f" (and round(s) {', '.join(map(str, rounds))} charged, mechanism not reported)" if rounds else ""
+    return f" (and {rounds_text(rounds)} charged, mechanism not reported)" if rounds else ""
 
 
 def _count(value: int | None) -> str:
@@ -240,7 +252,7 @@ def _rounds(site: dict[str, Any], *, ledger_report: bool) -> Table:
         [r["run_id"], "-" if r["round"] is None else str(r["round"]), epsilon_text(r["epsilon_lifetime"]),
          *([] if ledger_report else [UNKNOWN if run_epsilon_unknown(site, r["round"]) else epsilon_text(r["epsilon_run"])]),
          remaining_text(r["remaining"]), r["status"],
-         r["recorded_at"] or "-", r["source"]]
+         time_text(r["recorded_at"]), r["source"]]
         for r in site["rounds"]
     ]
     return "Rounds" if not ledger_report else "Sessions charged, every run", header, rows
@@ -248,7 +260,7 @@ def _rounds(site: dict[str, Any], *, ledger_report: bool) -> Table:
 
 def _runs(site: dict[str, Any]) -> Table:
     header = ["run", "sessions", "first charge (UTC)", "last charge (UTC)", "epsilon of the run alone (up)", "lifetime after (up)"]
-    rows = [[r["run_id"], str(r["sessions"]), r["first_at"], r["last_at"], _run_epsilon(r["epsilon"]),
+    rows = [[r["run_id"], str(r["sessions"]), time_text(r["first_at"]), time_text(r["last_at"]), _run_epsilon(r["epsilon"]),
              epsilon_text(r["epsilon_lifetime_after"])] for r in site["runs"]]
     return "Every run of the data set", header, rows
 
@@ -257,21 +269,31 @@ def _sessions(site: dict[str, Any]) -> Table:
     header = ["run", "round", "images", "noise (at least)", "sample rate", "steps", "clip", "epsilon after (up)", "charged (UTC)"]
     rows = [[s["run_id"], "-" if s["round"] is None else str(s["round"]), _count(s["examples"]),
              format_up(s["noise_multiplier"], 4, down=True), format_up(s["sample_rate"], 4), str(s["steps"]),
-             f"{s['max_grad_norm']:g}", epsilon_text(s["epsilon_after"]), s["created_at"]] for s in site["mechanism"]["sessions"]]
+             f"{s['max_grad_norm']:g}", epsilon_text(s["epsilon_after"]), time_text(s["created_at"])]
+            for s in site["mechanism"]["sessions"]]
     return "Sessions", header, rows
 
 
 def _group(site: dict[str, Any]) -> Table:
     g = site["group_privacy"]
-    rows = [[str(e["k"]) + (" (most at this site)" if e["largest_at_site"] else ""), group_text(e)] for e in g["entries"]]
-    return "Group privacy: a person with k images (k eps, k e^((k-1) eps) delta; rounded up)", ["k images", "guarantee"], rows
+    rows = [[str(e["k"]) + (" (most at this site)" if e["largest_at_site"] else ""), group_text(e, g)] for e in g["entries"]]
+    if g["no_guarantee_from"] is not None:
+        rows.append(["no meaningful guarantee", f"from {g['no_guarantee_from']} images on"])
+    title = (
+        "Group privacy: a person with k images (k eps, k e^((k-1) eps) delta; rounded up; meaningful only while the "
+        f"delta is below {threshold_text(g)})"
+    )
+    return title, ["k images", "guarantee"], rows
 
 
 def _receipts(site: dict[str, Any]) -> Table:
     r = site["receipts"]
     verified = CONSISTENT if r["checked"] and r["verified"] is None else _yes(r["verified"])
     rows = [["checked", _yes(r["checked"])], ["verified", verified], ["against", r["against"] or "-"],
-            ["receipts", str(r["count"])], ["summary", r["summary"]]]
+            ["receipts", str(r["count"])]]
+    if r["left_out"]:
+        rows.append(["other sites' receipts left out", str(r["left_out"])])
+    rows.append(["summary", r["summary"]])
     rows += [["problem", p] for p in r["problems"]]
     return "Receipts", ["", ""], rows
 
@@ -325,18 +347,22 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return [*lines, ""]
 
 
+def _md_problems(problems: Sequence[str]) -> list[str]:
+    return [*([f"- {_md_cell(p)}" for p in problems] or [NO_PROBLEMS]), ""]
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# {_md_cell(_title(report))}", "", *_md_table(["", ""], _about(report))]
     title, header, rows = _summary(report)
     lines += [f"## {title}", "", *_md_table(header, rows)]
-    if report["problems"]:
-        lines += ["## Problems", "", *[f"- {_md_cell(p)}" for p in report["problems"]], ""]
+    lines += ["## Problems", "", *_md_problems(report["problems"])]
     for site in report["sites"]:
         lines += [f"## Site {_md_cell(site['site'])}", "", "**Statement.** " + _md_cell(site["statement"]), ""]
+        for label in SIGN_LINES:
+            lines += [f"{label} {'_' * 32}", ""]
         for title, header, rows in _site_tables(site, ledger_report=report["run"] is None):
             lines += [f"### {_md_cell(title)}", "", *_md_table(header, rows)]
-        if site["problems"]:
-            lines += ["### Problems", "", *[f"- {_md_cell(p)}" for p in site["problems"]], ""]
+        lines += ["### Problems", "", *_md_problems(site["problems"])]
     if report["accuracy_vs_epsilon"] is not None:
         title, header, rows = _accuracy(report)
         lines += [f"## {title}", "", *_md_table(header, rows)]
@@ -381,7 +407,7 @@ def _html_tables(tables: Sequence[Table], level: int) -> str:
 
 def _problems_html(problems: Sequence[str]) -> str:
     if not problems:
-        return '<p class="ok">No problems: the figures agree wherever they were compared.</p>'
+        return f'<p class="ok">{_h(NO_PROBLEMS)}</p>'
     return '<ul class="problems">' + "".join(f"<li>{_h(p)}</li>" for p in problems) + "</ul>"
 
 
@@ -398,7 +424,7 @@ def _html(report: dict[str, Any]) -> str:
         parts += [
             f"<h2>Site {_h(site['site'])}</h2>",
             f'<div class="statement"><strong>Statement.</strong> {_h(site["statement"])}'
-            '<div class="sign"><span>Signed:</span><span>Date (UTC):</span></div></div>',
+            '<div class="sign">' + "".join(f"<span>{_h(label)}</span>" for label in SIGN_LINES) + "</div></div>",
             f'<img alt="{_h(site["site"])}: epsilon over rounds against the budget" src="{chart}">',
             _html_tables(_site_tables(site, ledger_report=run is None), 3),
             "<h3>Problems</h3>" + _problems_html(site["problems"]),
@@ -417,4 +443,4 @@ def _html(report: dict[str, Any]) -> str:
     )
 
 
-__all__ = ["CSV_EXACT", "CSV_FIELDS", "FORMATS", "INFINITY", "UNKNOWN", "render_report"]
+__all__ = ["CSV_EXACT", "CSV_FIELDS", "FORMATS", "INFINITY", "NO_PROBLEMS", "SIGN_LINES", "UNKNOWN", "render_report"]

@@ -6,11 +6,14 @@ mechanism, the accountant, delta against 1/n, group privacy, the budget, what Se
 template encryption add, and the paragraph an officer signs. Numbers stay exact floats here;
 text rounds a spend *up* and what remains *down*
 (:func:`~fedface.common.privacy.accounting.format_epsilon`), and a group-privacy delta up
-(:func:`format_up`).
+(:func:`format_up`); a group delta at or above 1 is shown as :data:`NO_GUARANTEE`, never as a
+number. Text shows a time to the second in UTC (:func:`time_text`) and counts in words with
+their plural (:func:`plural`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import importlib.metadata
 import math
@@ -26,6 +29,12 @@ UNIT_OF_PRIVACY = "one face image"
 MECHANISM_NAME = "Poisson-sampled Gaussian (DP-SGD)"
 GROUP_SIZES = (1, 2, 5, 10)
 """Numbers of images of one person the group-privacy table always shows (and the largest at the site, if known)."""
+MEANINGFUL_DELTA_UNKNOWN_N = 1e-3
+"""The group delta below which a guarantee counts as meaningful when the site's number of
+images n is unknown (with n known: 1/n, the standard delta is held to)."""
+NO_GUARANTEE = "\u2265 1 (no meaningful guarantee)"
+"""How text shows a group-privacy delta at or above 1 (or too large for a float): a probability
+bound of 1 or more says nothing, so no number is printed."""
 
 PROTECTIONS: dict[str, dict[str, str]] = {
     "dp_sgd": {
@@ -78,16 +87,18 @@ def accountant_section(name: str | None) -> dict[str, Any]:
 
 def format_up(value: float | None, digits: int = 3, *, down: bool = False) -> str:
     """``value`` with ``digits`` significant digits, rounded *up* (a delta: it must never look
-    smaller), or *down* with ``down`` (a noise multiplier: it must never look larger)."""
+    smaller), or *down* with ``down`` (a noise multiplier: it must never look larger), written
+    as ``f"{x:g}"`` writes it (``1e-05``, ``0.0594``, ``3.89e+09``), as every delta of a report is."""
     if value is None:
         return "-"
     if math.isinf(value) or math.isnan(value):
         return str(value)
     if value == 0:
         return "0"
-    # the shortest decimal that reads back as this float, then `digits` significant digits
+    # the shortest decimal that reads back as this float, then `digits` significant digits; `:g`
+    # (6 significant digits) writes that decimal back exactly, since digits <= 6
     rounded = Context(prec=digits, rounding=ROUND_FLOOR if down else ROUND_CEILING).plus(Decimal(repr(float(value))))
-    return f"{rounded:.{digits - 1}e}" if not 1e-3 <= abs(value) < 1e4 else f"{rounded.normalize():f}"
+    return f"{float(rounded):g}"
 
 
 def format_delta(value: float | None) -> str:
@@ -96,6 +107,33 @@ def format_delta(value: float | None) -> str:
         return "-"
     short = f"{value:g}"
     return short if float(short) == value else repr(float(value))
+
+
+def time_text(value: str | None) -> str:
+    """An ISO-8601 time for text that says "UTC" beside it: to the second, in UTC, without the
+    offset (``2026-05-09 10:01:00``); ``-`` for none. The JSON keeps the full ISO time. A time
+    without an offset is the store's, which writes UTC; one that does not parse is shown as given."""
+    if not value:
+        return "-"
+    try:
+        at = dt.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if at.tzinfo is not None:
+        at = at.astimezone(dt.timezone.utc)
+    return at.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 round``, ``3 rounds`` (``many``: the plural when it is not ``word + "s"``)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def rounds_text(rounds: Sequence[int]) -> str:
+    """``round 2`` or ``rounds 2, 3`` (empty for none)."""
+    if not rounds:
+        return ""
+    return ("round " if len(rounds) == 1 else "rounds ") + ", ".join(map(str, rounds))
 
 
 def run_epsilon_unknown(site: dict[str, Any], round_: int | None) -> bool:
@@ -181,52 +219,134 @@ def delta_vs_n(delta: float | None, n: int | None) -> dict[str, Any]:
     return {"n": n, "one_over_n": 1.0 / n, "delta_times_n": delta * n, "ok": delta < 1.0 / n}
 
 
-def group_privacy(epsilon: float | None, delta: float | None, largest: int | None) -> dict[str, Any]:
+def _group_delta(k: int, epsilon: float, delta: float) -> float | None:
+    """k e^((k-1) epsilon) delta for a finite ``epsilon``; ``None`` when it overflows a float (far above 1)."""
+    try:
+        value = k * math.exp((k - 1) * epsilon) * delta
+    except OverflowError:
+        return None
+    return None if math.isinf(value) else value
+
+
+def _meaningful(delta_k: float | None, threshold: float) -> bool:
+    return delta_k is not None and delta_k < threshold
+
+
+def _no_guarantee_from(epsilon: float, delta: float, threshold: float) -> int | None:
+    """The smallest k whose group delta is not below ``threshold`` (``None``: none, as with delta 0).
+
+    The bound grows with k (epsilon >= 0), and k * delta >= threshold once k >= threshold /
+    delta, so a binary search over 1 .. ceil(threshold / delta) finds it exactly."""
+    if delta <= 0:
+        return None
+    low, high = 1, max(1, math.ceil(threshold / delta))
+    if _meaningful(_group_delta(high, epsilon, delta), threshold):
+        high += 1  # float noise at the very top: k * delta just below the threshold
+    while low < high:
+        mid = (low + high) // 2
+        if _meaningful(_group_delta(mid, epsilon, delta), threshold):
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+def group_privacy(epsilon: float | None, delta: float | None, largest: int | None, n: int | None = None) -> dict[str, Any]:
     """The group-privacy bound for k images of one person: (k eps, k e^((k-1) eps) delta).
 
     ``k`` runs over :data:`GROUP_SIZES` and ``largest`` (the most images one person has at the
-    site, if known). ``delta`` of an entry is ``null`` when it overflows a float (it is then far
-    above 1); ``meaningful`` is false when the delta term reaches 1: no guarantee at all. An
-    infinite epsilon (a non-private round) guarantees nothing for any k: epsilon is infinite and
-    delta 1 (never NaN, which (k - 1) * inf would give for k = 1).
+    site, if known). ``delta`` of an entry is the bound as computed, ``null`` when it overflows a
+    float (it is then far above 1). ``meaningful`` is true only while the group delta is below
+    ``meaningful_threshold``: 1/n, the standard the report holds the site's own delta to
+    (:func:`delta_vs_n`; n the site's images), or :data:`MEANINGFUL_DELTA_UNKNOWN_N` when n is
+    unknown (``meaningful_threshold_basis`` says which). ``no_guarantee_from`` is the smallest k
+    with no meaningful guarantee (every larger k has none either; ``null`` when the bound is
+    unknown). An infinite epsilon (a non-private round) guarantees nothing for any k: epsilon is
+    infinite and delta 1 (never NaN, which (k - 1) * inf would give for k = 1).
     """
+    threshold = 1.0 / n if n else MEANINGFUL_DELTA_UNKNOWN_N
+    basis = f"1/n, n = {n} images" if n else f"{MEANINGFUL_DELTA_UNKNOWN_N:g}: the number of images n is unknown"
     sizes = sorted({*GROUP_SIZES, *([largest] if largest else [])})
     entries = []
+    first: int | None = None
     for k in sizes:
         if epsilon is not None and math.isinf(epsilon):
             entries.append({"k": k, "epsilon": math.inf, "delta": 1.0, "meaningful": False, "largest_at_site": k == largest})
+            first = 1
             continue
         if epsilon is None or delta is None:
             entries.append({"k": k, "epsilon": None, "delta": None, "meaningful": None, "largest_at_site": k == largest})
             continue
-        eps_k = k * epsilon
-        log_delta = math.log(k) + (k - 1) * epsilon + math.log(delta) if delta > 0 else -math.inf
-        try:
-            delta_k: float | None = k * math.exp((k - 1) * epsilon) * delta
-        except OverflowError:
-            delta_k = None
-        if delta_k is not None and math.isinf(delta_k):
-            delta_k = None
-        entries.append(
-            {"k": k, "epsilon": eps_k, "delta": delta_k, "meaningful": log_delta < 0.0, "largest_at_site": k == largest}
-        )
+        delta_k = _group_delta(k, epsilon, delta)
+        entries.append({
+            "k": k, "epsilon": k * epsilon, "delta": delta_k, "meaningful": _meaningful(delta_k, threshold),
+            "largest_at_site": k == largest,
+        })
+    if first is None and epsilon is not None and delta is not None:
+        first = _no_guarantee_from(epsilon, delta, threshold)
     return {
         "epsilon": epsilon,
         "delta": delta,
         "max_images_per_person": largest,
         "bound": "k images of one person: epsilon_k = k * epsilon, delta_k = k * exp((k - 1) * epsilon) * delta",
+        "images": n or None,
+        "meaningful_threshold": threshold,
+        "meaningful_threshold_basis": basis,
+        "no_guarantee_from": first,
         "entries": entries,
     }
 
 
-def group_text(entry: dict[str, Any]) -> str:
-    """One group-privacy entry for text: epsilon and delta rounded up, or that there is no guarantee."""
+def group_delta_text(value: float | None) -> str:
+    """A group-privacy delta for text: rounded up, or :data:`NO_GUARANTEE` at or above 1 (``None``: it overflowed)."""
+    return NO_GUARANTEE if value is None or value >= 1.0 else format_up(value)
+
+
+def threshold_text(group: dict[str, Any]) -> str:
+    """The group delta a meaningful guarantee must stay below, for text: ``1/n = 1/40`` (exact) or ``0.001 (n unknown)``."""
+    n = group["images"]
+    return f"1/n = 1/{n}" if n else f"{group['meaningful_threshold']:g} (the number of images n is unknown)"
+
+
+def group_text(entry: dict[str, Any], group: dict[str, Any] | None = None) -> str:
+    """One group-privacy entry for text: epsilon and delta rounded up, or that there is no
+    meaningful guarantee (with ``group``, the threshold its delta is not below)."""
     if entry["epsilon"] is None:
         return "unknown"
-    if not entry["meaningful"]:
-        shown = "above 1" if entry["delta"] is None else format_up(entry["delta"])
-        return f"epsilon {epsilon_text(entry['epsilon'])}, delta {shown}: no meaningful guarantee"
-    return f"epsilon {epsilon_text(entry['epsilon'])}, delta {format_up(entry['delta'])}"
+    shown = f"epsilon {epsilon_text(entry['epsilon'])}, delta {group_delta_text(entry['delta'])}"
+    if entry["meaningful"] or entry["delta"] is None or entry["delta"] >= 1.0:
+        return shown  # a delta at or above 1 already says there is no guarantee
+    return shown + ": no meaningful guarantee" + ("" if group is None else f" (delta not below {threshold_text(group)})")
+
+
+def group_sentence(group: dict[str, Any]) -> str:
+    """What the group bound means for a person, for the statement: from which k on there is no
+    meaningful guarantee, and what the most images one person has at the site get."""
+    entries = {e["k"]: e for e in group["entries"]}
+    start = f"The unit of privacy is {UNIT_OF_PRIVACY}, not one person"
+    first, largest = group["no_guarantee_from"], group["max_images_per_person"]
+    if entries[1]["epsilon"] is None:
+        return f"{start}: what it means for a person with several images is unknown, as the spend or its delta is."
+    below = f"the group delta is not below {threshold_text(group)}"
+    if first is None:
+        text = f"{start}: a person with 2 images gets {group_text(entries[2])}"
+    elif first == 1:
+        why = "epsilon is infinite" if math.isinf(group["epsilon"]) else below
+        return f"{start}, and even for one image there is no meaningful guarantee ({why})."
+    elif first == 2:
+        two = entries[2]
+        text = (f"{start}: for a person with 2 or more images there is no meaningful guarantee ({below}; with 2 images: "
+                f"epsilon {epsilon_text(two['epsilon'])}, delta {group_delta_text(two['delta'])})")
+    else:
+        text = (f"{start}: a person with 2 images gets {group_text(entries[2])}; from {first} images on, there is no "
+                f"meaningful guarantee ({below})")
+    if largest is None:
+        return text + "; how many images one person has at this site is not known."
+    if first is not None and largest >= first:
+        return text + f"; the most one person has here is {largest} images: no meaningful guarantee for them."
+    if largest <= 2:
+        return text + f"; {plural(largest, 'image')} is the most one person has here."
+    return text + f"; one with {largest} images, the most one person has here, gets {group_text(entries[largest])}."
 
 
 def budget_section(epsilon: float | None, delta: float | None, lifetime: float | None) -> dict[str, Any]:
@@ -254,29 +374,34 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
         who += f" of {people['identities']} people"
     parts.append(f"Site {name} trained on {who}, which never left the site.")
     where = f" of run {run['run_id']}" if run is not None else ""
-    unreported = ", ".join(map(str, mech.get("rounds_unreported") or ()))
+    missing = mech.get("rounds_unreported") or ()
+    unreported = rounds_text(missing)
     if mech["rounds"]:
         if mech["uniform"]:
             params = (
                 f"sample rate {format_up(mech['sample_rate'], 4)}, noise multiplier at least "
                 f"{format_up(mech['noise_multiplier'], 4, down=True)}, per-image clipping norm {mech['max_grad_norm']:g}, "
-                f"{mech['steps_per_round']} steps a round"
+                f"{plural(mech['steps_per_round'], 'step')} a round"
             )
         else:
             params = "parameters that varied between sessions, listed per session"
+        steps = plural(mech["steps_total"], "step")
         if unreported:
             parts.append(
-                f"It trained with DP-SGD, the Poisson-sampled Gaussian mechanism ({params}): {mech['steps_total']} steps in "
-                f"the {mech['rounds']} round(s){where} whose mechanism it reported; it was also charged for round(s) "
+                f"It trained with DP-SGD, the Poisson-sampled Gaussian mechanism ({params}): {steps} in "
+                f"the {plural(mech['rounds'], 'round')}{where} whose mechanism it reported; it was also charged for "
                 f"{unreported}, whose mechanism it did not report."
             )
         else:
             parts.append(
-                f"It trained with DP-SGD, the Poisson-sampled Gaussian mechanism ({params}): {mech['steps_total']} steps in "
-                f"{mech['rounds']} rounds{where}."
+                f"It trained with DP-SGD, the Poisson-sampled Gaussian mechanism ({params}): {steps} in "
+                f"{plural(mech['rounds'], 'round')}{where}."
             )
     elif unreported:
-        parts.append(f"It was charged for round(s) {unreported}{where}, but did not report the mechanism of any of them.")
+        parts.append(
+            f"It was charged for {unreported}{where}, but did not report the mechanism of "
+            + ("it." if len(missing) == 1 else "any of them.")
+        )
     else:
         parts.append("No private training session of it is recorded here.")
     if eps["lifetime"] is None:
@@ -291,7 +416,8 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
         if eps["sessions"] is not None:
             parts.append(
                 f"Composed by the {acct['name']} accountant of {acct['library']} {acct['version']} over every session "
-                f"charged to its data set ({eps['sessions']} sessions in {eps['runs']} runs), its privacy loss is at most "
+                f"charged to its data set ({plural(eps['sessions'], 'session')} in {plural(eps['runs'], 'run')}), its "
+                f"privacy loss is at most "
                 f"epsilon {epsilon_text(eps['lifetime'])} at delta {format_delta(delta)}{alone}."
             )
         else:
@@ -315,15 +441,9 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
             f"probability of any outcome of the training (every update sent and the final model) by at most a factor "
             f"of e^{epsilon_text(eps['lifetime'])}, except with probability {format_delta(delta)}."
         )
-        entries = site["group_privacy"]["entries"]
-        two = next(e for e in entries if e["k"] == 2)
-        line = f"The unit of privacy is {UNIT_OF_PRIVACY}, not one person: a person with 2 images gets {group_text(two)}"
-        largest = next((e for e in entries if e["largest_at_site"]), None)
-        if largest is not None and largest["k"] != 2:
-            line += f", and one with {largest['k']} images (the most one person has here) {group_text(largest)}"
-        parts.append(line + ".")
+        parts.append(group_sentence(site["group_privacy"]))
         if site["delta_vs_1_over_n"]["ok"] is False:
-            parts.append(f"Delta is not below 1/n ({format_up(site['delta_vs_1_over_n']['one_over_n'])}): the guarantee is weak.")
+            parts.append(f"Delta is not below 1/n = 1/{site['delta_vs_1_over_n']['n']}: the guarantee is weak.")
     parts.append(f"Receipts: {site['receipts']['summary']}.")
     integrity = site["ledger"]["integrity"]
     if site["ledger"]["path"] is not None:
@@ -336,20 +456,22 @@ def statement(site: dict[str, Any], *, run: dict[str, Any] | None, generated_at:
     else:
         compared = "the run store and the receipts"
     parts.append(
-        f"{len(problems)} problem(s) were found; see the list in this report."
+        f"{plural(len(problems), 'problem')} {'was' if len(problems) == 1 else 'were'} found; see the list in this report."
         if problems
         else f"The figures of {compared} agree wherever they were compared."
     )
     sessions = mech["sessions"]
     if sessions:
-        parts.append(f"Sessions from {sessions[0]['created_at']} to {sessions[-1]['created_at']} UTC.")
-    parts.append(f"Figures from {site['figures_from']}; report generated {generated_at} UTC.")
+        parts.append(f"Sessions from {time_text(sessions[0]['created_at'])} to {time_text(sessions[-1]['created_at'])} UTC.")
+    parts.append(f"Figures from {site['figures_from']}; report generated {time_text(generated_at)} UTC.")
     return " ".join(parts)
 
 
 __all__ = [
     "GROUP_SIZES",
+    "MEANINGFUL_DELTA_UNKNOWN_N",
     "MECHANISM_NAME",
+    "NO_GUARANTEE",
     "PROTECTIONS",
     "SCHEMA",
     "UNIT_OF_PRIVACY",
@@ -360,10 +482,16 @@ __all__ = [
     "epsilon_text",
     "format_delta",
     "format_up",
+    "group_delta_text",
     "group_privacy",
+    "group_sentence",
     "group_text",
     "mechanism_section",
+    "plural",
     "remaining_text",
+    "rounds_text",
     "run_epsilon_unknown",
     "statement",
+    "threshold_text",
+    "time_text",
 ]

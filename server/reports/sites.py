@@ -36,6 +36,7 @@ from fedface.server.reports.sections import (
     delta_vs_n,
     group_privacy,
     mechanism_section,
+    rounds_text,
     statement,
 )
 from fedface.server.run_records import Participation
@@ -159,7 +160,9 @@ def finish_site(site: dict[str, Any], *, run: dict[str, Any] | None, generated_a
     """The sections computed from a site's figures, its problems gathered, and its statement."""
     eps, delta = site["epsilon"]["lifetime"], site["delta"]
     site["delta_vs_1_over_n"] = delta_vs_n(delta, site["mechanism"]["examples"])
-    site["group_privacy"] = group_privacy(eps, delta, site["people"].get("max_images_per_person"))
+    site["group_privacy"] = group_privacy(
+        eps, delta, site["people"].get("max_images_per_person"), site["mechanism"]["examples"]
+    )
     site["problems"] = [*site["problems"], *site["receipts"]["problems"]]
     site["statement"] = statement(site, run=run, generated_at=generated_at)
     return site
@@ -380,7 +383,7 @@ def charged_sessions(
     mine = sorted(unreported.get(run_id, []))
     if mine:
         problems.append(
-            f"round(s) {', '.join(map(str, mine))} of run {run_id} charged the site's budget (it answered with a spend), but "
+            f"{rounds_text(mine)} of run {run_id} charged the site's budget (it answered with a spend), but "
             "its report names no mechanism (noise multiplier, sample rate and steps): this run's epsilon cannot be composed "
             "and is unknown"
         )

@@ -40,7 +40,10 @@ def privacy(
         typer.Option("--ledger-dir", help="With RUN_DIR: the folder of the sites' ledgers, <dir>/<site>/ledger.sqlite (default: the one the run's ledgers.json names)."),
     ] = None,
     output_format: Annotated[str, typer.Option("--format", help="html (one standalone file), json, md or csv.")] = "md",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the report to this file (atomically) instead of stdout.")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Write the report to this file (atomically) instead of stdout; its folder must exist."),
+    ] = None,
 ) -> None:
     """Report each site's privacy spend: mechanism, accountant, epsilon per run and lifetime, budget,
     group privacy, receipts, and a statement an officer can sign.
@@ -53,10 +56,13 @@ def privacy(
     """
     from fedface.server.reports import privacy_report_for_ledger, privacy_report_for_run
     from fedface.server.reports.render import FORMATS, render_report
+    from fedface.server.reports.sections import plural
 
     with user_errors():
         if output_format not in FORMATS:
             raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}: pass --format html, json, md or csv")
+        if out is not None:
+            _check_out(out, output_format)
         if (run_dir is None) == (ledger is None):
             raise ConfigError(
                 "pass exactly one of RUN_DIR (a run's report) or --ledger FILE (a site's own report), "
@@ -65,7 +71,8 @@ def privacy(
         if ledger is not None:
             wrong = [name for name, value in (("--run", run_id), ("--ledger-dir", ledger_dir)) if value is not None]
             if wrong:
-                raise ConfigError(f"{' and '.join(wrong)} go with RUN_DIR, not --ledger: drop them or report on the run")
+                verb, them = ("goes", "it") if len(wrong) == 1 else ("go", "them")
+                raise ConfigError(f"{' and '.join(wrong)} {verb} with RUN_DIR, not --ledger: drop {them} or report on the run")
             report = privacy_report_for_ledger(ledger, site=site, receipts_path=receipts)
         elif receipts is not None:
             raise ConfigError(
@@ -76,13 +83,38 @@ def privacy(
             report = privacy_report_for_run(run_dir, run_id=run_id, site=site, ledger_dir=ledger_dir)
         text = render_report(report, output_format)
         if out is not None:
-            atomic_write_text(out, text)
+            try:
+                atomic_write_text(out, text)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot write --out {out} ({exc.strerror or exc}): pass a file path you can write to"
+                ) from None
     if out is not None:
-        problems = len(report["problems"])
-        err_console.print(f"wrote the privacy report ({output_format}, {len(report['sites'])} site(s), {problems} problem(s)) to {out}", markup=False)
+        counts = f"{plural(len(report['sites']), 'site')}, {plural(len(report['problems']), 'problem')}"
+        err_console.print(f"wrote the privacy report ({output_format}, {counts}) to {out}", markup=False)
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+def _check_out(out: Path, output_format: str) -> None:
+    """Refuse an ``--out`` that is not a file path in an existing folder, before any work.
+
+    Raises
+    ------
+    ConfigError
+        When ``out`` is a directory, or its folder does not exist or is not a folder.
+    """
+    if out.is_dir():
+        example = out / f"report.{output_format}"
+        raise ConfigError(f"--out {out} is a directory: --out must be a file path, e.g. --out {example}")
+    folder = out.parent
+    if not folder.exists():
+        raise ConfigError(
+            f"--out {out}: its folder {folder} does not exist: create it first, or pass a file path in an existing folder"
+        )
+    if not folder.is_dir():
+        raise ConfigError(f"--out {out}: {folder} is not a folder: --out must be a file path in an existing folder")
 
 
 __all__ = ["privacy", "report_app"]

@@ -137,6 +137,20 @@ def test_a_sites_own_report_checks_its_ledger_against_the_exported_receipts(run:
     assert [r["epsilon_lifetime"] for r in site["rounds"]] == [s.epsilon_after for s in truth["sessions"]]
 
 
+def test_a_sites_own_report_takes_its_receipts_from_the_export_of_every_site(run: Path, tmp_path: Path) -> None:
+    every = tmp_path / "all.receipts.jsonl"
+    exported = runner.invoke(app, ["privacy", "receipts", "--run-store", str(run / "runs.sqlite"), "--out", str(every)])
+    assert exported.exit_code == 0, exported.stderr
+
+    report = json.loads(_report("--ledger", str(_ledger(run, "site-001")), "--receipts", str(every), "--format", "json"))
+    markdown = _report("--ledger", str(_ledger(run, "site-001")), "--receipts", str(every), "--format", "md")
+
+    receipts = report["sites"][0]["receipts"]
+    assert (receipts["verified"], receipts["count"], receipts["left_out"], receipts["problems"]) == (True, 3, 6, [])
+    assert "6 receipts of other sites (data sets 'site-000', 'site-002') left out" in receipts["summary"]
+    assert "| verified | yes |" in markdown and "| receipts | 3 |" in markdown
+
+
 def test_one_site_of_one_run_to_a_file(run: Path, tmp_path: Path) -> None:
     run_id = json.loads(_report(str(run), "--format", "json"))["run"]["run_id"]
     out = tmp_path / "site-002.html"

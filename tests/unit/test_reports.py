@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import copy
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -33,12 +34,12 @@ from fedface.common.data import load_faces, partition_sites, split_open_set
 from fedface.common.federated import site_name
 from fedface.common.privacy.accounting import Mechanism, compute_epsilon, format_epsilon
 from fedface.common.privacy.ledger import PrivacyLedger
-from fedface.common.privacy.receipts import issue_receipt, receipt_key, write_receipts
+from fedface.common.privacy.receipts import issue_receipt, read_receipts, receipt_key, sign, write_receipts
 from fedface.server.queries import site_rows
 from fedface.server.reports import SCHEMA, privacy_report_for_ledger, privacy_report_for_run
 from fedface.server.reports.charts import accuracy_figure, epsilon_figure
 from fedface.server.reports.render import CSV_FIELDS, render_report
-from fedface.server.reports.sections import delta_vs_n, format_up, group_privacy
+from fedface.server.reports.sections import delta_vs_n, format_up, group_privacy, statement
 from fedface.server.store import Participation, RunStore
 from fedface.simulations.cli import app
 
@@ -215,7 +216,7 @@ def test_run_report_without_ledgers_takes_the_run_stores_figures(fed: Federation
         assert mine["budget"] == theirs["budget"]
         # consistent among themselves and with the store, but not verified: no ledger, no rollback check
         assert mine["receipts"]["against"] == "run store" and mine["receipts"]["verified"] is None
-        assert mine["receipts"]["summary"].startswith("consistent (not checked against the site's ledger): 3 receipt(s)")
+        assert mine["receipts"]["summary"].startswith("consistent (not checked against the site's ledger): 3 receipts")
         assert "rollback of it is not checked" in mine["receipts"]["summary"]
         assert mine["ledger"]["path"] is None and mine["ledger"]["integrity"].startswith("not checked")
         assert mine["people"]["max_images_per_person"] is None  # not guessed without the run directory
@@ -263,9 +264,36 @@ def test_group_privacy_follows_the_standard_bound() -> None:
     assert entries[5]["epsilon"] == 5 * eps and entries[5]["delta"] == 5 * math.exp(4 * eps) * delta
     assert entries[7]["largest_at_site"] and not entries[5]["largest_at_site"]
     assert all(e["meaningful"] for e in entries.values())
-    big = {e["k"]: e for e in group_privacy(8.0, 1e-5, None)["entries"]}
-    assert big[2]["meaningful"] and not big[5]["meaningful"]  # 5 e^32 1e-5 is far above 1
-    assert big[10]["delta"] == 10 * math.exp(72.0) * 1e-5
+    big = {e["k"]: e for e in group_privacy(8.0, 1e-5, None, 100)["entries"]}
+    assert not big[5]["meaningful"]  # 5 e^32 1e-5 is far above 1
+    assert big[10]["delta"] == 10 * math.exp(72.0) * 1e-5  # the bound itself, never capped
+
+
+def _first_without_guarantee(eps: float, delta: float, threshold: float) -> int:
+    k = 1
+    while k * math.exp((k - 1) * eps) * delta < threshold:
+        k += 1
+    return k
+
+
+def test_group_privacy_is_meaningful_only_below_one_over_n() -> None:
+    # the new user's site: 100 images, epsilon 7.996 at delta 1e-5; k = 2 gives delta 0.0594, six times 1/n
+    gp = group_privacy(7.996, 1e-5, 10, 100)
+    entries = {e["k"]: e for e in gp["entries"]}
+
+    assert (gp["meaningful_threshold"], gp["meaningful_threshold_basis"]) == (0.01, "1/n, n = 100 images")
+    assert entries[1]["meaningful"] and not entries[2]["meaningful"] and 0.05 < entries[2]["delta"] < 0.06
+    assert gp["no_guarantee_from"] == 2
+    # n unknown: 1e-3, and the JSON says so
+    unknown = group_privacy(7.996, 1e-5, None, None)
+    assert unknown["meaningful_threshold"] == 1e-3 and "n is unknown" in unknown["meaningful_threshold_basis"]
+    # the first k without a guarantee is exact, also far beyond the k the table lists
+    cases = ((0.5, 1e-6, 40), (0.05, 1e-7, 1000), (0.0, 1e-6, 50), (2.0, 1e-5, None), (0.3, 0.02, 40), (1.0, 0.05, 40))
+    for eps, delta, n in cases:
+        gp = group_privacy(eps, delta, None, n)
+        assert gp["no_guarantee_from"] == _first_without_guarantee(eps, delta, gp["meaningful_threshold"])
+        for e in gp["entries"]:
+            assert e["meaningful"] == (e["k"] < gp["no_guarantee_from"])
 
 
 def test_group_privacy_uses_the_most_images_one_person_has_at_the_site(fed: Federation, report: dict[str, Any]) -> None:
@@ -278,7 +306,49 @@ def test_group_privacy_uses_the_most_images_one_person_has_at_the_site(fed: Fede
         assert site["people"]["identities"] == fed.identities[site["site"]]
         assert mine["k"] == largest and mine["epsilon"] == largest * site["epsilon"]["lifetime"]
         if not mine["meaningful"]:
-            assert f"one with {largest} images" in site["statement"] and "no meaningful guarantee" in site["statement"]
+            assert f"the most one person has here is {largest} images: no meaningful guarantee for them" in site["statement"]
+
+
+def _without_images(text: str) -> str:
+    return re.sub(r'src="data:image/png;base64,[^"]+"', "", text)
+
+
+def test_a_group_delta_at_or_above_one_is_no_guarantee_in_text_and_exact_in_json(report: dict[str, Any]) -> None:
+    site = report["sites"][0]
+    eps = site["epsilon"]["lifetime"]
+    five = next(e for e in site["group_privacy"]["entries"] if e["k"] == 5)
+    assert five["delta"] == 5 * math.exp(4 * eps) * DELTA > 1  # the JSON keeps the bound as computed
+    assert repr(five["delta"]) in render_report(report, "json") or json.dumps(five["delta"]) in render_report(report, "json")
+
+    md, html, text_csv = (_without_images(render_report(report, fmt)) for fmt in ("md", "html", "csv"))
+    shown = f"epsilon {format_epsilon(5 * eps, rounding='up')}, delta \u2265 1 (no meaningful guarantee)"
+    assert f"| 5 | {shown} |" in md and f"<td>5</td><td>{shown}</td>" in html
+    for text in (md, html, text_csv, *(s["statement"] for s in report["sites"])):
+        assert not re.search(r"\de\+\d", text)  # no delta of 2.38e+05 anywhere a person reads
+
+
+def test_the_statement_says_from_how_many_images_on_there_is_no_guarantee(fed: Federation, report: dict[str, Any]) -> None:
+    site = report["sites"][0]
+    n = fed.examples[SITES[0]]
+    first = _first_without_guarantee(site["epsilon"]["lifetime"], DELTA, 1 / n)
+    assert site["group_privacy"]["no_guarantee_from"] == first == 3
+    expected = f"from {first} images on, there is no meaningful guarantee (the group delta is not below 1/n = 1/{n})"
+    assert expected in site["statement"]
+    # a ledger-only report: the people are unknown, but n is the ledger's, and the statement still says it
+    own = privacy_report_for_ledger(_ledger(fed, SITES[0]))["sites"][0]
+    assert own["people"]["max_images_per_person"] is None
+    assert f"from {first} images on, there is no meaningful guarantee" in own["statement"]
+    assert "how many images one person has at this site is not known" in own["statement"]
+    # the new user's site: already 2 images are past 1/n
+    user = copy.deepcopy(own)
+    user["group_privacy"] = group_privacy(7.996, 1e-5, None, 100)
+    text = statement(user, run=None, generated_at="2026-05-09T10:00:00+00:00")
+    assert "for a person with 2 or more images there is no meaningful guarantee (the group delta is not below 1/n = 1/100" in text
+    # n unknown: the 1e-3 threshold, said
+    user["group_privacy"] = group_privacy(0.5, 1e-6, None, None)
+    first = _first_without_guarantee(0.5, 1e-6, 1e-3)
+    text = statement(user, run=None, generated_at="2026-05-09T10:00:00+00:00")
+    assert f"from {first} images on, there is no meaningful guarantee (the group delta is not below 0.001 (the number" in text
 
 
 def test_delta_against_one_over_n(fed: Federation, report: dict[str, Any]) -> None:
@@ -377,8 +447,35 @@ def test_statement_rounds_epsilon_up_and_remaining_down(report: dict[str, Any], 
 def test_a_group_delta_is_shown_rounded_up() -> None:
     assert format_up(0.13531) == "0.136"
     assert format_up(1.2301e30) == "1.24e+30"
-    assert format_up(1e-5) == "1.00e-5"
+    assert format_up(1e-5) == "1e-05" == f"{1e-5:g}"  # every delta of a report written one way
+    assert format_up(3.881e9) == "3.89e+09" and format_up(1234.0) == "1240"
     assert format_up(1.5565, 4, down=True) == "1.556"
+
+
+def test_markdown_has_the_sign_lines_and_the_problems_sections_the_html_has(report: dict[str, Any]) -> None:
+    md, html = render_report(report, "md"), render_report(report, "html")
+
+    for label in ("Signed:", "Date (UTC):"):
+        assert len(re.findall(rf"^{re.escape(label)} _+$", md, flags=re.M)) == len(SITES)
+        assert html.count(f"<span>{label}</span>") == len(SITES)
+    assert "## Problems\n\nNo problems: the figures agree wherever they were compared.\n" in md
+    assert md.count("### Problems\n\nNo problems: the figures agree wherever they were compared.\n") == len(SITES)
+    assert html.count("No problems: the figures agree wherever they were compared.") == len(SITES) + 1
+
+
+def test_text_shows_times_to_the_second_counts_with_plurals_and_deltas_one_way(report: dict[str, Any]) -> None:
+    site = report["sites"][0]
+    created = site["mechanism"]["sessions"][0]["created_at"]
+    assert re.fullmatch(r"\S+T\d\d:\d\d:\d\d\.\d+\+00:00", created)  # the JSON keeps the ledger's full ISO time
+    assert "(3 sessions in 1 run)" in site["statement"] and "in 1 runs" not in site["statement"]
+
+    for fmt in ("md", "html"):
+        text = re.sub(r"\(signed [^,]+,", "", _without_images(render_report(report, fmt)))  # a receipt's own time, as signed
+        assert "+00:00" not in text and not re.search(r"\d\d:\d\d:\d\d\.\d", text)
+        assert "(s)" not in text
+        assert "delta 1e-05" in text and "1.00e-5" not in text
+    assert "+00:00" not in re.sub(r"\(signed [^,]+,", "", site["statement"])
+    assert re.search(r"Sessions from \d{4}-\d\d-\d\d \d\d:\d\d:\d\d to \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\.", site["statement"])
 
 
 def test_no_identity_name_image_or_key_in_any_format(fed: Federation, report: dict[str, Any]) -> None:
@@ -405,7 +502,7 @@ def test_a_run_store_figure_one_bit_off_the_ledger_is_a_problem(tmp_path: Path, 
     assert any("the run store records" in p and "for run run-test-0001 round 2" in p for p in problems)  # its receipt
     assert out["problems"] == [f"{SITES[0]}: {p}" for p in problems]
     assert out["sites"][0]["receipts"]["verified"] is False
-    assert "problem(s) were found" in out["sites"][0]["statement"]
+    assert re.search(r"\b\d+ problems? (was|were) found", out["sites"][0]["statement"])
 
 
 def _tamper(path: Path, sql: str) -> None:
@@ -504,7 +601,7 @@ def test_a_lifetime_spend_that_goes_down_is_a_problem(tmp_path: Path) -> None:
     assert site["epsilon"]["lifetime"] == 5.0 and site["budget"]["remaining"] == 5.0
     [down] = [p for p in site["problems"] if "went down" in p]
     assert "from 5.0 (run B round 1, 2026-05-09T10:01:00" in down and "to 3.0 (run A round 2, 2026-05-09T11:01:00" in down
-    assert "at most epsilon 5.000" in site["statement"] and "problem(s) were found" in site["statement"]
+    assert "at most epsilon 5.000" in site["statement"] and "1 problem was found" in site["statement"]
     assert row.epsilon == 5.0
 
 
@@ -522,9 +619,9 @@ def test_the_run_epsilon_is_unknown_when_a_charged_round_reports_no_mechanism(tm
     assert site["epsilon"]["run"] is None and site["epsilon"]["lifetime"] == spends[2]
     assert [r["epsilon_run"] for r in site["rounds"]] == [spends[0], None, None]
     assert (site["mechanism"]["rounds"], site["mechanism"]["rounds_unreported"]) == (1, [2, 3])
-    assert any(p.startswith("round(s) 2, 3 of run r charged the site's budget") and "unknown" in p for p in site["problems"])
+    assert any(p.startswith("rounds 2, 3 of run r charged the site's budget") and "unknown" in p for p in site["problems"])
     assert "40 steps in 1 rounds" not in site["statement"]
-    assert "40 steps in the 1 round(s) of run r whose mechanism it reported" in site["statement"]
+    assert "40 steps in the 1 round of run r whose mechanism it reported" in site["statement"]
     assert "what this run alone spent is unknown" in site["statement"]
     assert [p["max_epsilon_run"] for p in report["accuracy_vs_epsilon"]] == [spends[0], None, None]
     md = render_report(report, "md")
@@ -549,7 +646,7 @@ def test_the_run_epsilon_is_unknown_not_zero_when_no_round_reports_its_mechanism
     never = privacy_report_for_run(refused)["sites"][0]
 
     assert site["epsilon"]["run"] is None and site["mechanism"]["rounds_unreported"] == [1]  # the refusal charged nothing
-    assert "It was charged for round(s) 1 of run r, but did not report the mechanism of any of them." in site["statement"]
+    assert "It was charged for round 1 of run r, but did not report the mechanism of it." in site["statement"]
     assert never["epsilon"]["run"] == 0.0 and never["problems"] == []  # refused every round: this run spent nothing
 
 
@@ -632,7 +729,8 @@ def test_an_infinite_epsilon_is_strict_json_and_renders_everywhere(tmp_path: Pat
     site = parsed["sites"][0]
     assert site["epsilon"]["lifetime"] == "inf" and site["rounds"][0]["epsilon_lifetime"] == "inf"
     assert {(e["epsilon"], e["delta"], e["meaningful"]) for e in site["group_privacy"]["entries"]} == {("inf", 1.0, False)}
-    assert "epsilon inf, delta 1: no meaningful guarantee" in report["sites"][0]["statement"]
+    assert "even for one image there is no meaningful guarantee (epsilon is infinite)" in report["sites"][0]["statement"]
+    assert "epsilon inf, delta \u2265 1 (no meaningful guarantee)" in render_report(report, "md")
     [row] = list(csv.DictReader(io.StringIO(render_report(report, "csv"))))
     assert float(row["epsilon_lifetime"]) == math.inf and row["epsilon_lifetime_display"] == "inf"
     assert "<td>inf</td>" in render_report(report, "html")
@@ -689,7 +787,62 @@ def test_ledger_report_checks_a_receipts_file(fed: Federation, tmp_path: Path) -
     site = privacy_report_for_ledger(_ledger(fed, SITES[0]), site=SITES[0], receipts_path=receipts)["sites"][0]
 
     assert (site["receipts"]["checked"], site["receipts"]["verified"], site["receipts"]["count"]) == (True, True, ROUNDS)
-    assert site["receipts"]["summary"].startswith(f"the ledger matches its {ROUNDS} receipt(s)")
+    assert site["receipts"]["summary"].startswith(f"the ledger matches its {ROUNDS} receipts")
+
+
+def _receipts_file(fed: Federation, path: Path, sites: list[str] | None = None) -> Path:
+    """The receipts the run store keeps, as `fedface privacy receipts` exports them (every site's without ``sites``)."""
+    with RunStore(fed.run_dir / "runs.sqlite", create=False) as store:
+        stored = [r.receipt for r in store.receipts() if sites is None or r.site in sites]
+    write_receipts(path, stored)
+    return path
+
+
+def test_ledger_report_takes_its_own_receipts_from_a_file_of_every_sites(fed: Federation, tmp_path: Path) -> None:
+    every = _receipts_file(fed, tmp_path / "all.receipts.jsonl")
+
+    report = privacy_report_for_ledger(_ledger(fed, SITES[0]), receipts_path=every)
+
+    receipts = report["sites"][0]["receipts"]
+    assert (receipts["checked"], receipts["verified"], receipts["count"], receipts["left_out"]) == (True, True, ROUNDS, 6)
+    assert receipts["problems"] == [] and report["problems"] == []
+    assert receipts["summary"].endswith("; 6 receipts of other sites (data sets 'site-001', 'site-002') left out")
+    assert "| other sites' receipts left out | 6 |" in render_report(report, "md")
+
+
+def test_a_file_of_other_sites_receipts_only_is_one_clear_problem(fed: Federation, tmp_path: Path) -> None:
+    others = _receipts_file(fed, tmp_path / "others.jsonl", sites=SITES[1:])
+
+    receipts = privacy_report_for_ledger(_ledger(fed, SITES[0]), receipts_path=others)["sites"][0]["receipts"]
+
+    assert (receipts["verified"], receipts["count"], receipts["left_out"]) == (False, 0, 6)
+    assert receipts["problems"] == [
+        f"receipts file {others} holds receipts of other sites only (data sets 'site-001', 'site-002'), none of this "
+        "ledger's data sets ('site-000') nor signed by its site's key: export this site's with "
+        "`fedface privacy receipts --run-store RUN_STORE --site site-000 --out FILE`"
+    ]
+
+
+def test_a_file_of_every_sites_receipts_still_catches_a_rollback_and_a_receipt_under_another_key(
+    tmp_path: Path, yale_a_root: Path
+) -> None:
+    fed = _build(tmp_path, yale_a_root)
+    every = _receipts_file(fed, tmp_path / "all.jsonl")
+    # a receipt naming site-000's data set, signed by site-001's key
+    [theirs] = [r for r in read_receipts(every) if r.dataset == SITES[1]][:1]
+    forged = sign(dataclasses.replace(theirs, dataset=SITES[0]), receipt_key(fed.ledger_dir / SITES[1]))
+    mixed = tmp_path / "mixed.jsonl"
+    write_receipts(mixed, [*read_receipts(every), forged])
+    _tamper(_ledger(fed, SITES[0]), "DROP TRIGGER sessions_no_delete; DELETE FROM sessions WHERE id = 3; "
+            "UPDATE sqlite_sequence SET seq = 2 WHERE name = 'sessions'; "
+            "CREATE TRIGGER sessions_no_delete BEFORE DELETE ON sessions BEGIN SELECT RAISE(ABORT, 'x'); END;")
+
+    rolled = privacy_report_for_ledger(_ledger(fed, SITES[0]), receipts_path=every)["sites"][0]["receipts"]
+    foreign = privacy_report_for_ledger(_ledger(fed, SITES[0]), receipts_path=mixed)["sites"][0]["receipts"]
+
+    assert rolled["verified"] is False and any("is behind its receipts" in p for p in rolled["problems"])
+    assert foreign["verified"] is False and foreign["left_out"] == 6
+    assert any("not by this site's key" in p and "--site SITE" in p for p in foreign["problems"])
 
 
 # --- the CLI -----------------------------------------------------------------------------------
@@ -739,12 +892,41 @@ def test_cli_bad_format_and_bad_combinations_are_one_line_and_exit_3(fed: Federa
     assert code == 11 and err.startswith("LedgerError: no privacy ledger at") and err.count("\n") == 1
 
 
+def test_cli_out_must_be_a_file_path_in_an_existing_folder(fed: Federation, tmp_path: Path) -> None:
+    ledger = str(_ledger(fed, SITES[0]))
+
+    assert _cli("--ledger", ledger, "--out", str(tmp_path))[::2] == (
+        3, f"ConfigError: --out {tmp_path} is a directory: --out must be a file path, e.g. --out {tmp_path / 'report.md'}\n"
+    )
+    missing = tmp_path / "no" / "such" / "report.md"
+    assert _cli("--ledger", ledger, "--out", str(missing))[::2] == (
+        3, f"ConfigError: --out {missing}: its folder {missing.parent} does not exist: create it first, or pass a file path "
+        "in an existing folder\n"
+    )
+    (tmp_path / "a-file").write_text("")
+    code, _, err = _cli("--ledger", ledger, "--format", "html", "--out", str(tmp_path / "a-file" / "r.html"))
+    assert code == 3 and err.startswith("ConfigError: --out ") and "must be a file path" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing made, nothing left
+
+
+def test_cli_ledger_with_a_run_option_says_it_goes_with_run_dir(fed: Federation) -> None:
+    ledger = str(_ledger(fed, SITES[0]))
+
+    assert _cli("--ledger", ledger, "--run", RUN)[::2] == (
+        3, "ConfigError: --run goes with RUN_DIR, not --ledger: drop it or report on the run\n"
+    )
+    assert _cli("--ledger", ledger, "--run", RUN, "--ledger-dir", str(fed.ledger_dir))[::2] == (
+        3, "ConfigError: --run and --ledger-dir go with RUN_DIR, not --ledger: drop them or report on the run\n"
+    )
+
+
 def test_cli_writes_the_report_to_a_file(fed: Federation, tmp_path: Path) -> None:
     out = tmp_path / "reports" / "report.json"
+    out.parent.mkdir()
 
     code, stdout, err = _cli(str(fed.run_dir), "--format", "json", "--out", str(out))
 
     assert code == 0 and stdout == ""
-    assert "wrote the privacy report (json, 3 site(s), 0 problem(s))" in " ".join(err.split())
+    assert "wrote the privacy report (json, 3 sites, 0 problems)" in " ".join(err.split())
     assert json.loads(out.read_text())["schema"] == SCHEMA
     assert [p.name for p in out.parent.iterdir()] == ["report.json"]  # no temporary file left
