@@ -97,6 +97,8 @@ def check_password(password: str) -> None:
     """ConfigError unless the password is long enough to stand an offline guess."""
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ConfigError(f"the console password must have at least {MIN_PASSWORD_LENGTH} characters, got {len(password)}")
+    if not password.strip():
+        raise ConfigError("the console password cannot be only spaces: choose a passphrase of words")
 
 
 def check_user(user: str) -> None:

@@ -64,10 +64,15 @@ def init_admin(
 
     with user_errors():
         check_user(user)
+        if admin_dir.exists() and not admin_dir.is_dir():
+            raise ConfigError(f"--admin-dir {admin_dir} is a file: pass a directory (it is created if missing)")
         check_new_admin(admin_dir, force=force)
         password = _password(password_file)
         check_password(password)
-        target = write_admin(admin_dir, user=user, password=password, force=force)
+        try:
+            target = write_admin(admin_dir, user=user, password=password, force=force)
+        except OSError as exc:  # e.g. a parent of the directory is a file, or not writable
+            raise ConfigError(f"cannot write the console admin to {admin_dir}: {exc.strerror or exc}; pass a writable directory") from None
     err_console.print(f"console admin {user!r} written to {target}; serve the console with "
                       f"`fedface console serve --store RUN_DIR --admin-dir {admin_dir}`", soft_wrap=True, markup=False)
 
@@ -92,6 +97,44 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _check_tls(cert: Path, key: Path) -> None:
+    """ConfigError unless the key and the certificate load together (swapped, damaged, or a key of another certificate)."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--tls-cert {cert} and --tls-key {key} do not load as a certificate and its key ({exc.__class__.__name__}: "
+            f"{getattr(exc, 'reason', None) or exc}): check they are not swapped and belong together (`fedface keys init`)"
+        ) from None
+
+
+def _check_store(store: Path) -> None:
+    """RunDirError when the run store exists but is not one (a wrong --store); a missing one is waited for."""
+    from fedface.server.console.sources import store_file
+    from fedface.server.store import RunStore
+
+    path = store_file(store)
+    if path.exists():
+        with RunStore(path, create=False):
+            pass
+
+
+def _check_port(host: str, port: int) -> None:
+    """ConfigError when the address cannot be listened on (the port taken, or the address not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pass another --port (or --host)") from None
 
 
 @console_app.command("serve")
@@ -133,10 +176,14 @@ def serve(
             tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
         if gallery is not None and not gallery.is_dir():
             raise DataNotFoundError(f"no gallery directory {gallery}: pass the --store directory of `fedface gallery serve`")
+        if tls:
+            _check_tls(tls_cert, tls_key)  # type: ignore[arg-type]
+        _check_store(store)
         names = tuple(_allowed_host(name) for name in allowed_host or ())
         settings = Settings(store=store, admin_dir=admin_dir, gallery=gallery, ledger_dir=ledger_dir,
                             session_hours=session_hours, https=bool(tls), host=host, allowed_hosts=names)
         app = create_app(settings)
+        _check_port(host, port)
     if not tls and not _loopback(host):
         err_console.print(f"[yellow]warning: serving on {host} over plain HTTP: passwords and session cookies cross the "
                           "network in the clear; pass --tls-cert and --tls-key[/]", soft_wrap=True)
@@ -144,7 +191,8 @@ def serve(
         err_console.print(f"[yellow]warning: listening on {host} but answering only to {', '.join(settings.trusted_hosts)}: "
                           "pass --allowed-host NAME for the name browsers use to reach it[/]", soft_wrap=True)
     scheme = "https" if tls else "http"
-    err_console.print(f"fedface console on {scheme}://{host}:{port} reading {app.state.source.path}", soft_wrap=True, markup=False)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    err_console.print(f"fedface console on {scheme}://{shown}:{port} reading {app.state.source.path}", soft_wrap=True, markup=False)
     # no proxy headers: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1, i.e. from every
     # client of a loopback console, and the audit log's client column and the rate limit would be forged
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
