@@ -1057,6 +1057,7 @@ def test_serve_runs_uvicorn_with_a_short_shutdown_and_warns_off_loopback_without
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr("fedface.simulations.commands.console._check_port", lambda host, port: None)  # nothing listens
     args = ["console", "serve", "--store", str(tmp_path / "run"), "--admin-dir", str(admin_dir)]
 
     local = CliRunner().invoke(cli, args)
@@ -1075,6 +1076,7 @@ def test_serve_never_believes_x_forwarded_for(tmp_path: Path, admin_dir: Path, m
 
     calls: list[tuple[Any, dict[str, Any]]] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr("fedface.simulations.commands.console._check_port", lambda host, port: None)  # nothing listens
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
 
     done = CliRunner().invoke(cli, ["console", "serve", "--store", str(tmp_path / "run"), "--admin-dir", str(admin_dir)])
@@ -1092,6 +1094,8 @@ def test_serve_answers_the_allowed_hosts_and_refuses_a_bad_one(tmp_path: Path, a
 
     apps: list[Any] = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    # 10.1.2.3 is not this machine's: nothing listens, only the host names are looked at
+    monkeypatch.setattr("fedface.simulations.commands.console._check_port", lambda host, port: None)
     args = ["console", "serve", "--store", str(tmp_path / "run"), "--admin-dir", str(admin_dir), "--host", "10.1.2.3"]
 
     named = CliRunner().invoke(cli, [*args, "--allowed-host", "Console.Example.org", "--allowed-host", "[2001:db8::1]",
