@@ -38,7 +38,7 @@ def simulate(
     resume: Annotated[Optional[Path], typer.Option(help="Go on with the run in this directory after its last checkpointed round (its config; --rounds may raise the plan).")] = None,
     output_format: Annotated[str, typer.Option("--format", help="text, or json: the summary as one JSON object on stdout's last line.")] = "text",
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-v also shows Flower's and Ray's logs).")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings, errors and the closing summary only (no per-round progress).")] = False,
 ) -> None:
     """Federated training of the GRU face encoder over many simulated sites (Flower simulation engine).
 
