@@ -7,6 +7,7 @@ directory is an error, not a skip: a suite that silently skips its real-data tes
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,13 +73,25 @@ def _private_ledger(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     return path
 
 
+
 CHROMIUM = os.environ.get("FEDFACE_CHROMIUM", "/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, object]) -> dict[str, object]:
-    """pytest-playwright launches the system Chromium (``.ci/run`` installs Debian's); there is
-    no ``playwright install`` here, it would download a browser. A missing binary is an error."""
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """The system Chromium (``.ci/run`` installs Debian's) driven by Playwright's sync API, for
+    one test module: no ``playwright install`` (it would download a browser). Playwright's sync
+    API keeps an asyncio loop running in this thread while it is started, which breaks every
+    later ``asyncio.run`` in the session: so it is started per module and stopped after it,
+    not once per session (pytest-playwright's ``browser`` fixture is session-wide). Headless as
+    root, Playwright adds ``--no-sandbox``. A missing binary is an error, not a skip."""
+    from playwright.sync_api import sync_playwright
+
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"Chromium not found at {CHROMIUM}: install it (`apt-get install chromium fonts-dejavu-core`, as .ci/run does) or set FEDFACE_CHROMIUM")
-    return {**browser_type_launch_args, "executable_path": CHROMIUM}
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM)
+        try:
+            yield launched
+        finally:
+            launched.close()
