@@ -43,15 +43,27 @@ class DataConfig(_Section):
     """Where the faces are and how they are prepared."""
 
     root: Path = Field(default=Path("../shared/data/orl"), description="face data directory")
-    layout: Literal["auto", "orl", "olivetti", "yale-a", "extended-yale-b", "image-folder"] = "auto"
+    layout: Literal[
+        "auto", "orl", "olivetti", "yale-a", "extended-yale-b", "jaffe", "fer2013", "expression-folder", "image-folder"
+    ] = "auto"
     image_size: tuple[int, int] = Field(default=(64, 64), description="(height, width) in pixels")
     on_error: Literal["skip", "fail"] = "fail"
+    crop: tuple[float, float, float, float] | None = Field(
+        default=None,
+        description="(top, left, bottom, right) fractions kept before resizing; none: the layout's own (JAFFE), else the whole image",
+    )
 
     @model_validator(mode="after")
     def _check_size(self) -> DataConfig:
         h, w = self.image_size
         if h < 8 or w < 8:
             raise ValueError(f"data.image-size must be at least 8x8, got {h}x{w}")
+        if self.crop is not None:
+            top, left, bottom, right = self.crop
+            if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1):
+                raise ValueError(
+                    f"data.crop must be [top, left, bottom, right] fractions with 0 <= top < bottom <= 1 and 0 <= left < right <= 1, got {list(self.crop)}"
+                )
         return self
 
 
@@ -61,7 +73,19 @@ class SplitConfig(_Section):
     kind: Literal["closed-set", "open-set"] = "closed-set"
     train_per_identity: int = Field(default=5, ge=1, description="closed set: training images per identity")
     test_identities: int = Field(default=10, ge=1, description="open set: identities held out for testing")
+    folds: int = Field(
+        default=0, ge=0, description="open set: deal the identities (subjects) into this many folds and test on fold `fold` (0: test-identities instead)"
+    )
+    fold: int = Field(default=0, ge=0, description="open set with folds: the fold held out (0 .. folds - 1)")
     seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_fold(self) -> SplitConfig:
+        if self.folds == 1:
+            raise ValueError("split.folds must be 0 (off) or at least 2")
+        if self.folds and self.fold >= self.folds:
+            raise ValueError(f"split.fold must be below split.folds ({self.folds}), got {self.fold}")
+        return self
 
 
 class ModelConfig(_Section):
@@ -76,6 +100,9 @@ class ModelConfig(_Section):
     embedding_dim: int = Field(default=128, ge=2)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     downsample: int = Field(default=2, ge=1, le=8, description="average-pool the input by this factor first")
+    stem: tuple[int, ...] = Field(
+        default=(), description="channels of the convolutional stem's stages (empty: the GRUs read pixels); e.g. [32, 64, 128]"
+    )
 
     @model_validator(mode="after")
     def _check_passes(self) -> ModelConfig:
@@ -83,6 +110,10 @@ class ModelConfig(_Section):
             raise ValueError("model.passes must name at least one of rows, columns, patches")
         if len(set(self.passes)) != len(self.passes):
             raise ValueError(f"model.passes has a repeated entry: {list(self.passes)}")
+        if self.stem and "patches" in self.passes:
+            raise ValueError("model.passes cannot include patches with a model.stem: the stem's feature map is read by rows and columns")
+        if len(self.stem) > 5 or any(c < 1 or c > 1024 for c in self.stem):
+            raise ValueError(f"model.stem must list at most 5 stages of 1..1024 channels, got {list(self.stem)}")
         return self
 
 
@@ -148,6 +179,10 @@ class TrainingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 keeps torch's default")
     eval_every: int = Field(default=5, ge=1, description="evaluate on the test part every N epochs (and at the end)")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="cross-entropy label smoothing (expressions)")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: autocast the training passes to bfloat16 (about 2x faster on CPUs with AVX512-BF16); evaluation stays fp32"
+    )
     init_from: Path | None = Field(
         default=None, description="start the encoder from this checkpoint's encoder (same model section), e.g. public pre-training"
     )
@@ -319,6 +354,12 @@ class TrainConfig(_Section):
         d = self.model.downsample
         if h % d or w % d:
             raise ValueError(f"model.downsample {d} must divide data.image-size {h}x{w}")
+        r = 2 ** len(self.model.stem)
+        if (h // d) % r or (w // d) % r:
+            raise ValueError(
+                f"model.stem has {len(self.model.stem)} stages, each halving the sides: the image read, {h // d}x{w // d}, "
+                f"must be divisible by {r}"
+            )
         p = self.model.patch_size
         if "patches" in self.model.passes and ((h // d) % p or (w // d) % p):
             raise ValueError(

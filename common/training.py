@@ -8,6 +8,7 @@ shuffled fixed-size batches used here for the Poisson sampling that DP-SGD accou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -70,6 +71,13 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         yield perm[start : start + batch_size]
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
+    """bfloat16 autocast on ``device`` for ``precision = "bf16"``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def head_logits(head: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Training logits: margin heads take the labels (to apply the margin), others do not."""
     if isinstance(head, MarginHead):
@@ -90,6 +98,8 @@ def train_epoch(
     device: torch.device,
     epoch: int,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    label_smoothing: float = 0.0,
+    precision: str = "fp32",
 ) -> EpochStats:
     """Train encoder and head for one pass over ``batches``.
 
@@ -105,6 +115,10 @@ def train_epoch(
         Seeded generator for augmentation (on the CPU; draws are moved to the device).
     scheduler
         Stepped once per batch when given.
+    label_smoothing
+        Cross-entropy label smoothing.
+    precision
+        ``"bf16"`` runs the forward pass under bfloat16 autocast (the loss in float32).
     """
     encoder.train()
     head.train()
@@ -120,16 +134,17 @@ def train_epoch(
         yb = labels[idx]
         if augment_cfg is not None:
             xb = augment(xb, augment_cfg, generator=generator)
-        emb = encoder(xb)
-        logits = head_logits(head, emb, yb)
-        loss = F.cross_entropy(logits, yb)
+        with autocast(device, precision):
+            emb = encoder(xb)
+            logits = head_logits(head, emb, yb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         with torch.no_grad():
-            plain = head_logits(head, emb, None)
+            plain = head_logits(head, emb.float(), None)
             correct += int((plain.argmax(dim=1) == yb).sum())
         total_loss += float(loss.detach()) * len(idx)
         seen += len(idx)
@@ -225,6 +240,7 @@ def predict(
 
 __all__ = [
     "EpochStats",
+    "autocast",
     "embed",
     "head_logits",
     "predict",

@@ -24,7 +24,16 @@ from torch import nn
 
 from fedface.common.checkpoint import Checkpoint
 from fedface.common.config import TrainConfig
-from fedface.common.data import FaceSet, Split, load_faces, split_closed_set, split_open_set, to_tensor
+from fedface.common.data import (
+    FaceSet,
+    Split,
+    load_faces,
+    split_closed_set,
+    split_open_set,
+    split_open_set_folds,
+    to_tensor,
+)
+from fedface.common.data.expressions import EXPRESSION_CLASSES
 from fedface.common.data.transforms import AugmentConfig
 from fedface.common.errors import CheckpointError, ConfigError, RunDirError, SplitError
 from fedface.common.evaluation import evaluate_closed_set, evaluate_expression, evaluate_open_set
@@ -41,7 +50,7 @@ from fedface.common.privacy.dpsgd import (
 )
 from fedface.common.privacy.ledger import PrivacyLedger, default_ledger_path
 from fedface.common.privacy.per_sample import to_per_sample
-from fedface.common.training import EpochStats, embed, select_device, shuffled_batches, train_epoch
+from fedface.common.training import EpochStats, embed, predict, select_device, shuffled_batches, train_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +71,43 @@ class TaskData:
     class_names: tuple[str, ...]
 
 
-def expression_labels(faces: FaceSet) -> tuple[FaceSet, np.ndarray]:
-    conditions = faces.attributes.get("condition")
-    if conditions is None:
+def expression_classes(faces: FaceSet) -> tuple[str, ...]:
+    """The expression vocabulary of a data set: the shared seven classes
+    (:data:`~fedface.common.data.expressions.EXPRESSION_CLASSES`) for the expression layouts,
+    Yale A's own six (:data:`EXPRESSIONS`) for Yale A."""
+    if "expression" in faces.attributes:
+        return EXPRESSION_CLASSES
+    if "condition" in faces.attributes:
+        return EXPRESSIONS
+    raise ConfigError(
+        f"training.task = 'expression' needs faces labelled with expressions (FER2013, CK+ or any <emotion>/<image> "
+        f"folder, JAFFE, Yale A); the {faces.layout or 'loaded'} data at data.root has none: point --data at one of those"
+    )
+
+
+def expression_labels(faces: FaceSet, classes: tuple[str, ...] | None = None) -> tuple[FaceSet, np.ndarray]:
+    """The images whose expression is one of ``classes`` (default: the data set's own
+    vocabulary), and their class indices in ``classes``."""
+    names = classes if classes is not None else expression_classes(faces)
+    values = faces.attributes.get("expression") or faces.attributes.get("condition")
+    if values is None:
+        expression_classes(faces)  # raises the explanation
+        raise AssertionError("unreachable")
+    keep = np.array([v in names for v in values], dtype=bool)
+    if not keep.any():
         raise ConfigError(
-            f"training.task = 'expression' needs faces labelled with expressions (Yale A layout); "
-            f"{faces.layout or 'this'} data at the configured data.root has none"
+            f"none of the {len(values)} images at data.root shows an expression this model knows ({', '.join(names)})"
         )
-    keep = np.array([c in EXPRESSIONS for c in conditions])
     subset = faces.subset(np.flatnonzero(keep))
-    labels = np.array([EXPRESSIONS.index(c) for c in subset.attributes["condition"]], dtype=np.int64)
+    key = "expression" if "expression" in faces.attributes else "condition"
+    labels = np.array([names.index(v) for v in subset.attributes[key]], dtype=np.int64)
     return subset, labels
+
+
+def load_config_faces(cfg: TrainConfig) -> FaceSet:
+    """The faces ``cfg.data`` names, loaded as it says."""
+    crop = tuple(cfg.data.crop) if cfg.data.crop is not None else None
+    return load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=crop)  # type: ignore[arg-type]
 
 
 def prepare_task_data(
@@ -84,13 +119,12 @@ def prepare_task_data(
     replaces the one ``cfg.split`` would draw; its kind then decides the protocol.
     """
     if faces is None:
-        faces = load_faces(
-            cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error
-        )
+        faces = load_config_faces(cfg)
     if faces.skipped:
         logger.warning("skipped %d unreadable image(s); see the log above for paths and reasons", len(faces.skipped))
     if cfg.training.task == "expression":
-        faces, class_labels = expression_labels(faces)
+        expression_names = expression_classes(faces)
+        faces, class_labels = expression_labels(faces, expression_names)
     else:
         class_labels = faces.labels
     if split is None and split_path is not None:
@@ -98,7 +132,13 @@ def prepare_task_data(
     kind = split.kind if split is not None else cfg.split.kind
     if cfg.training.task == "expression" and kind != "open-set":
         raise ConfigError("training.task = 'expression' holds subjects out: set split.kind = 'open-set'")
-    if split is None and kind == "open-set":
+    if split is None and kind == "open-set" and cfg.split.folds:
+        if cfg.split.folds > faces.num_identities:
+            raise SplitError(
+                f"split.folds = {cfg.split.folds} needs at least that many subjects; {faces.num_identities} are present: lower it"
+            )
+        split = split_open_set_folds(faces, folds=cfg.split.folds, seed=cfg.split.seed)[cfg.split.fold]
+    elif split is None and kind == "open-set":
         if cfg.split.test_identities >= faces.num_identities:
             raise SplitError(
                 f"split.test-identities = {cfg.split.test_identities} leaves no training identity "
@@ -110,7 +150,7 @@ def prepare_task_data(
     train, test = faces.subset(split.train), faces.subset(split.test)
     train_labels, test_labels = class_labels[split.train], class_labels[split.test]
     if cfg.training.task == "expression":
-        names = EXPRESSIONS
+        names = expression_names
     elif split.kind == "open-set":
         train = train.relabel()
         train_labels = train.labels
@@ -140,7 +180,14 @@ def evaluate_task(
     by the protocol of the split actually used (``data.split.kind``)."""
     if cfg.training.task == "expression":
         return evaluate_expression(
-            encoder, head, data.test.images, data.test_labels, cfg.evaluation, device=device, with_occlusion=with_occlusion
+            encoder,
+            head,
+            data.test.images,
+            data.test_labels,
+            cfg.evaluation,
+            device=device,
+            with_occlusion=with_occlusion,
+            class_names=data.class_names,
         )
     if data.split.kind == "open-set":
         return evaluate_open_set(encoder, data.test, cfg.evaluation, device=device, with_occlusion=with_occlusion)
@@ -246,6 +293,7 @@ def train_run(
                 augment_cfg=aug,
                 generator=generator,
                 epoch=epoch,
+                label_smoothing=cfg.training.label_smoothing,
             )
         else:
             stats = train_epoch(
@@ -260,6 +308,8 @@ def train_run(
                 generator=generator,
                 device=device,
                 epoch=epoch,
+                label_smoothing=cfg.training.label_smoothing,
+                precision=cfg.training.precision,
             )
         row: dict[str, float] = {
             "epoch": epoch,
@@ -302,6 +352,19 @@ def train_run(
             **_privacy_summary(private),
         }
         atomic_write_json(out_dir / "metrics.json", summary)
+        if cfg.training.task == "expression":
+            from fedface.simulations.confusion import write_confusion
+
+            pred = predict(
+                encoder,
+                head,
+                to_tensor(data.test.images),
+                device=device,
+                flip_tta=cfg.evaluation.flip_tta,
+                shift_tta=cfg.evaluation.shift_tta,
+            )
+            title = f"{Path(cfg.data.root).name}: {len(data.test)} test images, accuracy {metrics.get('expression_acc', float('nan')):.3f}"
+            write_confusion(out_dir, data.test_labels, pred, data.class_names, title)
         Checkpoint(
             config=cfg,
             task=cfg.training.task,
@@ -392,7 +455,10 @@ class _PrivateTraining:
         )
         private_encoder = to_per_sample(encoder).to(device)
         if pc.trainable == "neck":
-            for p in private_encoder.rnns.parameters():
+            frozen = list(private_encoder.rnns.parameters())
+            if private_encoder.stem is not None:
+                frozen += list(private_encoder.stem.parameters())
+            for p in frozen:
                 p.requires_grad_(False)
         return cls(cfg, plan, private_encoder, dataset, Path(ledger_path), session.epsilon_after)
 
@@ -444,7 +510,18 @@ def _privacy_summary(private: _PrivateTraining | None) -> dict[str, Any]:
     }
 
 
-__all__ = ["EXPRESSIONS", "RunResult", "TaskData", "evaluate_task", "load_encoder_init", "prepare_task_data", "train_run"]
+__all__ = [
+    "EXPRESSIONS",
+    "RunResult",
+    "TaskData",
+    "evaluate_task",
+    "expression_classes",
+    "expression_labels",
+    "load_config_faces",
+    "load_encoder_init",
+    "prepare_task_data",
+    "train_run",
+]
 
 
 def evaluate_checkpoint(
@@ -524,7 +601,7 @@ def evaluate_checkpoint(
         ) from None
     encoder.to(device)
     head.to(device)
-    faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
+    faces = load_config_faces(cfg)
     # finite weights can still overflow (a corrupted exponent bit): try a few faces first
     probe = embed(encoder, to_tensor(faces.images[:16]), device=device, flip_tta=False)
     if not np.isfinite(probe).all():
@@ -535,9 +612,10 @@ def evaluate_checkpoint(
         metrics = evaluate_task(cfg, data_task, encoder, head, device)
         return {**result, "protocol": f"test part of the {data_task.split.kind} split {split_path}", **metrics}
     if ckpt.task == "expression":
-        expr_faces, labels = expression_labels(faces)
+        expr_faces, labels = expression_labels(faces, tuple(ckpt.class_names) or None)
+        names = tuple(ckpt.class_names) or expression_classes(faces)
         return {**result, "protocol": "all images, unseen subjects", **evaluate_expression(
-            encoder, head, expr_faces.images, labels, cfg.evaluation, device=device
+            encoder, head, expr_faces.images, labels, cfg.evaluation, device=device, class_names=names
         )}
     return {**result, "protocol": "all images, unseen identities", **evaluate_open_set(encoder, faces, cfg.evaluation, device=device)}
 

@@ -46,6 +46,27 @@ def yaleb_root(data_root: Path) -> Path:
     return data_root / "extended_yaleb"
 
 
+@pytest.fixture(scope="session")
+def ckplus_root(data_root: Path) -> Path:
+    return data_root / "ckplus48"
+
+
+@pytest.fixture(scope="session")
+def jaffe_root(data_root: Path) -> Path:
+    return data_root / "jaffe"
+
+
+@pytest.fixture(scope="session")
+def fer_root(data_root: Path) -> Path:
+    """FER2013's release folder (it holds ``train/``)."""
+    return data_root / "fer2013"
+
+
+@pytest.fixture(scope="session")
+def lfw_root(data_root: Path) -> Path:
+    return data_root / "lfw_dev"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     """One torch thread: the suite runs on 2-core machines beside other work; oversubscribed

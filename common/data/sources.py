@@ -14,10 +14,13 @@ Supported layouts (``layout=`` name, what the root directory holds):
     Extended Yale B, cropped: ``yaleBNN/yaleBNN_P00A+AAAE+EE.pgm``.
 ``"image-folder"``
     ``<identity>/<image>`` with png, jpg, jpeg, pgm, ppm, bmp, gif, tif, tiff or webp files.
+``"expression-folder"``, ``"fer2013"``, ``"jaffe"``
+    Facial-expression sets (FER2013, CK+, JAFFE): see :mod:`fedface.common.data.expressions`;
+    labels are subjects and ``attributes["expression"]`` the expression.
 
-Every image is decoded, converted to 8-bit grey (PIL ``convert("L")``), resized to
-``size = (height, width)`` with a Lanczos filter (no crop: the aspect ratio is not kept) and
-scaled to float32 in [0, 1].
+Every image is decoded, converted to 8-bit grey (PIL ``convert("L")``), cropped when a crop
+is given (or the layout has one: JAFFE), resized to ``size = (height, width)`` with a Lanczos
+filter (the aspect ratio is not kept) and scaled to float32 in [0, 1].
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 from fedface.common.data.faceset import FaceSet, SkippedFile
+from fedface.common.data.expressions import (
+    LAYOUT_CROPS,
+    list_expression_folder,
+    list_fer2013,
+    list_jaffe,
+    looks_like_expression_folder,
+    looks_like_fer2013,
+    looks_like_jaffe,
+)
+from fedface.common.data.files import IMAGE_EXTENSIONS, Entry, dir_has, is_image_name, natural_key, scan
 from fedface.common.errors import (
     ConfigError,
     CorruptImageError,
@@ -46,6 +59,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "YALE_A_CONDITIONS",
+    "Crop",
     "Layout",
     "detect_layout",
     "load_faces",
@@ -54,16 +68,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Layout = Literal["auto", "orl", "olivetti", "yale-a", "extended-yale-b", "image-folder"]
+Layout = Literal[
+    "auto", "orl", "olivetti", "yale-a", "extended-yale-b", "jaffe", "fer2013", "expression-folder", "image-folder"
+]
+#: A crop box: (top, left, bottom, right) as fractions of the image's height and width.
+Crop = tuple[float, float, float, float]
 OnError = Literal["skip", "fail"]
 
 #: Concrete layouts, in the order ``layout="auto"`` tries them.
-LAYOUTS: tuple[str, ...] = ("olivetti", "yale-a", "extended-yale-b", "orl", "image-folder")
-
-#: File extensions (lower case, with the dot) that the ImageFolder layout reads.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+LAYOUTS: tuple[str, ...] = (
+    "olivetti", "yale-a", "extended-yale-b", "orl", "jaffe", "expression-folder", "fer2013", "image-folder"
 )
+
 
 #: The eleven Yale A conditions, as they appear in the file names.
 YALE_A_CONDITIONS: tuple[str, ...] = (
@@ -95,14 +111,18 @@ _ORL_FILE_RE = re.compile(r"^\d+\.pgm$")
 
 _EXPECTED = (
     "an Olivetti cache (olivetti_py3.pkz), Yale A files (subjectNN.<condition>[.gif]), "
-    "Extended Yale B folders (yaleBNN/yaleBNN_P00A+AAAE+EE.pgm), ORL folders (sN/M.pgm) "
-    "or one folder of images per identity (ImageFolder: <identity>/<image>)"
+    "Extended Yale B folders (yaleBNN/yaleBNN_P00A+AAAE+EE.pgm), ORL folders (sN/M.pgm), "
+    "JAFFE files (KA.AN1.39.tiff), expression folders (<emotion>/<image>, or FER2013's "
+    "<split>/<emotion>/<image>) or one folder of images per identity (ImageFolder: <identity>/<image>)"
 )
 _PATTERNS = {
     "orl": "ORL images (sN/M.pgm)",
     "yale-a": "Yale A images (subjectNN.<condition>[.gif])",
     "extended-yale-b": "Extended Yale B images (yaleBNN/yaleBNN_P00A+AAAE+EE.pgm)",
     "image-folder": "ImageFolder images (<identity>/<image>.png|jpg|pgm|...)",
+    "jaffe": "JAFFE images (<subject>.<code><n>.<number>.tiff, codes AN DI FE HA NE SA SU)",
+    "fer2013": "FER2013 images (<split>/<emotion>/<image>, emotions angry disgust fear happy neutral sad surprise)",
+    "expression-folder": "expression images (<emotion>/<image>, emotions angry disgust fear happy neutral sad surprise)",
 }
 
 # Below this many files the thread pool costs more than it saves.
@@ -118,14 +138,6 @@ _DECODE_ERRORS = (
 )
 
 
-class _Entry(NamedTuple):
-    """One image file found by a lister: where it is, whose it is, and its attributes."""
-
-    path: Path
-    identity: str
-    attrs: tuple[tuple[str, str], ...]
-
-
 class _Decoded(NamedTuple):
     """A decoded image (pixels and content digest) or the reason it could not be decoded."""
 
@@ -138,31 +150,6 @@ class _Decoded(NamedTuple):
 # helpers
 
 
-def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that orders embedded numbers numerically (``s2`` before ``s10``)."""
-    parts = re.split(r"(\d+)", text)
-    return tuple((1, int(p)) if p.isdigit() else (0, p) for p in parts if p)
-
-
-def _visible(entries: Sequence[os.DirEntry[str]]) -> list[os.DirEntry[str]]:
-    """Drop hidden entries (``.DS_Store``, ``.git``)."""
-    return [e for e in entries if not e.name.startswith(".")]
-
-
-def _scan(path: Path) -> tuple[list[str], list[str]]:
-    """Names of the visible files and directories directly under ``path``, naturally sorted."""
-    with os.scandir(path) as it:
-        entries = _visible(list(it))
-    files = sorted((e.name for e in entries if e.is_file()), key=_natural_key)
-    dirs = sorted((e.name for e in entries if e.is_dir()), key=_natural_key)
-    return files, dirs
-
-
-def _is_image_name(name: str) -> bool:
-    """Whether a file name carries one of :data:`IMAGE_EXTENSIONS`."""
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 def _is_yaleb_name(name: str) -> bool:
     """Whether a file name follows ``yaleBNN_P00A+AAAE+EE.pgm``."""
     return _YALEB_FILE_RE.match(name) is not None
@@ -171,12 +158,6 @@ def _is_yaleb_name(name: str) -> bool:
 def _is_orl_name(name: str) -> bool:
     """Whether a file name follows ORL's ``M.pgm``."""
     return _ORL_FILE_RE.match(name) is not None
-
-
-def _dir_has(path: Path, predicate: Callable[[str], bool]) -> bool:
-    """Whether ``path`` directly holds a visible file whose name satisfies ``predicate``."""
-    with os.scandir(path) as it:
-        return any(not e.name.startswith(".") and predicate(e.name) and e.is_file() for e in it)
 
 
 def _check_root(path: Path) -> None:
@@ -226,19 +207,36 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
 # decoding
 
 
-def _preprocess(grey: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, bytes]:
-    """Digest the decoded 8-bit grey pixels, then resize to ``size`` and scale to [0, 1]."""
+def _check_crop(crop: Crop | None) -> Crop | None:
+    """Validate a crop box of fractions, 0 <= top < bottom <= 1 and 0 <= left < right <= 1."""
+    if crop is None:
+        return None
+    ok = isinstance(crop, (tuple, list)) and len(crop) == 4 and all(isinstance(c, (int, float)) for c in crop)
+    if not ok or not (0.0 <= crop[0] < crop[2] <= 1.0 and 0.0 <= crop[1] < crop[3] <= 1.0):
+        raise ConfigError(
+            f"crop must be (top, left, bottom, right) fractions with 0 <= top < bottom <= 1 and "
+            f"0 <= left < right <= 1, got {crop!r}"
+        )
+    return (float(crop[0]), float(crop[1]), float(crop[2]), float(crop[3]))
+
+
+def _preprocess(grey: Image.Image, size: tuple[int, int], crop: Crop | None = None) -> tuple[np.ndarray, bytes]:
+    """Digest the decoded 8-bit grey pixels, then crop, resize to ``size`` and scale to [0, 1]."""
     width, height = grey.size
     digest = hashlib.blake2b(
         f"{width}x{height}:".encode() + grey.tobytes(), digest_size=16
     ).digest()
+    if crop is not None and crop != (0.0, 0.0, 1.0, 1.0):
+        top, left, bottom, right = crop
+        box = (round(left * width), round(top * height), round(right * width), round(bottom * height))
+        grey = grey.crop((box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1)))
     if grey.size != (size[1], size[0]):
         grey = grey.resize((size[1], size[0]), Image.Resampling.LANCZOS)
     pixels = np.asarray(grey, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     return pixels, digest
 
 
-def _decode(path: Path, size: tuple[int, int]) -> _Decoded:
+def _decode(path: Path, size: tuple[int, int], crop: Crop | None = None) -> _Decoded:
     """Read one image file; never raises for a bad file, returns the reason instead."""
     try:
         if path.stat().st_size == 0:
@@ -249,11 +247,11 @@ def _decode(path: Path, size: tuple[int, int]) -> _Decoded:
         return _Decoded(None, b"", "not a recognised image format (corrupt header or not an image)")
     except _DECODE_ERRORS as exc:
         return _Decoded(None, b"", _one_line(f"{type(exc).__name__}: {exc}"))
-    pixels, digest = _preprocess(grey, size)
+    pixels, digest = _preprocess(grey, size, crop)
     return _Decoded(pixels, digest, "")
 
 
-def load_image(path: str | Path, size: tuple[int, int] = (64, 64)) -> np.ndarray:
+def load_image(path: str | Path, size: tuple[int, int] = (64, 64), crop: Crop | None = None) -> np.ndarray:
     """One image file, preprocessed exactly as :func:`load_faces` does: (H, W) float32 in [0, 1].
 
     Raises
@@ -267,66 +265,67 @@ def load_image(path: str | Path, size: tuple[int, int] = (64, 64)) -> np.ndarray
     """
     p = Path(path)
     out_size = _check_size(size)
+    box = _check_crop(crop)
     if not p.is_file():
         raise DataNotFoundError(f"image {p} not found" + (" (it is a directory)" if p.is_dir() else ""))
-    decoded = _decode(p, out_size)
+    decoded = _decode(p, out_size, box)
     if decoded.pixels is None:
         raise CorruptImageError(str(p), decoded.error)
     return decoded.pixels
 
 
-def _decode_all(entries: Sequence[_Entry], size: tuple[int, int]) -> list[_Decoded]:
+def _decode_all(entries: Sequence[Entry], size: tuple[int, int], crop: Crop | None = None) -> list[_Decoded]:
     """Decode every entry, in order, on a small thread pool when there are many."""
     workers = min(_MAX_WORKERS, os.cpu_count() or 1)
     if len(entries) < _MIN_FILES_FOR_POOL or workers < 2:
-        return [_decode(e.path, size) for e in entries]
+        return [_decode(e.path, size, crop) for e in entries]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedface-load") as pool:
-        return list(pool.map(lambda e: _decode(e.path, size), entries))
+        return list(pool.map(lambda e: _decode(e.path, size, crop), entries))
 
 
 # --------------------------------------------------------------------------------------------
 # listers: root -> entries in a deterministic order (identity natural order, then file order)
 
 
-def _list_orl(root: Path) -> list[_Entry]:
+def _list_orl(root: Path) -> list[Entry]:
     """ORL: ``sN/M.pgm``."""
-    _, dirs = _scan(root)
-    entries: list[_Entry] = []
+    _, dirs = scan(root)
+    entries: list[Entry] = []
     for name in dirs:
         if not _ORL_DIR_RE.match(name):
             continue
-        files, _ = _scan(root / name)
-        entries.extend(_Entry(root / name / f, name, ()) for f in files if _ORL_FILE_RE.match(f))
+        files, _ = scan(root / name)
+        entries.extend(Entry(root / name / f, name, ()) for f in files if _ORL_FILE_RE.match(f))
     return entries
 
 
-def _list_yale_a(root: Path) -> list[_Entry]:
+def _list_yale_a(root: Path) -> list[Entry]:
     """Yale A: ``subjectNN.<condition>[.gif]`` directly under the root."""
-    files, _ = _scan(root)
+    files, _ = scan(root)
     found: list[tuple[str, str, str]] = []
     for f in files:
         match = _YALE_A_RE.match(f)
         if match:
             found.append((match.group(1), match.group(2).lower(), f))
-    found.sort(key=lambda t: (_natural_key(t[0]), t[1], t[2]))
-    return [_Entry(root / f, subject, (("condition", cond),)) for subject, cond, f in found]
+    found.sort(key=lambda t: (natural_key(t[0]), t[1], t[2]))
+    return [Entry(root / f, subject, (("condition", cond),)) for subject, cond, f in found]
 
 
-def _list_yaleb(root: Path) -> list[_Entry]:
+def _list_yaleb(root: Path) -> list[Entry]:
     """Extended Yale B cropped: ``yaleBNN/yaleBNN_P00A+AAAE+EE.pgm``; ambient shots left out."""
-    _, dirs = _scan(root)
-    entries: list[_Entry] = []
+    _, dirs = scan(root)
+    entries: list[Entry] = []
     ignored = 0
     for name in dirs:
         if not _YALEB_DIR_RE.match(name):
             continue
-        files, _ = _scan(root / name)
+        files, _ = scan(root / name)
         for f in files:
             match = _YALEB_FILE_RE.match(f)
             if match:
                 attrs = (("azimuth", match.group(1)), ("elevation", match.group(2)))
-                entries.append(_Entry(root / name / f, name, attrs))
-            elif _is_image_name(f):
+                entries.append(Entry(root / name / f, name, attrs))
+            elif is_image_name(f):
                 ignored += 1
     if ignored:
         logger.info(
@@ -338,21 +337,24 @@ def _list_yaleb(root: Path) -> list[_Entry]:
     return entries
 
 
-def _list_image_folder(root: Path) -> list[_Entry]:
+def _list_image_folder(root: Path) -> list[Entry]:
     """ImageFolder: ``<identity>/<image>``, one level deep."""
-    _, dirs = _scan(root)
-    entries: list[_Entry] = []
+    _, dirs = scan(root)
+    entries: list[Entry] = []
     for name in dirs:
-        files, _ = _scan(root / name)
-        entries.extend(_Entry(root / name / f, name, ()) for f in files if _is_image_name(f))
+        files, _ = scan(root / name)
+        entries.extend(Entry(root / name / f, name, ()) for f in files if is_image_name(f))
     return entries
 
 
-_LISTERS: dict[str, Callable[[Path], list[_Entry]]] = {
+_LISTERS: dict[str, Callable[[Path], list[Entry]]] = {
     "orl": _list_orl,
     "yale-a": _list_yale_a,
     "extended-yale-b": _list_yaleb,
     "image-folder": _list_image_folder,
+    "jaffe": list_jaffe,
+    "fer2013": list_fer2013,
+    "expression-folder": list_expression_folder,
 }
 
 
@@ -364,7 +366,9 @@ def detect_layout(root: str | Path) -> str:
     """Tell which supported layout a directory holds.
 
     Layouts are tried in the order of :data:`LAYOUTS`: olivetti, yale-a, extended-yale-b, orl,
-    image-folder; the first that matches wins (an ORL tree is also a valid ImageFolder).
+    jaffe, expression-folder (every image folder named by an expression), fer2013 (split
+    folders of expression folders), image-folder; the first that matches wins (an ORL tree is
+    also a valid ImageFolder).
 
     Parameters
     ----------
@@ -388,16 +392,22 @@ def detect_layout(root: str | Path) -> str:
     _check_root(path)
     if _olivetti_cache(path) is not None:
         return "olivetti"
-    files, dirs = _scan(path)
+    files, dirs = scan(path)
     if any(_YALE_A_RE.match(f) for f in files):
         return "yale-a"
-    if any(_YALEB_DIR_RE.match(d) and _dir_has(path / d, _is_yaleb_name) for d in dirs):
+    if any(_YALEB_DIR_RE.match(d) and dir_has(path / d, _is_yaleb_name) for d in dirs):
         return "extended-yale-b"
-    if any(_ORL_DIR_RE.match(d) and _dir_has(path / d, _is_orl_name) for d in dirs):
+    if any(_ORL_DIR_RE.match(d) and dir_has(path / d, _is_orl_name) for d in dirs):
         return "orl"
-    if any(_dir_has(path / d, _is_image_name) for d in dirs):
+    if looks_like_jaffe(path):
+        return "jaffe"
+    if looks_like_expression_folder(path):
+        return "expression-folder"
+    if looks_like_fer2013(path):
+        return "fer2013"
+    if any(dir_has(path / d, is_image_name) for d in dirs):
         return "image-folder"
-    loose = sum(1 for f in files if _is_image_name(f))
+    loose = sum(1 for f in files if is_image_name(f))
     if loose:
         raise UnknownLayoutError(
             f"cannot tell the layout of {path}: found {loose} image files directly in it and no "
@@ -415,6 +425,7 @@ def load_faces(
     layout: Layout = "auto",
     size: tuple[int, int] = (64, 64),
     on_error: OnError = "fail",
+    crop: Crop | None = None,
 ) -> FaceSet:
     """Load, decode and preprocess a face data set.
 
@@ -427,6 +438,11 @@ def load_faces(
         ``"image-folder"``, or ``"auto"`` to call :func:`detect_layout`.
     size : tuple of int, default (64, 64)
         Output (height, width) in pixels. Images are resized without cropping.
+    crop : tuple of 4 floats, optional
+        (top, left, bottom, right) fractions of each image to keep before resizing (LFW's
+        aligned 250x250: ``(0.26, 0.26, 0.74, 0.74)``, the central 120 pixels). Default: the
+        layout's own crop (:data:`~fedface.common.data.expressions.LAYOUT_CROPS`: JAFFE), else
+        none; ``(0, 0, 1, 1)`` keeps the whole image.
     on_error : {"skip", "fail"}, default "fail"
         What to do with a file that cannot be decoded (truncated, empty, not an image):
         ``"fail"`` raises :class:`CorruptImageError`; ``"skip"`` logs a warning, records the
@@ -459,6 +475,7 @@ def load_faces(
     """
     path = Path(root)
     out_size = _check_size(size)
+    box = _check_crop(crop)
     if on_error not in get_args(OnError):
         raise ConfigError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     if layout not in get_args(Layout):
@@ -473,7 +490,7 @@ def load_faces(
     if resolved == "olivetti":
         faces = _load_olivetti(path, out_size)
     else:
-        faces = _load_files(path, resolved, out_size, on_error)
+        faces = _load_files(path, resolved, out_size, on_error, box if box is not None else LAYOUT_CROPS.get(resolved))
     logger.info(
         "loaded %d images of %d identities from %s (layout %s, size %dx%d, %d skipped)",
         len(faces),
@@ -487,16 +504,16 @@ def load_faces(
     return faces
 
 
-def _load_files(root: Path, layout: str, size: tuple[int, int], on_error: OnError) -> FaceSet:
+def _load_files(root: Path, layout: str, size: tuple[int, int], on_error: OnError, crop: Crop | None) -> FaceSet:
     """Load one of the file-per-image layouts."""
     if root.is_file():
         raise DataNotFoundError(f"{root} is a file: layout {layout!r} needs a directory")
     entries = _LISTERS[layout](root)
     if not entries:
         raise DataNotFoundError(f"no {_PATTERNS[layout]} found under {root}")
-    decoded = _decode_all(entries, size)
+    decoded = _decode_all(entries, size, crop)
 
-    kept: list[tuple[_Entry, _Decoded]] = []
+    kept: list[tuple[Entry, _Decoded]] = []
     skipped: list[SkippedFile] = []
     for entry, result in zip(entries, decoded, strict=True):
         if result.pixels is not None:
@@ -512,7 +529,7 @@ def _load_files(root: Path, layout: str, size: tuple[int, int], on_error: OnErro
             "decode (see FaceSet.skipped or the warnings above)"
         )
 
-    names = sorted({e.identity for e, _ in kept}, key=_natural_key)
+    names = sorted({e.identity for e, _ in kept}, key=natural_key)
     dropped = len({e.identity for e in entries}) - len(names)
     if dropped:
         logger.warning("dropped %d identities left without readable images under %s", dropped, root)

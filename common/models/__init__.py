@@ -31,6 +31,7 @@ def build_encoder(cfg: ModelConfig, *, image_size: tuple[int, int]) -> GRUFaceEn
         embedding_dim=cfg.embedding_dim,
         dropout=cfg.dropout,
         downsample=cfg.downsample,
+        stem=cfg.stem,
     )
 
 

@@ -11,6 +11,12 @@ row GRU alone sees vertical structure only through its hidden state, a column GR
 horizontal one. Mean+max pooling keeps both the average appearance and the strongest local
 evidence; mean pooling alone was clearly worse in our probes (docs/models.md).
 
+An optional **convolutional stem** (``stem = (32, 64, 128)``: stages of two 3x3 convolutions
+with GroupNorm and GELU, each followed by 2x2 max pooling) turns the face into a small grid
+of feature vectors first; the GRU passes then read its rows (each step one row of C x W
+features) and columns. It is what makes the GRU competitive on expressions, where the cues
+are local (mouth corners, brows) and a raw pixel row carries little of them (docs/models.md).
+
 Every layer here is trainable under Opacus DP-SGD: there is no BatchNorm (per-sample gradients
 are undefined with batch statistics); normalisation is LayerNorm, and inputs are standardised
 per image with no parameters. ``nn.GRU`` itself is swapped for a DP-capable GRU with the same
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Literal
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +49,50 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _to_sequence(x: torch.Tensor, how: Pass, patch_size: int) -> torch.Tensor:
-    """(N, 1, H, W) -> (N, T, F) for one reading of the image."""
+    """(N, C, H, W) -> (N, T, F) for one reading of the image (or of the stem's feature map)."""
+    if how == "rows":  # step t: row t of every channel, (C * W) features
+        return x.permute(0, 2, 1, 3).flatten(2)
+    if how == "columns":  # step t: column t of every channel, (C * H) features
+        return x.permute(0, 3, 1, 2).flatten(2)
     img = x[:, 0]
-    if how == "rows":
-        return img
-    if how == "columns":
-        return img.transpose(1, 2)
     n, h, w = img.shape
     p = patch_size
     patches = img.unfold(1, p, p).unfold(2, p, p)  # (N, H/p, W/p, p, p)
     return patches.reshape(n, (h // p) * (w // p), p * p)
+
+
+#: GroupNorm groups in the stem (fewer when a stage has fewer channels).
+STEM_GROUPS = 8
+
+
+class ConvStem(nn.Module):
+    """Stages of two 3x3 convolutions (GroupNorm, GELU), each stage then 2x2 max pooling.
+
+    GroupNorm rather than BatchNorm: its statistics are per example, so per-sample gradients
+    (DP-SGD) are defined. ``channels = (32, 64, 128)`` turns a 48x48 face into a 6x6 grid of
+    128 features.
+    """
+
+    def __init__(self, channels: Sequence[int], in_channels: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for width in channels:
+            for _ in range(2):
+                layers += [
+                    nn.Conv2d(prev, width, 3, padding=1, bias=False),
+                    nn.GroupNorm(math.gcd(STEM_GROUPS, width), width),
+                    nn.GELU(),
+                ]
+                prev = width
+            layers.append(nn.MaxPool2d(2))
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = prev
+        self.reduction = 2 ** len(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, out_channels, H / reduction, W / reduction)."""
+        return self.layers(x)
 
 
 class EmbeddingNeck(nn.Module):
@@ -100,6 +142,10 @@ class GRUFaceEncoder(nn.Module):
     downsample
         Average-pool the input by this factor before reading it (2: a 64x64 face is read as
         32x32; shorter sequences, a quarter of the cost, and less to overfit on small sets).
+    stem
+        Channels of the convolutional stem's stages (:class:`ConvStem`); empty (the default)
+        reads the pixels directly. With a stem, ``patches`` is not available and each stage
+        halves the sides, which must stay divisible.
     """
 
     def __init__(
@@ -115,6 +161,7 @@ class GRUFaceEncoder(nn.Module):
         embedding_dim: int = 128,
         dropout: float = 0.0,
         downsample: int = 1,
+        stem: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if not passes:
@@ -126,12 +173,21 @@ class GRUFaceEncoder(nn.Module):
         if "patches" in passes and (h % patch_size or w % patch_size):
             raise ValueError(f"patch_size {patch_size} must divide the image size {h}x{w}")
         self.image_size = (h, w)
+        self.stem = ConvStem(stem) if stem else None
+        channels = 1
+        if self.stem is not None:
+            if "patches" in passes:
+                raise ValueError("the patches pass reads pixels: it cannot follow a convolutional stem")
+            r = self.stem.reduction
+            if h % r or w % r:
+                raise ValueError(f"a stem of {len(stem)} stages halves the sides {len(stem)} times: {h}x{w} must be divisible by {r}")
+            h, w, channels = h // r, w // r, self.stem.out_channels
         self.passes: tuple[Pass, ...] = tuple(passes)
         self.pooling: Pooling = pooling
         self.patch_size = patch_size
         self.embedding_dim = embedding_dim
         directions = 2 if bidirectional else 1
-        in_sizes = {"rows": w, "columns": h, "patches": patch_size * patch_size}
+        in_sizes = {"rows": channels * w, "columns": channels * h, "patches": patch_size * patch_size}
 
         def gru(n_in: int) -> nn.GRU:
             return nn.GRU(n_in, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=bidirectional)
@@ -158,6 +214,8 @@ class GRUFaceEncoder(nn.Module):
         if self.downsample > 1:
             x = F.avg_pool2d(x, self.downsample)
         x = standardize(x)
+        if self.stem is not None:
+            x = self.stem(x)
         return {name: _to_sequence(x, name, self.patch_size) for name in self.passes}
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,13 @@ def make_dp_optimizer(
 
 
 def dp_step(
-    encoder: nn.Module, head: nn.Module, optimizer: DPOptimizer, images: torch.Tensor, labels: torch.Tensor
+    encoder: nn.Module,
+    head: nn.Module,
+    optimizer: DPOptimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
 ) -> PerSampleOutput:
     """One DP-SGD step on a (possibly empty) batch; returns the per-example losses and predictions.
 
@@ -139,7 +145,9 @@ def dp_step(
             p.grad = torch.zeros_like(p)
         out = PerSampleOutput(losses=images.new_zeros(0), predictions=labels.new_zeros(0))
     else:
-        out, _ = clip_grad_samples(encoder, head, images, labels, optimizer.max_grad_norm)  # type: ignore[arg-type]
+        out, _ = clip_grad_samples(
+            encoder, head, images, labels, optimizer.max_grad_norm, label_smoothing=label_smoothing  # type: ignore[arg-type]
+        )
     optimizer.step()
     return out
 
@@ -156,6 +164,7 @@ def train_epoch_dp(
     generator: torch.Generator,
     epoch: int,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    label_smoothing: float = 0.0,
 ) -> EpochStats:
     """DP-SGD over ``batches`` (index tensors from :func:`poisson_batches`); as
     :func:`~fedface.common.training.train_epoch`, with per-example clipping and noise."""
@@ -170,7 +179,7 @@ def train_epoch_dp(
         xb, yb = images[idx], labels[idx]
         if augment_cfg is not None and len(idx) > 0:
             xb = augment(xb, augment_cfg, generator=generator)
-        out = dp_step(encoder, head, optimizer, xb, yb)
+        out = dp_step(encoder, head, optimizer, xb, yb, label_smoothing=label_smoothing)
         if scheduler is not None:
             scheduler.step()
         total_loss += float(out.losses.sum())

@@ -9,7 +9,11 @@ the model where that is cheapest to do:
 - everything after them (the embedding neck and the head: LayerNorm, Linear, class centres):
   each layer's input and output gradient are captured in the same single backward pass, and
   its per-sample gradients follow in closed form (Opacus' formulas). A layer type without a
-  formula here falls back to ``torch.func.vmap(grad(...))`` over single examples.
+  formula here falls back to ``torch.func.vmap(grad(...))`` over single examples;
+- the convolutional stem before them (Conv2d, GroupNorm), when the encoder has one: the same
+  capture in the same backward pass (the GRUs' hand-written backward hands the gradient of
+  their input sequence on to it), and Opacus' own per-sample formulas for those layers
+  (``opacus.grad_sample.conv`` and ``group_norm``), called directly.
 
 Examples of a batch never interact in these models (no batch statistics), so one backward
 pass of the summed loss gives every example's own gradient at every activation.
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch.func import functional_call, grad, vmap
 
 from fedface.common.models.encoder import GRUFaceEncoder
@@ -71,10 +77,12 @@ def to_per_sample(encoder: GRUFaceEncoder) -> PerSampleFaceEncoder:
     return new  # type: ignore[return-value]
 
 
-def _head_loss(head: nn.Module, params: dict[str, torch.Tensor], emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _head_loss(
+    head: nn.Module, params: dict[str, torch.Tensor], emb: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     args = (emb, y) if isinstance(head, MarginHead) else (emb,)
     logits = functional_call(head, params, args)
-    return F.cross_entropy(logits, y, reduction="sum")
+    return F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,34 @@ def _cosine_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Ten
 _SAMPLERS = {nn.Linear: _linear_terms, nn.LayerNorm: _layer_norm_terms, CosineClassifier: _cosine_terms}
 
 
+def _opacus_terms(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> list[Term]:
+    """The stem's layers: Opacus' per-sample formulas, as materialised terms."""
+    if isinstance(m, nn.Conv2d):
+        grads = compute_conv_grad_sample(m, [a], g)
+    else:
+        grads = compute_group_norm_grad_sample(m, [a], g)  # type: ignore[arg-type]
+    return [Materialized([p], grads[p].unsqueeze(0)) for p in m.parameters(recurse=False) if p.requires_grad]  # type: ignore[list-item]
+
+
+def _stem_layers(encoder: GRUFaceEncoder) -> list[nn.Module]:
+    """The stem's layers with trainable parameters (none without a stem, or a frozen one)."""
+    stem = getattr(encoder, "stem", None)
+    if stem is None:
+        return []
+    layers = []
+    for m in stem.modules():
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        flags = {p.requires_grad for p in own}
+        if flags == {False}:
+            continue
+        if type(m) not in (nn.Conv2d, nn.GroupNorm) or flags != {True}:
+            raise TypeError(f"per-sample gradients: no formula for a trainable {type(m).__name__} in the stem")
+        layers.append(m)
+    return layers
+
+
 def _trainable_layers(*modules: nn.Module) -> list[nn.Module] | None:
     """The modules holding trainable parameters, or None if one has no sampler here."""
     layers = []
@@ -146,6 +182,7 @@ class _Capture:
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.seen: dict[nn.Module, list[torch.Tensor]] = {}
+        self.live: dict[nn.Module, torch.Tensor] = {}  # the outputs themselves, to differentiate to
         self.handles = [m.register_forward_hook(self._hook) for m in layers]
 
     def _hook(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -153,6 +190,7 @@ class _Capture:
             raise RuntimeError(f"per-sample gradients: {type(m).__name__} is called twice in one pass")
         entry = [inputs[0].detach(), out.detach()]
         self.seen[m] = entry
+        self.live[m] = out
         if out.requires_grad:
             out.register_hook(lambda grad: entry.append(grad))
 
@@ -162,7 +200,13 @@ class _Capture:
 
 
 def _after_grus_terms(
-    encoder: GRUFaceEncoder, head: nn.Module, layers: list[nn.Module], pooled: torch.Tensor, y: torch.Tensor, targets: list[torch.Tensor]
+    encoder: GRUFaceEncoder,
+    head: nn.Module,
+    layers: list[nn.Module],
+    pooled: torch.Tensor,
+    y: torch.Tensor,
+    targets: list[torch.Tensor],
+    label_smoothing: float = 0.0,
 ) -> tuple[list[Term], torch.Tensor, torch.Tensor]:
     """One ordinary backward pass of the summed losses to ``targets``; the per-sample terms of
     the neck's and head's ``layers`` from their captured activations, the embeddings and the
@@ -171,7 +215,7 @@ def _after_grus_terms(
     try:
         emb = encoder.neck(pooled)
         logits = head(emb, y) if isinstance(head, MarginHead) else head(emb)
-        loss = F.cross_entropy(logits, y, reduction="sum")
+        loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
     finally:
         capture.remove()
     torch.autograd.grad(loss, targets)
@@ -182,14 +226,16 @@ def _after_grus_terms(
     return terms, emb.detach(), logits.detach()
 
 
-def _after_grus_terms_vmap(encoder: GRUFaceEncoder, head: nn.Module, pooled: torch.Tensor, y: torch.Tensor) -> tuple[list[Term], torch.Tensor]:
+def _after_grus_terms_vmap(
+    encoder: GRUFaceEncoder, head: nn.Module, pooled: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[list[Term], torch.Tensor]:
     """The generic route: ``vmap(grad(...))`` over single examples; also returns d loss / d pooled."""
     neck_params = {k: v.detach() for k, v in encoder.neck.named_parameters()}
     head_params = {k: v.detach() for k, v in head.named_parameters()}
 
     def loss_one(npar: dict[str, torch.Tensor], hpar: dict[str, torch.Tensor], zi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         emb = functional_call(encoder.neck, npar, (zi.unsqueeze(0),))
-        return _head_loss(head, hpar, emb, yi.unsqueeze(0))
+        return _head_loss(head, hpar, emb, yi.unsqueeze(0), label_smoothing)
 
     per_sample = vmap(grad(loss_one, argnums=(0, 1, 2)), in_dims=(None, None, 0, 0), randomness="different")
     g_neck, g_head, d_pooled = per_sample(neck_params, head_params, pooled.detach(), y)
@@ -201,10 +247,13 @@ def _after_grus_terms_vmap(encoder: GRUFaceEncoder, head: nn.Module, pooled: tor
     return terms, d_pooled
 
 
-def per_sample_terms(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[Term], PerSampleOutput]:
+def per_sample_terms(
+    encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0
+) -> tuple[list[Term], PerSampleOutput]:
     """Every trainable parameter's per-example gradients for the batch, as clipping terms.
 
-    The loss of an example is its cross-entropy on the head's (margin) logits. ``encoder``
+    The loss of an example is its cross-entropy on the head's (margin) logits (with
+    ``label_smoothing``, as ``F.cross_entropy`` defines it). ``encoder``
     must hold :class:`PerSampleGRU` modules (see :func:`to_per_sample`). Frozen parameters
     (``requires_grad`` False, e.g. GRUs kept fixed while fine-tuning the neck) get none, and
     frozen GRUs cost no per-sample work. One forward and one backward pass: the examples of
@@ -222,29 +271,43 @@ def per_sample_terms(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, 
         if flags == {True}:
             live.append(g)
     layers = _trainable_layers(encoder.neck, head)
+    stem_layers = _stem_layers(encoder)
+    if stem_layers and not live:
+        raise ValueError("per-sample gradients: a trainable stem under frozen GRUs is not supported; freeze the stem too")
+    stem_capture = _Capture(stem_layers) if stem_layers else None
     for g in live:
         g.record(True)
     try:
-        if live:
-            pooled = encoder.pooled(x)
-        else:
-            with torch.no_grad():
+        try:
+            if live:
                 pooled = encoder.pooled(x)
+            else:
+                with torch.no_grad():
+                    pooled = encoder.pooled(x)
+        finally:
+            if stem_capture is not None:
+                stem_capture.remove()
+        # the backward pass must reach the stem's first layer: its output joins the targets
+        stem_targets = [stem_capture.live[stem_layers[0]]] if stem_capture is not None else []
         emb: torch.Tensor | None = None
         logits: torch.Tensor | None = None
         if layers is not None:
             if live:
-                source, targets = pooled, [t for g in live for t in g.probes]
+                source, targets = pooled, [t for g in live for t in g.probes] + stem_targets
             else:  # frozen GRUs: differentiate to the pooled features only
                 source = pooled.detach().requires_grad_(True)
                 targets = [source]
-            terms, emb, logits = _after_grus_terms(encoder, head, layers, source, y, targets)
+            terms, emb, logits = _after_grus_terms(encoder, head, layers, source, y, targets, label_smoothing)
         else:
-            terms, d_pooled = _after_grus_terms_vmap(encoder, head, pooled, y)
+            terms, d_pooled = _after_grus_terms_vmap(encoder, head, pooled, y, label_smoothing)
             if live:
-                torch.autograd.grad(pooled, [t for g in live for t in g.probes], grad_outputs=d_pooled)
+                torch.autograd.grad(pooled, [t for g in live for t in g.probes] + stem_targets, grad_outputs=d_pooled)
         for g in live:
             terms += g.per_sample_terms()
+        if stem_capture is not None:
+            for m in stem_layers:
+                a, _, g_out = stem_capture.seen[m]
+                terms += _opacus_terms(m, a, g_out)
     finally:
         for g in live:
             g.record(False)
@@ -252,31 +315,39 @@ def per_sample_terms(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, 
         if emb is None or logits is None:
             emb = encoder.neck(pooled.detach())
             logits = head(emb, y) if isinstance(head, MarginHead) else head(emb)
-        losses = F.cross_entropy(logits, y, reduction="none")
+        losses = F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
         plain = head(emb) if isinstance(head, MarginHead) else logits
     return terms, PerSampleOutput(losses=losses, predictions=plain.argmax(dim=1))
 
 
-def compute_grad_samples(encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> PerSampleOutput:
+def compute_grad_samples(
+    encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0
+) -> PerSampleOutput:
     """Set ``p.grad_sample`` (N, *p.shape) on every trainable parameter (see :func:`per_sample_terms`).
 
     The per-example gradients themselves, the form Opacus' ``DPOptimizer`` clips; DP-SGD in
     fedface uses :func:`clip_grad_samples`, which does not form them where it need not.
     """
-    terms, out = per_sample_terms(encoder, head, x, y)
+    terms, out = per_sample_terms(encoder, head, x, y, label_smoothing=label_smoothing)
     set_grad_samples(terms)
     return out
 
 
 def clip_grad_samples(
-    encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+    encoder: GRUFaceEncoder,
+    head: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    max_grad_norm: float,
+    *,
+    label_smoothing: float = 0.0,
 ) -> tuple[PerSampleOutput, torch.Tensor]:
     """Clip each example's gradient to ``max_grad_norm`` and leave their sum in ``p.grad``.
 
     Returns the batch's losses and predictions, and each example's gradient norm before
     clipping. ``p.grad`` is what Opacus' ``DPOptimizerFastGradientClipping`` noises.
     """
-    terms, out = per_sample_terms(encoder, head, x, y)
+    terms, out = per_sample_terms(encoder, head, x, y, label_smoothing=label_smoothing)
     norms = clip_and_sum(terms, max_grad_norm)
     return out, norms
 

@@ -350,3 +350,30 @@ def test_packaged_baseline_scenario_loads() -> None:
     assert cfg.model.passes == ("rows", "columns")
     assert cfg.head.kind == "cosface"
     assert cfg.data.image_size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"model": {"stem": [8], "passes": ["patches"]}}, "cannot include patches"),
+        ({"model": {"stem": [8, 8, 8, 8, 8, 8]}}, "at most 5 stages"),
+        ({"data": {"image-size": [36, 36]}, "evaluation": {"occlusion-box": 10}, "model": {"stem": [8, 8, 8], "downsample": 1}}, "must be divisible by 8"),
+        ({"split": {"folds": 1}}, "at least 2"),
+        ({"split": {"folds": 5, "fold": 5}}, "below split.folds"),
+        ({"training": {"precision": "fp16"}}, "training.precision"),
+    ],
+    ids=["stem-patches", "stem-deep", "stem-divisible", "one-fold", "fold-out-of-range", "precision"],
+)
+def test_expression_recipe_settings_are_validated(raw: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_mapping(raw)
+
+
+def test_packaged_fer2013_recipe_is_valid_and_private_ready() -> None:
+    from fedface.simulations.bench.common import scenario_config
+
+    cfg = scenario_config("fer2013_expression.toml")
+
+    assert cfg.training.task == "expression"
+    assert cfg.model.stem and cfg.split.folds == 10
+    assert cfg.data.image_size == (48, 48)

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedface.common.config import EvaluationConfig
 from fedface.common.data import FaceSet, load_faces, occlude, occlusion_boxes, to_tensor
-from fedface.common.evaluation import evaluate_closed_set, evaluate_expression, evaluate_open_set
+from fedface.common.evaluation import confusion_counts, expression_scores, evaluate_closed_set, evaluate_expression, evaluate_open_set
 from fedface.common.metrics import identify
 from fedface.common.models import standardize
 
@@ -200,7 +200,29 @@ def test_evaluate_expression_without_occlusion_omits_occluded_key(yale: FaceSet,
 
     out = evaluate_expression(PixelEncoder(), head, images, labels, cfg, device=CPU, with_occlusion=False)
 
-    assert set(out) == {"expression_acc", "test_images"}
+    assert set(out) == {"expression_acc", "expression_macro_f1", "recall_0", "recall_1", "recall_2", "test_images"}
+
+
+def test_expression_scores_macro_f1_and_recall_weigh_every_present_class() -> None:
+    # Arrange: 8 "happy" all right, 2 "disgust" all predicted happy: accuracy flatters
+    labels = np.array([0] * 8 + [1] * 2)
+    pred = np.zeros(10, dtype=np.int64)
+
+    # Act
+    out = expression_scores(labels, pred, ["happy", "disgust", "fear"])
+
+    # Assert: accuracy 0.8, but disgust's recall 0 and macro-F1 over the two present classes
+    assert out["expression_acc"] == pytest.approx(0.8)
+    assert out["recall_happy"] == 1.0 and out["recall_disgust"] == 0.0
+    assert "recall_fear" not in out  # absent from the test labels
+    happy_f1 = 2 * 0.8 * 1.0 / 1.8
+    assert out["expression_macro_f1"] == pytest.approx(happy_f1 / 2)
+
+
+def test_confusion_counts_rows_are_true_classes() -> None:
+    counts = confusion_counts(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
 
 
 def test_evaluate_closed_set_uses_shift_tta_from_the_config(gallery_probes: tuple[FaceSet, FaceSet]) -> None:

@@ -156,8 +156,10 @@ def test_encoder_downsample_reads_the_average_pooled_image(faces: torch.Tensor) 
         ({"downsample": 0}, "downsample 0"),
         ({"downsample": 3}, "downsample 3"),
         ({"passes": ()}, "at least one"),
+        ({"passes": ("patches",), "stem": (4,)}, "cannot follow a convolutional stem"),
+        ({"stem": (4, 4, 4, 4, 4, 4)}, "must be divisible by 64"),
     ],
-    ids=["patches", "patch-after-downsample", "downsample-0", "downsample-3", "no-passes"],
+    ids=["patches", "patch-after-downsample", "downsample-0", "downsample-3", "no-passes", "stem-patches", "stem-too-deep"],
 )
 def test_encoder_invalid_geometry_raises_value_error(kwargs: dict[str, object], match: str) -> None:
     options: dict[str, object] = {"image_size": SIZE, "hidden_size": 4, "embedding_dim": DIM, **kwargs}
@@ -190,10 +192,45 @@ def test_standardize_constant_image_stays_finite() -> None:
     assert torch.isfinite(z).all()
 
 
+def test_stem_encoder_reads_the_feature_map_rows_and_stays_unit_norm(faces: torch.Tensor) -> None:
+    # Arrange: two stages of 4 and 6 channels turn 32x32 into an 8x8 grid of 6 features
+    encoder = _encoder(("rows", "columns"), stem=(4, 6))
+
+    # Act
+    seqs = encoder.sequences(faces[:3])
+    emb = encoder(faces[:3])
+
+    # Assert: each row step holds one feature-map row of every channel
+    assert seqs["rows"].shape == (3, 8, 6 * 8)
+    assert seqs["columns"].shape == (3, 8, 6 * 8)
+    assert encoder.rnns["rows"].input_size == 48
+    assert emb.shape == (3, DIM)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_stem_rows_are_the_feature_map_rows(faces: torch.Tensor) -> None:
+    encoder = _encoder(("rows",), stem=(4,))
+    fmap = encoder.stem(standardize(faces[:2]))  # type: ignore[misc]
+
+    rows = encoder.sequences(faces[:2])["rows"]
+
+    # step 5 = row 5 of channel 0, then row 5 of channel 1, ...
+    assert torch.equal(rows[:, 5], torch.cat([fmap[:, c, 5] for c in range(4)], dim=1))
+
+
+def test_encoder_without_stem_keeps_its_state_dict_keys() -> None:
+    # checkpoints written before the stem existed must still load
+    keys = set(_encoder(("rows", "columns")).state_dict())
+
+    assert not any(k.startswith("stem") for k in keys)
+    assert {k for k in _encoder(("rows",), stem=(4,)).state_dict() if k.startswith("stem")}
+
+
 def test_no_batch_norm_in_encoder_or_heads() -> None:
     # Arrange
     modules: list[nn.Module] = [
         _encoder(PASSES),
+        _encoder(("rows",), stem=(4, 8)),
         MarginHead(DIM, 5),
         ExpressionHead(DIM, 6, hidden=4, dropout=0.1),
     ]
@@ -307,6 +344,45 @@ def test_prepared_encoder_per_sample_grads_match_per_example_backward_in_float32
         assert p.grad_sample.shape == (faces.shape[0], *p.shape), name
         for i in range(faces.shape[0]):
             torch.testing.assert_close(p.grad_sample[i].double(), expected[i][name], atol=1e-5, rtol=0, msg=f"{name}[{i}]")
+
+
+@pytest.mark.parametrize("passes", [("rows",), ("rows", "columns")], ids="+".join)
+def test_stem_encoder_per_sample_grads_match_per_example_backward(
+    faces: torch.Tensor, face_labels: torch.Tensor, passes: tuple[str, ...]
+) -> None:
+    # Arrange: a conv-stem encoder with an expression head, as DP-SGD trains it; the
+    # reference is the per-example float64 loop
+    torch.manual_seed(5)
+    prepared = prepare_for_dp(_encoder(passes, stem=(4, 8)))
+    head = ExpressionHead(DIM, 3)
+    exact_encoder, exact_head = copy.deepcopy(prepared).double(), copy.deepcopy(head).double()
+
+    def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(exact_head(m(x)), y, reduction="sum")
+
+    expected = _per_example_grads(exact_encoder, loss_fn, faces.double(), face_labels)
+
+    # Act
+    compute_grad_samples(prepared, head, faces, face_labels)
+
+    # Assert: the stem's convolutions and GroupNorms too, every example
+    names = [n for n, _ in prepared.named_parameters()]
+    assert any(n.startswith("stem.") and n.endswith("weight") for n in names)
+    for name, p in prepared.named_parameters():
+        assert p.grad_sample.shape == (faces.shape[0], *p.shape), name
+        for i in range(faces.shape[0]):
+            torch.testing.assert_close(p.grad_sample[i].double(), expected[i][name], atol=2e-5, rtol=1e-4, msg=f"{name}[{i}]")
+
+
+def test_frozen_stem_gets_no_per_sample_grads(faces: torch.Tensor, face_labels: torch.Tensor) -> None:
+    prepared = prepare_for_dp(_encoder(("rows",), stem=(4,)))
+    for p in prepared.stem.parameters():  # type: ignore[union-attr]
+        p.requires_grad_(False)
+
+    compute_grad_samples(prepared, ExpressionHead(DIM, 3), faces, face_labels)
+
+    assert all(getattr(p, "grad_sample", None) is None for p in prepared.stem.parameters())  # type: ignore[union-attr]
+    assert prepared.rnns["rows"].weight_ih_l0.grad_sample is not None
 
 
 @pytest.mark.parametrize(
