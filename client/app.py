@@ -47,11 +47,12 @@ class SiteClient(NumPyClient):
         self.site = site
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-        """Freshly initialised encoder weights (the server normally sends its own)."""
-        from fedface.common.models import build_encoder, encoder_weights
+        """Freshly initialised shared weights (the server normally sends its own)."""
+        from fedface.common.models import build_encoder, shared_weights
 
         cfg = self.site.cfg
-        return encoder_weights(build_encoder(cfg.model, image_size=cfg.data.image_size))
+        head = self.site._head() if self.site.task == "expression" else None
+        return shared_weights(build_encoder(cfg.model, image_size=cfg.data.image_size), head)
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Train one round; a refusal answers the weights unchanged with 0 examples."""

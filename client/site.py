@@ -15,11 +15,14 @@ A round at a site (:meth:`Site.train_round`):
    policy's ``budget-epsilon``; every run's spend counts against it) is refused ("budget
    exhausted") with the remaining budget, and nothing is trained or sent;
 2. load the global encoder weights and the site's own margin head (kept on disk in the
-   site's state directory, so it survives rounds and restarts; it never leaves the site);
+   site's state directory, so it survives rounds and restarts; it never leaves the site); an
+   expression run (``training.task = "expression"``) instead shares its 7-class expression
+   head with the encoder (it names expressions, not people) and loads both from the global
+   weights;
 3. train encoder and head for the configured local epochs (DP-SGD or plain), with FedProx's
    proximal term when asked (added after the noise: it does not depend on the data);
-4. save the head atomically and return the encoder weights only, with the round's signed
-   ledger receipt (:mod:`fedface.common.privacy.receipts`; the key lives beside the ledger).
+4. save the head atomically and return the encoder weights only (an expression run: the
+   encoder and the expression head), with the round's signed ledger receipt (:mod:`fedface.common.privacy.receipts`; the key lives beside the ledger).
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ from fedface.common.data import FaceSet, to_tensor
 from fedface.common.data.transforms import AugmentConfig
 from fedface.common.errors import BudgetExhaustedError
 from fedface.common.io import atomic_torch_save
-from fedface.common.models import build_encoder, build_margin_head, encoder_weights, load_encoder_weights
+from fedface.common.data.expressions import expression_classes, expression_labels
+from fedface.common.models import (
+    ExpressionHead,
+    build_encoder,
+    build_margin_head,
+    freeze_for,
+    load_shared_weights,
+    shared_weights,
+)
 from fedface.common.privacy.accounting import Mechanism, calibrate_noise, compute_epsilon
 from fedface.common.privacy.dpsgd import make_dp_optimizer, poisson_batches, secure_seed, train_epoch_dp
 from fedface.common.privacy.ledger import PrivacyLedger
@@ -92,7 +103,16 @@ class Site:
         self.cfg = cfg
         self.policy = policy if policy is not None else cfg.site_policy
         self._key: ReceiptKey | None = None
+        self.task = cfg.training.task
+        self.classes: tuple[str, ...] = ()
+        if self.task == "expression":
+            # the classes of the shared vocabulary (or Yale A's own); other images are left out
+            self.classes = expression_classes(faces)
+            faces, labels = expression_labels(faces, self.classes)
+            self.labels = labels
         self.faces = faces.relabel()
+        if self.task != "expression":
+            self.labels = self.faces.labels
         self.state_dir = Path(state_dir)
         self.ledger_path = Path(ledger_path)
         self.device = select_device(cfg.training.device)
@@ -148,6 +168,8 @@ class Site:
     # --- the head ------------------------------------------------------------------------------
 
     def _head(self) -> nn.Module:
+        if self.task == "expression":  # shared: its weights come with the encoder's
+            return ExpressionHead(self.cfg.model.embedding_dim, len(self.classes)).to(self.device)
         classes = self.faces.num_identities
         head = build_margin_head(self.cfg.head, embedding_dim=self.cfg.model.embedding_dim, num_classes=classes)
         path = self.state_dir / "head.pt"
@@ -259,27 +281,32 @@ class Site:
 
         torch.manual_seed(self.cfg.training.seed + round_)
         encoder = build_encoder(self.cfg.model, image_size=self.cfg.data.image_size)
-        load_encoder_weights(encoder, weights)
+        head = self._head()
+        shared_head = head if self.task == "expression" else None
+        load_shared_weights(encoder, shared_head, weights)
+        head = head.to(self.device)
         encoder = encoder.to(self.device)
         global_params = [p.detach().clone() for p in encoder.parameters()]
-        head = self._head()
         trained: nn.Module = to_per_sample(encoder) if mech is not None else encoder
+        freeze_for(self.cfg.privacy.trainable, trained)  # fine-tuning: the parts kept fixed get no update
         base = torch.optim.AdamW(
-            list(trained.parameters()) + list(head.parameters()), lr=lr, weight_decay=self.cfg.training.weight_decay
+            [p for p in list(trained.parameters()) + list(head.parameters()) if p.requires_grad],
+            lr=lr,
+            weight_decay=self.cfg.training.weight_decay,
         )
         if proximal_mu > 0:
-            enc_params = list(trained.parameters())
+            pairs = [(p, g) for p, g in zip(trained.parameters(), global_params, strict=True) if p.requires_grad]
 
             def proximal(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                 # FedProx: mu * (w - w_global), added after any DP noise (it uses no data)
                 with torch.no_grad():
-                    for p, g in zip(enc_params, global_params, strict=True):
+                    for p, g in pairs:
                         if p.grad is not None:
                             p.grad.add_(p - g, alpha=proximal_mu)
 
             base.register_step_pre_hook(proximal)
         images = to_tensor(self.faces.images).to(self.device)
-        labels = torch.from_numpy(self.faces.labels).to(self.device)
+        labels = torch.from_numpy(self.labels).to(self.device)
         aug = AugmentConfig(**dict(self.cfg.augment))
         generator = torch.Generator().manual_seed(secure_seed() if mech is not None else self.cfg.training.seed + round_)
         losses = []
@@ -299,6 +326,7 @@ class Site:
                     encoder=trained, head=head, images=images, labels=labels, optimizer=dp_opt,
                     batches=poisson_batches(len(images), mech.sample_rate, per_epoch, generator=generator, secure=mech.secure_mode),
                     augment_cfg=aug, generator=generator, epoch=epoch + 1,
+                    label_smoothing=self.cfg.training.label_smoothing,
                 )
                 losses.append(stats.loss)
             encoder.load_state_dict(trained.state_dict())
@@ -308,13 +336,15 @@ class Site:
                     encoder=encoder, head=head, images=images, labels=labels, optimizer=base,
                     batches=shuffled_batches(len(images), self.cfg.training.batch_size, generator),
                     augment_cfg=aug, generator=generator, device=self.device, epoch=epoch + 1,
+                    label_smoothing=self.cfg.training.label_smoothing, precision=self.cfg.training.precision,
                 )
                 losses.append(stats.loss)
-        self._save_head(head)
+        if self.task != "expression":
+            self._save_head(head)
         # the loss stays here: it is computed from the private images without noise (common/wire.py)
         logger.info("site %s round %d: mean training loss %.4f", self.name, round_, float(np.mean(losses)))
         metrics.update({wire.M_STATUS: wire.ANSWERED, wire.M_TRAIN_S: time.perf_counter() - t0})
-        return RoundResult(weights=encoder_weights(encoder), examples=self.examples, metrics=metrics)
+        return RoundResult(weights=shared_weights(encoder, shared_head), examples=self.examples, metrics=metrics)
 
     def policy_json(self) -> str:
         """The site's policy as it enforces it (:data:`~fedface.common.wire.POLICY_FIELDS`), sent

@@ -216,8 +216,9 @@ class PrivacyConfig(_Section):
     max_grad_norm: float = Field(default=1.0, gt=0, description="per-example gradient clipping norm")
     accountant: Literal["rdp", "prv"] = "rdp"
     secure_mode: bool = Field(default=False, description="OS randomness for sampling and noise seeds; seeds ignored")
-    trainable: Literal["all", "neck"] = Field(
-        default="all", description="all parameters, or the embedding neck and head only (GRUs frozen: fine-tuning)"
+    trainable: Literal["all", "gru", "neck"] = Field(
+        default="all",
+        description="all parameters; gru: all but the convolutional stem; neck: the embedding neck and head only (stem and GRUs frozen: fine-tuning)",
     )
     budget_epsilon: float | None = Field(
         default=None, gt=0, description="the data set's budget, set in the ledger when it has none (at this delta and accountant)"

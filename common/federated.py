@@ -44,13 +44,26 @@ def site_name(index: int) -> str:
 
 
 def federation_data(cfg: TrainConfig, faces: FaceSet | None = None) -> FederationData:
-    """Split off ``federation.test-identities`` people and partition the rest into sites."""
-    from fedface.common.data import load_faces, partition_sites, split_open_set
+    """Split off the people the server evaluates on and partition the rest into sites.
+
+    The held-out people are ``federation.test-identities`` seeded identities, or, when the
+    scenario splits by folds (``split.folds``), fold ``split.fold`` of them: FER2013's fixed
+    validation part, the same images a centralized run of the expression recipe is measured
+    on. An expression scenario keeps the images of the shared expression classes only.
+    """
+    from fedface.common.data import load_faces, partition_sites, split_open_set, split_open_set_folds
+    from fedface.common.data.expressions import expression_classes, expression_labels
 
     fc = cfg.federation
     if faces is None:
-        faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error)
-    split = split_open_set(faces, test_identities=fc.test_identities, seed=cfg.split.seed)
+        crop = tuple(cfg.data.crop) if cfg.data.crop is not None else None
+        faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=crop)  # type: ignore[arg-type]
+    if cfg.training.task == "expression":
+        faces, _ = expression_labels(faces, expression_classes(faces))
+    if cfg.split.folds:
+        split = split_open_set_folds(faces, folds=cfg.split.folds, seed=cfg.split.seed)[cfg.split.fold]
+    else:
+        split = split_open_set(faces, test_identities=fc.test_identities, seed=cfg.split.seed)
     train, test = faces.subset(split.train), faces.subset(split.test)
     partition = partition_sites(
         train, sites=fc.sites, identities_per_site=fc.identities_per_site, skew=fc.skew, recurring=fc.recurring, seed=fc.seed

@@ -44,8 +44,9 @@ from fedface.common import wire
 from fedface.common.checkpoint import Checkpoint
 from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet
-from fedface.common.evaluation import evaluate_open_set
-from fedface.common.models import build_encoder, encoder_weights, load_encoder_weights
+from fedface.common.data.expressions import expression_classes, expression_labels
+from fedface.common.evaluation import evaluate_expression, evaluate_open_set
+from fedface.common.models import ExpressionHead, build_encoder, load_shared_weights, shared_weights
 from fedface.server import site_reports
 from fedface.server.admin_log import AdminAction
 from fedface.server.store import Participation, RunStore
@@ -120,6 +121,24 @@ class FedFaceRounds:
         self.secagg_rounds: dict[int, bool] = {}  # rounds whose kind was chosen per round (AlternatingFit)
         self.stopped: AdminAction | None = None  # the console's stop request, once seen
         self.encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+        # an expression run shares its expression head (7 shared classes, no identity) with the
+        # encoder, and the server measures expression accuracy on the held-out part
+        self.head: ExpressionHead | None = None
+        self.classes: tuple[str, ...] = ()
+        if cfg.training.task == "expression":
+            self.classes = expression_classes(test_faces)
+            self.test_faces, self.test_labels = expression_labels(test_faces, self.classes)
+            self.head = ExpressionHead(cfg.model.embedding_dim, len(self.classes))
+
+    def initial_weights(self, encoder: Any, head: Any = None) -> list[np.ndarray]:
+        """The arrays a run starts from: ``encoder``'s, and for an expression run ``head``'s (or
+        a fresh head's, seeded by ``training.seed``)."""
+        if self.head is None:
+            return shared_weights(encoder, None)
+        if head is None:
+            torch.manual_seed(self.cfg.training.seed)
+            head = ExpressionHead(self.cfg.model.embedding_dim, len(self.classes))
+        return shared_weights(encoder, head)
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         fc = self.cfg.federation
@@ -220,16 +239,27 @@ class FedFaceRounds:
         return self.names.get(cid, f"node-{cid}")
 
     def evaluate(self, server_round: int, weights: list[np.ndarray]) -> dict[str, float]:
-        """Verification on the held-out identities; after a training round, also checkpoint and record it."""
+        """Verification on the held-out identities (an expression run: expression accuracy on the
+        held-out part); after a training round, also checkpoint and record it."""
         if server_round > 0 and self.stopped is not None:
             return {}  # a round skipped after the console's stop: nothing trained, evaluated or recorded
-        load_encoder_weights(self.encoder, weights)
-        metrics = evaluate_open_set(self.encoder, self.test_faces, self.cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
+        load_shared_weights(self.encoder, self.head, weights)
+        cpu = torch.device("cpu")
+        if self.head is not None:
+            metrics = evaluate_expression(
+                self.encoder, self.head, self.test_faces.images, self.test_labels, self.cfg.evaluation,
+                device=cpu, with_occlusion=False, class_names=self.classes,
+            )
+        else:
+            metrics = evaluate_open_set(self.encoder, self.test_faces, self.cfg.evaluation, device=cpu, with_occlusion=False)
         out = {k: float(v) for k, v in metrics.items()}
         if server_round == 0:
             # the starting encoder (random, --init-from, or a resumed run's): reported as round 0,
             # not recorded as a training round
-            logger.info("initial encoder: verification accuracy %.4f", out.get("verif_acc", float("nan")))
+            if self.head is not None:
+                logger.info("initial model: expression accuracy %.4f", out.get("expression_acc", float("nan")))
+            else:
+                logger.info("initial encoder: verification accuracy %.4f", out.get("verif_acc", float("nan")))
             self.initial = out
             if self.on_round is not None:
                 self.on_round(self.first_round - 1, {"round": self.first_round - 1, "initial": True, **out})
@@ -238,13 +268,14 @@ class FedFaceRounds:
         ckpt_path = self.run_dir / "checkpoints" / f"round-{number:04d}.pt"
         Checkpoint(
             config=self.cfg,
-            task="identity",
+            task=self.cfg.training.task,
             epoch=number,
-            num_classes=0,
+            num_classes=len(self.classes),
             encoder_state={k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()},
-            head_state={},
+            head_state={k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()} if self.head is not None else {},
             optimizer_state={},
             scheduler_state={},
+            class_names=self.classes,
         ).save(ckpt_path)
         log = self.rounds.get(server_round, _RoundLog(started=time.perf_counter()))
         if log.sampled and not log.collected:
@@ -476,11 +507,11 @@ def _flwr_run_main(grid: Any, context: Context) -> None:
     fed = federation_data(cfg)
     torch.manual_seed(cfg.training.seed)
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
-    initial = encoder_weights(encoder)
     run_id = f"flwr-{context.run_id}-{uuid.uuid4().hex[:6]}"
     with RunStore(run_dir / "runs.sqlite") as store:
         store.start_run(run_id, config=cfg.to_toml_dict(), sites=cfg.federation.sites, rounds=cfg.federation.rounds, secagg=cfg.federation.secagg)
         rounds = FedFaceRounds(cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=fed.test)
+        initial = rounds.initial_weights(encoder)
         status, error = "failed", None
         try:
             run_rounds(grid, context, rounds, initial)

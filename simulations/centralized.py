@@ -33,12 +33,12 @@ from fedface.common.data import (
     split_open_set_folds,
     to_tensor,
 )
-from fedface.common.data.expressions import EXPRESSION_CLASSES
+from fedface.common.data.expressions import EXPRESSIONS, expression_classes, expression_labels
 from fedface.common.data.transforms import AugmentConfig
 from fedface.common.errors import CheckpointError, ConfigError, RunDirError, SplitError
 from fedface.common.evaluation import evaluate_closed_set, evaluate_expression, evaluate_open_set
 from fedface.common.io import atomic_write_json, atomic_write_toml
-from fedface.common.models import ExpressionHead, build_encoder, build_margin_head
+from fedface.common.models import ExpressionHead, build_encoder, build_margin_head, freeze_for
 from fedface.common.privacy.accounting import format_epsilon
 from fedface.common.privacy.dpsgd import (
     DPPlan,
@@ -54,10 +54,6 @@ from fedface.common.training import EpochStats, embed, predict, select_device, s
 
 logger = logging.getLogger(__name__)
 
-#: Yale A conditions that are facial expressions (the others are lighting and glasses).
-EXPRESSIONS: tuple[str, ...] = ("happy", "normal", "sad", "sleepy", "surprised", "wink")
-
-
 @dataclass
 class TaskData:
     """The faces of one run, divided for its task."""
@@ -69,39 +65,6 @@ class TaskData:
     train_labels: np.ndarray  # class index per training image (identity or expression)
     test_labels: np.ndarray
     class_names: tuple[str, ...]
-
-
-def expression_classes(faces: FaceSet) -> tuple[str, ...]:
-    """The expression vocabulary of a data set: the shared seven classes
-    (:data:`~fedface.common.data.expressions.EXPRESSION_CLASSES`) for the expression layouts,
-    Yale A's own six (:data:`EXPRESSIONS`) for Yale A."""
-    if "expression" in faces.attributes:
-        return EXPRESSION_CLASSES
-    if "condition" in faces.attributes:
-        return EXPRESSIONS
-    raise ConfigError(
-        f"training.task = 'expression' needs faces labelled with expressions (FER2013, CK+ or any <emotion>/<image> "
-        f"folder, JAFFE, Yale A); the {faces.layout or 'loaded'} data at data.root has none: point --data at one of those"
-    )
-
-
-def expression_labels(faces: FaceSet, classes: tuple[str, ...] | None = None) -> tuple[FaceSet, np.ndarray]:
-    """The images whose expression is one of ``classes`` (default: the data set's own
-    vocabulary), and their class indices in ``classes``."""
-    names = classes if classes is not None else expression_classes(faces)
-    values = faces.attributes.get("expression") or faces.attributes.get("condition")
-    if values is None:
-        expression_classes(faces)  # raises the explanation
-        raise AssertionError("unreachable")
-    keep = np.array([v in names for v in values], dtype=bool)
-    if not keep.any():
-        raise ConfigError(
-            f"none of the {len(values)} images at data.root shows an expression this model knows ({', '.join(names)})"
-        )
-    subset = faces.subset(np.flatnonzero(keep))
-    key = "expression" if "expression" in faces.attributes else "condition"
-    labels = np.array([names.index(v) for v in subset.attributes[key]], dtype=np.int64)
-    return subset, labels
 
 
 def load_config_faces(cfg: TrainConfig) -> FaceSet:
@@ -259,6 +222,8 @@ def train_run(
         head = ExpressionHead(cfg.model.embedding_dim, num_classes)
     else:
         head = build_margin_head(cfg.head, embedding_dim=cfg.model.embedding_dim, num_classes=num_classes)
+    if cfg.training.init_from is not None and cfg.training.task == "expression":
+        load_expression_head_init(head, cfg, data.class_names)
     head = head.to(device)
     aug = AugmentConfig(**dict(cfg.augment))
     generator = torch.Generator().manual_seed(cfg.training.seed)
@@ -402,6 +367,24 @@ def load_encoder_init(encoder: nn.Module, cfg: TrainConfig) -> None:
     logger.info("encoder initialised from %s", cfg.training.init_from)
 
 
+def load_expression_head_init(head: nn.Module, cfg: TrainConfig, class_names: tuple[str, ...]) -> bool:
+    """Start an expression head from the head of ``training.init-from`` too, when that is an
+    expression checkpoint of the same classes (FER2013's seven, shared by CK+ and JAFFE);
+    otherwise the head starts fresh. Returns whether it was loaded."""
+    from fedface.common.checkpoint import load_checkpoint
+
+    assert cfg.training.init_from is not None
+    ckpt = load_checkpoint(cfg.training.init_from)
+    if ckpt.task != "expression" or tuple(ckpt.class_names) != tuple(class_names) or not ckpt.head_state:
+        return False
+    try:
+        head.load_state_dict(ckpt.head_state)
+    except RuntimeError:
+        return False
+    logger.info("expression head initialised from %s", cfg.training.init_from)
+    return True
+
+
 @dataclass
 class _PrivateTraining:
     """A private run's DP-SGD set-up: the plan, its ledger charge and the per-sample encoder."""
@@ -454,12 +437,7 @@ class _PrivateTraining:
             ledger_path,
         )
         private_encoder = to_per_sample(encoder).to(device)
-        if pc.trainable == "neck":
-            frozen = list(private_encoder.rnns.parameters())
-            if private_encoder.stem is not None:
-                frozen += list(private_encoder.stem.parameters())
-            for p in frozen:
-                p.requires_grad_(False)
+        freeze_for(pc.trainable, private_encoder)
         return cls(cfg, plan, private_encoder, dataset, Path(ledger_path), session.epsilon_after)
 
     def optimizer(self, base: torch.optim.Optimizer) -> DPOptimizer:

@@ -42,7 +42,7 @@ from fedface.common.config import TrainConfig
 from fedface.common.federated import federation_data
 from fedface.common.errors import ConfigError, RunDirError
 from fedface.common.io import atomic_write_json, atomic_write_toml
-from fedface.common.models import build_encoder, encoder_weights
+from fedface.common.models import build_encoder
 from fedface.simulations.engine import prompt_dispatch
 
 logger = logging.getLogger(__name__)
@@ -242,17 +242,24 @@ def run_federated(
         ledgers = _run_ledgers(run_dir, cfg, fed, ledger_dir)
         torch.manual_seed(cfg.training.seed)
         encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+        head_state: dict[str, Any] = {}
         if last is not None:
-            encoder.load_state_dict(load_checkpoint(last[1]).encoder_state)
+            resumed = load_checkpoint(last[1])
+            encoder.load_state_dict(resumed.encoder_state)
+            head_state = resumed.head_state
         logger.info("resuming run %s after round %d of %d", run_id, done, fc.rounds)
     else:
         # the starting encoder first: a bad --init-from is refused before the run directory is made
         torch.manual_seed(cfg.training.seed)
         encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+        head_state = {}
         if cfg.training.init_from is not None:
             from fedface.simulations.centralized import load_encoder_init
 
             load_encoder_init(encoder, cfg)
+            if cfg.training.task == "expression":
+                init = load_checkpoint(cfg.training.init_from)
+                head_state = init.head_state if init.task == "expression" else {}
         # the faces next, as an absolute path (the run's config then works from any directory):
         # missing or unreadable data is refused before a run directory is made or replaced
         cfg = cfg.with_overrides({"data.root": str(Path(cfg.data.root).resolve())})
@@ -267,10 +274,10 @@ def run_federated(
         run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
         store = RunStore(run_dir / "runs.sqlite")
         store.start_run(run_id, config=cfg.to_toml_dict(), sites=fc.sites, rounds=fc.rounds, secagg=fc.secagg)
-    initial = encoder_weights(encoder)
     rounds = FedFaceRounds(
         cfg=cfg, run_id=run_id, run_dir=run_dir, store=store, test_faces=fed.test, on_round=on_round, first_round=first_round
     )
+    initial = rounds.initial_weights(encoder, _expression_head(cfg, rounds.classes, head_state))
     if first_round > fc.rounds:
         store.finish_run(run_id, status="completed")
         store.close()
@@ -352,6 +359,22 @@ def run_federated(
         {"run_id": run_id, "completed": result.completed, "error": error, "wall_s": result.wall_s, "initial": result.initial, "rounds": rounds.history},
     )
     return result
+
+
+def _expression_head(cfg: TrainConfig, classes: tuple[str, ...], state: dict[str, Any]) -> Any:
+    """The expression head a run starts from: the checkpoint's (``state``, from --init-from or
+    the round resumed) when it fits the run's classes, else None (a fresh, seeded one)."""
+    if cfg.training.task != "expression" or not state:
+        return None
+    from fedface.common.models import ExpressionHead
+
+    head = ExpressionHead(cfg.model.embedding_dim, len(classes))
+    try:
+        head.load_state_dict(state)
+    except RuntimeError:
+        logger.warning("the starting checkpoint's expression head does not fit this run's %d classes: a fresh head is used", len(classes))
+        return None
+    return head
 
 
 __all__ = ["QUIET_ENV", "FederatedResult", "run_federated"]

@@ -14,7 +14,9 @@ Layouts (``layout=`` name, what the root holds):
     ...), or any folder named by expressions (the names and their synonyms in
     :data:`EXPRESSION_ALIASES`). The subject is read from CK+ file names
     (``S010_004_00000017.png``: subject ``S010``); other files are each their own subject
-    (FER2013 does not say who is who).
+    (FER2013 does not say who is who), except that pixel-identical copies (FER2013 train has
+    1,035 groups of them, 2,271 images) are one subject, so a split never puts a copy of a test
+    image into training.
 ``"fer2013"``
     FER2013's release: ``<split>/<emotion>/<image>`` (``train/``, and ``test/`` where a copy has
     it); every split folder is read, each image's folder is ``attributes["part"]``.
@@ -33,21 +35,29 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
+
+from fedface.common.data.faceset import FaceSet
 from fedface.common.data.files import Entry, dir_has, is_image_name, natural_key, scan
+from fedface.common.errors import ConfigError
 
 __all__ = [
+    "EXPRESSIONS",
     "EXPRESSION_ALIASES",
     "EXPRESSION_CLASSES",
     "EXPRESSION_LAYOUTS",
     "JAFFE_CODES",
     "LAYOUT_CROPS",
     "canonical_expression",
+    "expression_classes",
+    "expression_labels",
     "list_expression_folder",
     "list_fer2013",
     "list_jaffe",
     "looks_like_expression_folder",
     "looks_like_fer2013",
     "looks_like_jaffe",
+    "unknown_subject",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +102,44 @@ EXPRESSION_LAYOUTS: tuple[str, ...] = ("jaffe", "fer2013", "expression-folder")
 
 _JAFFE_RE = re.compile(r"^([A-Z]{2})\.([A-Z]{2})\d*\.\d+\.tiff?$", re.IGNORECASE)
 _CKPLUS_RE = re.compile(r"^(S\d{3})_\d{3}_\d+", re.IGNORECASE)
+
+
+#: Yale A's conditions that are facial expressions (the others are lighting and glasses): Yale
+#: A's own six-class vocabulary.
+EXPRESSIONS: tuple[str, ...] = ("happy", "normal", "sad", "sleepy", "surprised", "wink")
+
+
+def expression_classes(faces: FaceSet) -> tuple[str, ...]:
+    """The expression vocabulary of a data set: the shared seven classes
+    (:data:`~fedface.common.data.expressions.EXPRESSION_CLASSES`) for the expression layouts,
+    Yale A's own six (:data:`EXPRESSIONS`) for Yale A."""
+    if "expression" in faces.attributes:
+        return EXPRESSION_CLASSES
+    if "condition" in faces.attributes:
+        return EXPRESSIONS
+    raise ConfigError(
+        f"training.task = 'expression' needs faces labelled with expressions (FER2013, CK+ or any <emotion>/<image> "
+        f"folder, JAFFE, Yale A); the {faces.layout or 'loaded'} data at data.root has none: point --data at one of those"
+    )
+
+
+def expression_labels(faces: FaceSet, classes: tuple[str, ...] | None = None) -> tuple[FaceSet, np.ndarray]:
+    """The images whose expression is one of ``classes`` (default: the data set's own
+    vocabulary), and their class indices in ``classes``."""
+    names = classes if classes is not None else expression_classes(faces)
+    values = faces.attributes.get("expression") or faces.attributes.get("condition")
+    if values is None:
+        expression_classes(faces)  # raises the explanation
+        raise AssertionError("unreachable")
+    keep = np.array([v in names for v in values], dtype=bool)
+    if not keep.any():
+        raise ConfigError(
+            f"none of the {len(values)} images at data.root shows an expression this model knows ({', '.join(names)})"
+        )
+    subset = faces.subset(np.flatnonzero(keep))
+    key = "expression" if "expression" in faces.attributes else "condition"
+    labels = np.array([names.index(v) for v in subset.attributes[key]], dtype=np.int64)
+    return subset, labels
 
 
 def canonical_expression(name: str) -> str | None:
@@ -140,10 +188,17 @@ def _skip_outside(counts: dict[str, int], root: Path) -> None:
             )
 
 
-def _subject(folder: str, file: str) -> str:
-    """CK+ names say the subject (``S010_...``); any other file is its own subject."""
+def _subject(file: str) -> str:
+    """CK+ names say the subject (``S010_...``); other names say nothing (``""``: the loader
+    makes each such image its own subject, pixel-identical copies one subject together)."""
     match = _CKPLUS_RE.match(file)
-    return match.group(1).upper() if match else f"{folder}/{Path(file).stem}"
+    return match.group(1).upper() if match else ""
+
+
+def unknown_subject(entry: Entry) -> str:
+    """The subject name of an image whose file name names none: its folder(s) and stem."""
+    parts = [v for k, v in entry.attrs if k == "part"]
+    return "/".join([*parts, entry.path.parent.name, entry.path.stem])
 
 
 def list_expression_folder(root: Path, *, part: str | None = None) -> list[Entry]:
@@ -160,8 +215,7 @@ def list_expression_folder(root: Path, *, part: str | None = None) -> list[Entry
         attrs: tuple[tuple[str, str], ...] = (("expression", expression),)
         if part is not None:
             attrs += (("part", part),)
-        prefix = f"{part}/{folder}" if part is not None else folder
-        entries.extend(Entry(root / folder / f, _subject(prefix, f), attrs) for f in files)
+        entries.extend(Entry(root / folder / f, _subject(f), attrs) for f in files)
     _skip_outside(outside, root)
     entries.sort(key=lambda e: (natural_key(e.identity), natural_key(e.path.name)))
     return entries

@@ -45,6 +45,7 @@ from fedface.common.data.expressions import (
     looks_like_expression_folder,
     looks_like_fer2013,
     looks_like_jaffe,
+    unknown_subject,
 )
 from fedface.common.data.files import IMAGE_EXTENSIONS, Entry, dir_has, is_image_name, natural_key, scan
 from fedface.common.errors import (
@@ -529,8 +530,15 @@ def _load_files(root: Path, layout: str, size: tuple[int, int], on_error: OnErro
             "decode (see FaceSet.skipped or the warnings above)"
         )
 
+    if any(not e.identity for e, _ in kept):
+        # no subject in the name (FER2013): each image its own, pixel-identical copies one together
+        first_of: dict[bytes, str] = {}
+        kept = [
+            (e if e.identity else e._replace(identity=first_of.setdefault(d.digest, unknown_subject(e))), d) for e, d in kept
+        ]
     names = sorted({e.identity for e, _ in kept}, key=natural_key)
-    dropped = len({e.identity for e in entries}) - len(names)
+    named = {e.identity for e in entries if e.identity}
+    dropped = len(named) - len(named & set(names))
     if dropped:
         logger.warning("dropped %d identities left without readable images under %s", dropped, root)
     index = {name: i for i, name in enumerate(names)}

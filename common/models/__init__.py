@@ -66,6 +66,41 @@ def encoder_weights(encoder: nn.Module) -> list[np.ndarray]:
     return [v.detach().cpu().float().numpy().copy() for v in encoder.state_dict().values()]
 
 
+def freeze_for(trainable: str, encoder: nn.Module) -> None:
+    """Freeze the encoder's parts that ``privacy.trainable`` keeps fixed: ``"gru"`` the
+    convolutional stem, ``"neck"`` the stem and the GRUs (only the embedding neck and the head
+    train); ``"all"`` nothing."""
+    frozen: list[nn.Parameter] = []
+    stem = getattr(encoder, "stem", None)
+    if trainable in ("gru", "neck") and stem is not None:
+        frozen += list(stem.parameters())
+    if trainable == "neck":
+        frozen += list(encoder.rnns.parameters())  # type: ignore[union-attr]
+    for p in frozen:
+        p.requires_grad_(False)
+
+
+def shared_weights(encoder: nn.Module, head: nn.Module | None) -> list[np.ndarray]:
+    """What a federation shares: the encoder's arrays, then (expression task) the expression
+    head's. An identity run shares the encoder alone; its class centres never leave a site."""
+    arrays = encoder_weights(encoder)
+    if head is not None:
+        arrays += [v.detach().cpu().float().numpy().copy() for v in head.state_dict().values()]
+    return arrays
+
+
+def load_shared_weights(encoder: nn.Module, head: nn.Module | None, weights: list[np.ndarray]) -> None:
+    """Set ``encoder`` (and ``head``) from :func:`shared_weights`' list (same config)."""
+    n_enc = len(encoder.state_dict())
+    n_head = len(head.state_dict()) if head is not None else 0
+    if len(weights) != n_enc + n_head:
+        raise ValueError(f"expected {n_enc + n_head} model arrays, got {len(weights)}: the server and site configs differ")
+    load_encoder_weights(encoder, weights[:n_enc])
+    if head is not None:
+        keys = list(head.state_dict().keys())
+        head.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights[n_enc:], strict=True)})
+
+
 def load_encoder_weights(encoder: nn.Module, weights: list[np.ndarray]) -> None:
     """Set ``encoder``'s parameters from :func:`encoder_weights`' list (same config)."""
     keys = list(encoder.state_dict().keys())
@@ -82,7 +117,10 @@ __all__ = [
     "build_encoder",
     "build_margin_head",
     "encoder_weights",
+    "freeze_for",
     "load_encoder_weights",
+    "load_shared_weights",
     "prepare_for_dp",
+    "shared_weights",
     "standardize",
 ]

@@ -7,6 +7,7 @@ import typer
 from fedface.simulations.bench.baseline import baseline
 from fedface.simulations.bench.console import console
 from fedface.simulations.bench.dp import dp
+from fedface.simulations.bench.expression import expression
 from fedface.simulations.bench.federated import federated
 from fedface.simulations.bench.gallery import gallery
 from fedface.simulations.bench.policy import policy
@@ -20,6 +21,7 @@ bench_app = typer.Typer(
 bench_app.command()(baseline)
 bench_app.command()(console)
 bench_app.command()(dp)
+bench_app.command()(expression)
 bench_app.command()(federated)
 bench_app.command()(gallery)
 bench_app.command()(policy)

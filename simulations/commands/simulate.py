@@ -20,6 +20,7 @@ from fedface.simulations.console import err_console, print_json, setup_logging, 
 def simulate(
     scenario: Annotated[Optional[Path], typer.Option("--scenario", "-c", help="Scenario TOML (a training config with a federation section; default: the packaged scenarios/federated.toml); flags override it.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Face data directory to partition into sites (default: the scenario's data.root).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="identity (default) or expression; without --scenario, expression runs the packaged FER2013 scenario (scenarios/fer2013_federated.toml).")] = None,
     sites: Annotated[Optional[int], typer.Option(help="Number of sites (virtual SuperNodes).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Federated rounds.")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Each site's epsilon for the whole run (noise calibrated once for all rounds); default from the scenario (8 in the packaged one); inf: not private.")] = None,
@@ -42,7 +43,8 @@ def simulate(
 ) -> None:
     """Federated training of the GRU face encoder over many simulated sites (Flower simulation engine).
 
-    Holds out federation.test-identities people for the server's evaluation, gives each site
+    Holds out federation.test-identities people (or, with split.folds, one fold of them) for
+    the server's evaluation, gives each site
     its own people, trains with DP-SGD at every site (each round charged to the site's ledger
     before its update leaves), aggregates through SecAgg+, and writes the run directory:
     config, split, partition, run store (runs.sqlite), a checkpoint per round, each site's head
@@ -52,6 +54,8 @@ def simulate(
     """
     if output_format not in ("text", "json"):
         raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
+    if task is not None and task not in ("identity", "expression"):
+        raise typer.BadParameter(f"expected identity or expression, got {task!r}", param_hint="--task")
     if strategy is not None and strategy not in ("fedavg", "fedprox", "fedadam"):
         raise typer.BadParameter(f"expected fedavg, fedprox or fedadam, got {strategy!r}", param_hint="--strategy")
     setup_logging(verbose, quiet)
@@ -68,7 +72,7 @@ def simulate(
             "federation.local-epochs": local_epochs,
             "federation.seed": seed,
             "training.seed": seed,
-            "split.seed": seed,
+            "training.task": task,
             "privacy.epsilon": epsilon,
             "privacy.delta": delta,
             "training.init-from": str(init_from) if init_from is not None else None,
@@ -80,8 +84,14 @@ def simulate(
             base = TrainConfig.from_toml(resume / "config.toml")
             overrides = {"federation.rounds": rounds, "site-policy.allow-non-private": overrides["site-policy.allow-non-private"]}
         else:
-            base = TrainConfig.from_toml(scenario) if scenario is not None else scenario_config("federated.toml")
+            default = "fer2013_federated.toml" if task == "expression" else "federated.toml"
+            base = TrainConfig.from_toml(scenario) if scenario is not None else scenario_config(default)
         cfg = base.with_overrides(overrides)
+        if seed is not None and resume is None and not cfg.split.folds:
+            # a split by folds holds a fixed fold out (FER2013's validation part): --seed does not move it
+            cfg = cfg.with_overrides({"split.seed": seed})
+        key, label = ("expression_acc", "expression acc") if cfg.training.task == "expression" else ("verif_acc", "verification acc")
+        second, second_label = ("expression_macro_f1", "macro-F1") if cfg.training.task == "expression" else ("verif_auc", "AUC")
         run_dir = resume if resume is not None else (out if out is not None else default_run_dir("simulate"))
         fc = cfg.federation
         err_console.print(
@@ -95,8 +105,8 @@ def simulate(
                 return
             if row.get("initial"):
                 err_console.print(
-                    f"starting encoder (round {number}): verification acc {row.get('verif_acc', float('nan')):.3f} "
-                    f"(AUC {row.get('verif_auc', float('nan')):.3f})"
+                    f"starting model (round {number}): {label} {row.get(key, float('nan')):.3f} "
+                    f"({second_label} {row.get(second, float('nan')):.3f})"
                 )
                 return
             eps, life = row.get("max_epsilon"), row.get("max_lifetime_epsilon")
@@ -107,7 +117,7 @@ def simulate(
                 f"round {number}/{fc.rounds}: {row['answered']}/{row['sampled']} sites answered"
                 + (f", {row['refused']} refused" if row["refused"] else "")
                 + (f", {row['failed']} failed" if row["failed"] else "")
-                + f"; verification acc {row.get('verif_acc', float('nan')):.3f} (AUC {row.get('verif_auc', float('nan')):.3f}){spent}; {row['seconds']:.1f} s"
+                + f"; {label} {row.get(key, float('nan')):.3f} ({second_label} {row.get(second, float('nan')):.3f}){spent}; {row['seconds']:.1f} s"
             )
 
         from fedface.simulations.simulate import run_federated
@@ -131,7 +141,7 @@ def simulate(
             raise typer.Exit(1)
     life = max((r["max_lifetime_epsilon"] for r in result.history if r.get("max_lifetime_epsilon") is not None), default=None)
     err_console.print(
-        f"[bold]final verification acc[/] {result.final.get('verif_acc', float('nan')):.4f}"
+        f"[bold]final {label}[/] {result.final.get(key, float('nan')):.4f}"
         + (f"  max lifetime epsilon {format_epsilon(life)}" if life is not None else "")
         + f"  run directory: {run_dir}  ({result.wall_s:.0f} s)"
     )

@@ -27,8 +27,16 @@ def headline(cfg: TrainConfig) -> tuple[str, str]:
 
 
 def load_config(config: Path | None, overrides: dict[str, object]) -> TrainConfig:
-    """The config file (or defaults) with flags applied on top."""
-    base = TrainConfig.from_toml(config) if config is not None else TrainConfig()
+    """The config file (or defaults) with flags applied on top; ``--task expression`` without
+    a config starts from the packaged expression recipe (scenarios/fer2013_expression.toml)."""
+    if config is not None:
+        base = TrainConfig.from_toml(config)
+    elif overrides.get("training.task") == "expression":
+        from fedface.simulations.bench.common import scenario_config
+
+        base = scenario_config("fer2013_expression.toml")
+    else:
+        base = TrainConfig()
     return base.with_overrides(overrides)
 
 
@@ -40,14 +48,14 @@ def default_run_dir(prefix: str) -> Path:
 
 def train(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (kebab-case keys); flags override it.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Face data directory (ORL, Yale A, Extended Yale B, Olivetti cache or one folder per identity).")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="Data layout: auto, orl, olivetti, yale-a, extended-yale-b, image-folder.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="identity (margin head) or expression (Yale A expressions).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Face data directory (ORL, Yale A, Extended Yale B, Olivetti cache, one folder per identity; for expressions FER2013, CK+, JAFFE or any <emotion>/<image> folder).")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="Data layout: auto, orl, olivetti, yale-a, extended-yale-b, jaffe, fer2013, expression-folder, image-folder.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="identity (margin head) or expression (7 classes: FER2013, CK+, JAFFE; Yale A's own 6). Without --config, expression starts from the packaged FER2013 recipe.")] = None,
     split: Annotated[Optional[str], typer.Option(help="closed-set (images of every identity split) or open-set (identities held out).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the one-cycle schedule.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of training and of the split.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of training and of the split (a split by folds, as the expression recipes use, stays fixed).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu or cuda.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (0: torch's default).")] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Train with DP-SGD spending at most this epsilon (noise calibrated once for the whole training); 'inf' or unset: not private.", rich_help_panel="Privacy")] = None,
@@ -85,7 +93,6 @@ def train(
             "training.batch-size": batch_size,
             "training.lr": lr,
             "training.seed": seed,
-            "split.seed": seed,
             "training.device": device,
             "training.threads": threads,
             "training.init-from": str(init_from) if init_from is not None else None,
@@ -99,6 +106,9 @@ def train(
         if task == "expression" and split is None:
             overrides["split.kind"] = "open-set"
         cfg = load_config(config, overrides)
+        if seed is not None and not cfg.split.folds:
+            # a split by folds holds a fixed fold out (FER2013's validation part): --seed trains, it does not move it
+            cfg = cfg.with_overrides({"split.seed": seed})
         run_dir = out if out is not None else default_run_dir("train")
         run = _train_with_progress(cfg, run_dir, overwrite, show=not quiet)
     key, label = headline(cfg)

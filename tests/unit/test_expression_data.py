@@ -97,8 +97,20 @@ def test_fer2013_release_layout_reads_every_split_folder(tmp_path: Path, fer_roo
     assert faces.layout == "fer2013"
     assert len(faces) == 7 * 3 + 7
     assert set(faces.attributes["part"]) == {"train", "test"}
-    # FER2013 does not say who is who: every image is its own subject
-    assert faces.num_identities == len(faces)
+    # FER2013 does not say who is who: every image is its own subject, except that a
+    # pixel-identical copy (here each test image is a link to a train image) shares its subject
+    assert faces.num_identities == len(faces) - 7
+    for g in np.unique(faces.groups):
+        assert len(set(faces.labels[faces.groups == g].tolist())) == 1
+
+
+def test_fer2013_copies_never_straddle_the_validation_fold(fer_root: Path) -> None:
+    # FER2013 train holds 1,035 groups of pixel-identical images (measured)
+    faces = load_faces(fer_root / "train", size=(8, 8))
+    split = split_open_set_folds(faces, folds=10, seed=0)[0]
+
+    assert faces.num_identities < len(faces)
+    assert not set(faces.groups[split.train].tolist()) & set(faces.groups[split.test].tolist())
 
 
 def test_expression_labels_use_the_vocabulary_indices(ckplus) -> None:  # type: ignore[no-untyped-def]

@@ -465,3 +465,45 @@ def test_secagg_respects_fixed_shares_and_threshold_from_the_config() -> None:
 def test_secagg_invalid_fixed_shares_or_threshold_is_a_config_error(shares: int, threshold: int, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         _config(federation={"sites": 10, "num-shares": shares, "reconstruction-threshold": threshold})
+
+
+def test_expression_run_evaluates_expressions_and_checkpoints_the_shared_head(
+    tmp_path: Path, store: RunStore, jaffe_root: Path
+) -> None:
+    # Arrange: an expression run whose server holds out two JAFFE subjects
+    from fedface.common.data.expressions import EXPRESSION_CLASSES
+
+    cfg = TrainConfig.from_mapping(
+        {
+            "data": {"image-size": [16, 16]},
+            "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 1, "stem": [4], "passes": ["rows"]},
+            "evaluation": {"shift-tta": 0, "occlusion-box": 4},
+            "training": {"task": "expression", "device": "cpu"},
+            "federation": {"sites": 3, "rounds": 2},
+        }
+    )
+    faces = load_faces(jaffe_root, size=(16, 16))
+    held_out = faces.subset(np.flatnonzero(faces.labels < 2))
+    rounds = _rounds(cfg, store, held_out, tmp_path)
+    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+    initial = rounds.initial_weights(encoder)
+
+    # Act
+    out = rounds.evaluate(1, initial)
+
+    # Assert: encoder + 7-class head; expression metrics on the held-out subjects' images
+    assert len(initial) == len(encoder.state_dict()) + 2
+    assert out["test_images"] == len(held_out)
+    assert 0.0 <= out["expression_acc"] <= 1.0 and "expression_macro_f1" in out
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "round-0001.pt")
+    assert ckpt.task == "expression" and tuple(ckpt.class_names) == EXPRESSION_CLASSES
+    assert ckpt.head_state and ckpt.num_classes == 7
+
+
+def test_identity_run_shares_the_encoder_alone(tmp_path: Path, store: RunStore, test_faces: FaceSet) -> None:
+    cfg = _config()
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
+
+    assert len(rounds.initial_weights(encoder)) == len(encoder.state_dict())
+    assert rounds.head is None

@@ -330,3 +330,68 @@ def test_a_round_past_the_plan_is_refused(site_faces: FaceSet, tmp_path: Path) -
 
     assert res.metrics[wire.M_STATUS] == wire.REFUSED and res.examples == 0
     assert res.metrics[wire.M_REASON] == wire.REASON_BUDGET
+
+
+# --- expression task: the expression head is shared, the site's people never are ----------------
+
+EXPR_TINY = {
+    "data": {"image-size": [16, 16]},
+    "model": {"hidden-size": 8, "embedding-dim": 8, "downsample": 1, "stem": [4], "passes": ["rows"]},
+    "evaluation": {"shift-tta": 0, "occlusion-box": 4},
+    "training": {"task": "expression", "batch-size": 16, "device": "cpu", "label-smoothing": 0.1},
+    "site-policy": {"allow-non-private": True},
+}
+
+
+@pytest.fixture(scope="module")
+def jaffe_faces(jaffe_root: Path) -> FaceSet:
+    return load_faces(jaffe_root, size=(16, 16))
+
+
+def _expr_initial(cfg: TrainConfig) -> list[np.ndarray]:
+    from fedface.common.models import ExpressionHead, shared_weights
+
+    torch.manual_seed(0)
+    return shared_weights(build_encoder(cfg.model, image_size=cfg.data.image_size), ExpressionHead(8, 7))
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp"])
+def test_expression_site_trains_on_expressions_and_shares_encoder_and_head(
+    jaffe_faces: FaceSet, tmp_path: Path, private: bool
+) -> None:
+    # Arrange: one JAFFE subject per site would be typical; two here
+    faces = jaffe_faces.subset(np.flatnonzero(jaffe_faces.labels < 2))
+    cfg = TrainConfig.from_mapping({**EXPR_TINY, **({"privacy": {"epsilon": 8.0}} if private else {})})
+    site = _site(faces, tmp_path, cfg)
+    weights = _expr_initial(cfg)
+
+    # Act
+    result = _round(site, weights, 1)
+
+    # Assert: the site's labels are the 7 expressions, not its 2 people
+    assert set(site.labels.tolist()) <= set(range(7)) and len(set(site.labels.tolist())) > 2
+    assert result.metrics[wire.M_STATUS] == wire.ANSWERED
+    # encoder + head arrays, in the shape the server sent, and both trained
+    assert [w.shape for w in result.weights] == [w.shape for w in weights]
+    n_enc = len(build_encoder(cfg.model, image_size=cfg.data.image_size).state_dict())
+    assert _distance(result.weights[n_enc:], weights[n_enc:]) > 0  # the head moved
+    assert _distance(result.weights[:n_enc], weights[:n_enc]) > 0
+    # nothing kept on disk for a head that is shared
+    assert not (tmp_path / "site-a" / "head.pt").exists()
+    if private:
+        assert wire.M_RUN_EPSILON in result.metrics
+
+
+def test_trainable_gru_freezes_the_stem_at_the_site(jaffe_faces: FaceSet, tmp_path: Path) -> None:
+    cfg = TrainConfig.from_mapping({**EXPR_TINY, "privacy": {"epsilon": 8.0, "trainable": "gru"}})
+    site = _site(jaffe_faces.subset(np.flatnonzero(jaffe_faces.labels < 2)), tmp_path, cfg)
+    weights = _expr_initial(cfg)
+    keys = list(build_encoder(cfg.model, image_size=cfg.data.image_size).state_dict())
+
+    result = _round(site, weights, 1)
+
+    for key, before, after in zip(keys, weights, result.weights, strict=False):
+        if key.startswith("stem."):
+            assert np.array_equal(before, after), key  # frozen: no noise added either
+        elif key.startswith("rnns."):
+            assert not np.array_equal(before, after), key

@@ -1,0 +1,125 @@
+"""Expression recognition end to end on the real sets: `fedface train --task expression`,
+`fedface evaluate CKPT --data OTHER_DIR`, and `fedface bench expression --quick`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedface.common.checkpoint import load_checkpoint
+from fedface.common.data.expressions import EXPRESSION_CLASSES
+
+pytestmark = pytest.mark.integration
+
+runner = CliRunner()
+
+
+def _app():  # type: ignore[no-untyped-def]
+    from fedface.simulations.cli import app
+
+    return app
+
+
+def _last_json(output: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def ckplus_run(tmp_path_factory: pytest.TempPathFactory, ckplus_root: Path) -> Path:
+    """`fedface train --task expression` on CK+, no config: the packaged FER2013 recipe, 2 epochs."""
+    out = tmp_path_factory.mktemp("expr") / "ck"
+    result = runner.invoke(
+        _app(), ["train", "--task", "expression", "--data", str(ckplus_root), "--epochs", "2", "--out", str(out), "--format", "json", "-q"]
+    )
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_train_expression_without_config_uses_the_packaged_recipe(ckplus_run: Path) -> None:
+    ckpt = load_checkpoint(ckplus_run / "checkpoint.pt")
+
+    assert ckpt.task == "expression"
+    assert tuple(ckpt.class_names) == EXPRESSION_CLASSES
+    assert ckpt.config.model.stem == (32, 64, 128)
+    assert ckpt.config.split.folds == 10
+    metrics = json.loads((ckplus_run / "metrics.json").read_text())["final"]
+    for key in ("expression_acc", "expression_macro_f1", "recall_happy", "occluded_expression_acc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert "recall_neutral" not in metrics  # CK+'s peak frames show no neutral face
+
+
+def test_expression_run_writes_its_confusion_matrix(ckplus_run: Path) -> None:
+    record = json.loads((ckplus_run / "confusion.json").read_text())
+    counts = np.asarray(record["counts"])
+    metrics = json.loads((ckplus_run / "metrics.json").read_text())["final"]
+
+    assert record["classes"] == list(EXPRESSION_CLASSES)
+    assert counts.sum() == metrics["test_images"]
+    assert np.trace(counts) / counts.sum() == pytest.approx(metrics["expression_acc"])
+    assert (ckplus_run / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_expression_checkpoint_on_another_expression_folder(ckplus_run: Path, tmp_path: Path, fer_root: Path) -> None:
+    # any folder laid out like FER2013's train/ (<emotion>/*.jpg): links to 5 real images per class
+    other = tmp_path / "faces"
+    for emotion in sorted(os.listdir(fer_root / "train")):
+        (other / emotion).mkdir(parents=True)
+        for name in sorted(os.listdir(fer_root / "train" / emotion))[:5]:
+            (other / emotion / name).symlink_to(fer_root / "train" / emotion / name)
+
+    result = runner.invoke(_app(), ["evaluate", str(ckplus_run), "--data", str(other), "--format", "json", "-q"])
+
+    assert result.exit_code == 0, result.stderr
+    metrics = _last_json(result.stdout)
+    assert metrics["test_images"] == 35
+    assert 0.0 <= metrics["expression_acc"] <= 1.0
+    assert 0.0 <= metrics["expression_macro_f1"] <= 1.0
+    assert set(k for k in metrics if k.startswith("recall_")) == {f"recall_{c}" for c in EXPRESSION_CLASSES}
+
+
+def test_evaluate_expression_checkpoint_on_jaffe(ckplus_run: Path, jaffe_root: Path) -> None:
+    result = runner.invoke(_app(), ["evaluate", str(ckplus_run), "--data", str(jaffe_root), "--format", "json", "-q"])
+
+    assert result.exit_code == 0, result.stderr
+    assert _last_json(result.stdout)["test_images"] == 213
+
+
+def test_train_expression_on_identity_data_exits_3_with_one_line(tmp_path: Path, orl_root: Path) -> None:
+    result = runner.invoke(_app(), ["train", "--task", "expression", "--data", str(orl_root), "--epochs", "1", "--out", str(tmp_path / "r"), "-q"])
+
+    assert result.exit_code == 3
+    line = result.stderr.strip()
+    assert line.startswith("ConfigError:") and "labelled with expressions" in line and len(line.splitlines()) == 1
+
+
+def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
+    tmp_path: Path, fer_root: Path, ckplus_root: Path, jaffe_root: Path
+) -> None:
+    args = [
+        "bench", "expression", "--quick", "--seeds", "1", "--out", str(tmp_path / "runs"),
+        "--fer", str(fer_root / "train"), "--ckplus", str(ckplus_root), "--jaffe", str(jaffe_root),
+    ]
+
+    first = runner.invoke(_app(), args)
+    second = runner.invoke(_app(), args)
+
+    assert first.exit_code == 0, first.stderr
+    figures = _last_json(first.stdout)
+    for key in ("fer2013_val_acc", "fer2013_val_macro_f1", "ckplus_10fold_acc", "jaffe_loso_acc", "fer2013_train_s"):
+        assert key in figures, key
+    for key in ("fer2013_val_acc", "ckplus_10fold_acc", "jaffe_loso_acc"):
+        assert 0.0 <= figures["eigenfaces"][key] <= 1.0, key
+    assert figures["quick"] is True and figures["folds"] == 2
+    assert figures["reused"] == []
+    # the second run trains nothing: every run directory of the first is reused, same figures
+    assert second.exit_code == 0, second.stderr
+    again = _last_json(second.stdout)
+    assert len(again["reused"]) == 1 + 2 + 2
+    assert again["fer2013_val_acc"] == figures["fer2013_val_acc"]
+    assert again["ckplus_10fold_acc"] == figures["ckplus_10fold_acc"]
+    assert "reused" in second.stderr
