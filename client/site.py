@@ -287,6 +287,8 @@ class Site:
         head = head.to(self.device)
         encoder = encoder.to(self.device)
         global_params = [p.detach().clone() for p in encoder.parameters()]
+        if shared_head is not None:
+            global_params += [p.detach().clone() for p in head.parameters()]
         trained: nn.Module = to_per_sample(encoder) if mech is not None else encoder
         freeze_for(self.cfg.privacy.trainable, trained)  # fine-tuning: the parts kept fixed get no update
         base = torch.optim.AdamW(
@@ -295,7 +297,9 @@ class Site:
             weight_decay=self.cfg.training.weight_decay,
         )
         if proximal_mu > 0:
-            pairs = [(p, g) for p, g in zip(trained.parameters(), global_params, strict=True) if p.requires_grad]
+            # the shared expression head is averaged like the encoder: it is held near the global one too
+            shared = list(trained.parameters()) + (list(head.parameters()) if shared_head is not None else [])
+            pairs = [(p, g) for p, g in zip(shared, global_params, strict=True) if p.requires_grad]
 
             def proximal(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
                 # FedProx: mu * (w - w_global), added after any DP noise (it uses no data)

@@ -231,6 +231,8 @@ def train_run(
     labels = torch.from_numpy(data.train_labels).to(device)
 
     private = _PrivateTraining.start(cfg, data, encoder, head, out_dir, device) if cfg.privacy.enabled else None
+    if private is None:
+        freeze_for(cfg.privacy.trainable, encoder)  # fine-tuning without DP keeps the same parts fixed
     trained = private.encoder if private is not None else encoder
     params = [p for p in list(trained.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay)
@@ -376,10 +378,12 @@ def load_expression_head_init(head: nn.Module, cfg: TrainConfig, class_names: tu
     assert cfg.training.init_from is not None
     ckpt = load_checkpoint(cfg.training.init_from)
     if ckpt.task != "expression" or tuple(ckpt.class_names) != tuple(class_names) or not ckpt.head_state:
+        logger.info("training.init-from %s holds no expression head of these classes: the head starts fresh", cfg.training.init_from)
         return False
     try:
         head.load_state_dict(ckpt.head_state)
     except RuntimeError:
+        logger.info("the expression head of %s does not fit this model: the head starts fresh", cfg.training.init_from)
         return False
     logger.info("expression head initialised from %s", cfg.training.init_from)
     return True

@@ -18,8 +18,9 @@ Layouts (``layout=`` name, what the root holds):
     1,035 groups of them, 2,271 images) are one subject, so a split never puts a copy of a test
     image into training.
 ``"fer2013"``
-    FER2013's release: ``<split>/<emotion>/<image>`` (``train/``, and ``test/`` where a copy has
-    it); every split folder is read, each image's folder is ``attributes["part"]``.
+    FER2013's release: ``<split>/<emotion>/<image>``. Only ``train/`` is read (``attributes
+    ["part"]``), so a copy that also holds ``test/`` never deals its test images into training
+    folds; point ``--data`` at ``test/`` itself (an expression folder) to evaluate on it.
 ``"jaffe"``
     JAFFE: ``KA.AN1.39.tiff`` files directly in the root (subject ``KA``, expression code
     ``AN``, AN DI FE HA NE SA SU).
@@ -46,6 +47,7 @@ __all__ = [
     "EXPRESSION_ALIASES",
     "EXPRESSION_CLASSES",
     "EXPRESSION_LAYOUTS",
+    "FER2013_PART",
     "JAFFE_CODES",
     "LAYOUT_CROPS",
     "canonical_expression",
@@ -221,14 +223,24 @@ def list_expression_folder(root: Path, *, part: str | None = None) -> list[Entry
     return entries
 
 
+#: The split folder of FER2013's release that the ``fer2013`` layout reads.
+FER2013_PART = "train"
+
+
 def list_fer2013(root: Path) -> list[Entry]:
-    """``<split>/<emotion>/<image>``: every split folder that is an expression folder."""
+    """``<split>/<emotion>/<image>``: the ``train/`` split folder only (others are logged)."""
     _, dirs = scan(root)
-    entries: list[Entry] = []
-    for part in dirs:
-        if looks_like_expression_folder(root / part):
-            entries.extend(list_expression_folder(root / part, part=part))
-    return entries
+    others = [d for d in dirs if d != FER2013_PART and looks_like_expression_folder(root / d)]
+    if others:
+        logger.info(
+            "fer2013 layout: reading %s/ only under %s; %s left out (pass one of them as --data to use it)",
+            FER2013_PART,
+            root,
+            ", ".join(f"{d}/" for d in others),
+        )
+    if FER2013_PART not in dirs:
+        return []
+    return list_expression_folder(root / FER2013_PART, part=FER2013_PART)
 
 
 def list_jaffe(root: Path) -> list[Entry]:

@@ -122,7 +122,7 @@ _PATTERNS = {
     "extended-yale-b": "Extended Yale B images (yaleBNN/yaleBNN_P00A+AAAE+EE.pgm)",
     "image-folder": "ImageFolder images (<identity>/<image>.png|jpg|pgm|...)",
     "jaffe": "JAFFE images (<subject>.<code><n>.<number>.tiff, codes AN DI FE HA NE SA SU)",
-    "fer2013": "FER2013 images (<split>/<emotion>/<image>, emotions angry disgust fear happy neutral sad surprise)",
+    "fer2013": "FER2013 images (train/<emotion>/<image>, emotions angry disgust fear happy neutral sad surprise)",
     "expression-folder": "expression images (<emotion>/<image>, emotions angry disgust fear happy neutral sad surprise)",
 }
 
@@ -489,7 +489,7 @@ def load_faces(
         _check_root(path)
         resolved = layout
     if resolved == "olivetti":
-        faces = _load_olivetti(path, out_size)
+        faces = _load_olivetti(path, out_size, box)
     else:
         faces = _load_files(path, resolved, out_size, on_error, box if box is not None else LAYOUT_CROPS.get(resolved))
     logger.info(
@@ -599,7 +599,7 @@ def _assemble(
     )
 
 
-def _load_olivetti(root: Path, size: tuple[int, int]) -> FaceSet:
+def _load_olivetti(root: Path, size: tuple[int, int], crop: Crop | None = None) -> FaceSet:
     """Read scikit-learn's Olivetti cache exactly as ``fetch_olivetti_faces`` does."""
     cache = _olivetti_cache(root)
     if cache is None:
@@ -630,7 +630,7 @@ def _load_olivetti(root: Path, size: tuple[int, int]) -> FaceSet:
     side = _OLIVETTI_SIDE
     faces = faces.reshape((_OLIVETTI_SHAPE[0], side, side)).transpose(0, 2, 1)
     grey = np.rint(faces * 255.0).astype(np.uint8)
-    processed = [_preprocess(Image.fromarray(np.ascontiguousarray(img)), size) for img in grey]
+    processed = [_preprocess(Image.fromarray(np.ascontiguousarray(img)), size, crop) for img in grey]
     n = _OLIVETTI_SHAPE[0]
     return _assemble(
         images=np.stack([p for p, _ in processed]),

@@ -95,10 +95,14 @@ def load_shared_weights(encoder: nn.Module, head: nn.Module | None, weights: lis
     n_head = len(head.state_dict()) if head is not None else 0
     if len(weights) != n_enc + n_head:
         raise ValueError(f"expected {n_enc + n_head} model arrays, got {len(weights)}: the server and site configs differ")
-    load_encoder_weights(encoder, weights[:n_enc])
-    if head is not None:
-        keys = list(head.state_dict().keys())
-        head.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights[n_enc:], strict=True)})
+    try:
+        load_encoder_weights(encoder, weights[:n_enc])
+        if head is not None:
+            keys = list(head.state_dict().keys())
+            head.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights[n_enc:], strict=True)})
+    except RuntimeError as exc:  # same count, other shapes (e.g. 6 expression classes against 7)
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(f"the model arrays do not fit this model: the server and site configs differ ({reason})") from None
 
 
 def load_encoder_weights(encoder: nn.Module, weights: list[np.ndarray]) -> None:

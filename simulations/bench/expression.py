@@ -4,7 +4,7 @@ Eigenfaces + logistic regression on the same splits.
 In one run, for each seed:
 
 - FER2013: the packaged recipe (``scenarios/fer2013_expression.toml``) trained on FER2013's
-  training images less its fixed validation part (fold 0 of 10: 2,871 images), evaluated on
+  training images less its fixed validation part (fold 0 of 10: 2,884 images), evaluated on
   that part: accuracy, macro-F1, per-class recall, and the training's wall time;
 - CK+: ten subject folds, each fine-tuned from that seed's FER2013 checkpoint
   (``scenarios/ckplus_expression.toml``); accuracy over all images, each tested once, by a
@@ -24,8 +24,10 @@ once with `fedface train` and the benchmark pointed at it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +42,7 @@ from fedface.common.data import FaceSet, split_open_set_folds
 from fedface.common.eigenfaces import eigenfaces_expression
 from fedface.common.errors import ConfigError
 from fedface.common.evaluation import expression_scores
+from fedface.common.io import atomic_write_json
 from fedface.simulations.bench.common import peak_rss_mb, scenario_config
 from fedface.simulations.centralized import expression_classes, expression_labels, load_config_faces, train_run
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
@@ -57,29 +60,65 @@ def _default_data(name: str) -> Path:
     return Path("..") / "shared" / "data" / name
 
 
-def _finished(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
-    """The final metrics of a finished run of exactly ``cfg`` in ``run_dir``, else None."""
-    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.toml"
-    if not ((run_dir / "checkpoint.pt").is_file() and metrics_path.is_file() and config_path.is_file()):
+INIT_RECORD = "init.json"  # the digest of the checkpoint a fine-tuned run started from
+
+
+def _same_config(a: TrainConfig, b: TrainConfig) -> bool:
+    """Equal configs, up to how the run was executed (threads, device)."""
+    neutral = {"training.threads": 0, "training.device": "auto"}
+    return a.with_overrides(neutral).model_dump() == b.with_overrides(neutral).model_dump()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _finished(run_dir: Path, cfg: TrainConfig, faces: FaceSet) -> dict[str, Any] | None:
+    """The final metrics of a **finished** run of ``cfg`` on ``faces`` in ``run_dir``, else None.
+
+    Finished means: its checkpoint (the last file a run writes) holds this config, its
+    metrics hold the final figures, its confusion counts are there, its saved split is the
+    split ``cfg`` makes of ``faces`` now, and a fine-tuned run started from the checkpoint
+    ``training.init-from`` names now (by content digest, not by path).
+    """
+    from fedface.common.checkpoint import load_checkpoint
+    from fedface.common.data import Split
+    from fedface.common.errors import FedFaceError
+    from fedface.simulations.centralized import prepare_task_data
+
+    files = [run_dir / n for n in ("checkpoint.pt", "metrics.json", "confusion.json", "split.json")]
+    if not all(f.is_file() for f in files):
         return None
     try:
-        saved = TrainConfig.from_toml(config_path)
-        summary = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (ConfigError, OSError, ValueError):
-        return None
-    if saved.model_dump() != cfg.model_dump() or not summary.get("final") or "wall_s" not in summary:
+        if not _same_config(load_checkpoint(run_dir / "checkpoint.pt").config, cfg):
+            return None
+        summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if not summary.get("final") or "wall_s" not in summary:
+            return None
+        data = prepare_task_data(cfg, faces)
+        if Split.load(run_dir / "split.json", data.faces) != data.split:
+            return None
+        if cfg.training.init_from is not None:
+            record = json.loads((run_dir / INIT_RECORD).read_text(encoding="utf-8"))
+            if record.get("sha256") != _digest(Path(cfg.training.init_from)):
+                return None
+    except (FedFaceError, OSError, ValueError, KeyError, TypeError):
         return None
     return {"metrics": summary["final"], "wall_s": float(summary["wall_s"])}
 
 
 def _train_or_reuse(cfg: TrainConfig, run_dir: Path, faces: FaceSet, reused: list[str]) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``, or reuse the finished run of the same config there."""
-    done = _finished(run_dir, cfg)
+    """Train ``cfg`` into ``run_dir`` (emptied first), or reuse the finished run of it there."""
+    done = _finished(run_dir, cfg, faces)
     if done is not None:
         reused.append(str(run_dir))
-        err_console.print(f"reused {run_dir} (a finished run of the same config)")
+        err_console.print(f"reused {run_dir} (a finished run of the same config, split and starting checkpoint)")
         return done
-    run = train_run(cfg, out_dir=run_dir, overwrite=True, faces=faces)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # nothing of an unfinished or other run may be mistaken for this one's
+    run = train_run(cfg, out_dir=run_dir, faces=faces)
+    if cfg.training.init_from is not None:
+        atomic_write_json(run_dir / INIT_RECORD, {"init_from": str(cfg.training.init_from), "sha256": _digest(Path(cfg.training.init_from))})
     return {"metrics": run.metrics, "wall_s": run.wall_s}
 
 
@@ -158,6 +197,7 @@ def expression(
         ck_cfg = scenario_config("ckplus_expression.toml").with_overrides({**overrides, "data.root": str(ckplus)})
         ja_cfg = scenario_config("jaffe_expression.toml").with_overrides({**overrides, "data.root": str(jaffe)})
         fer_faces = load_config_faces(fer_cfg)
+        expression_labels(fer_faces, expression_classes(fer_faces))  # not expression data: one clear error
         if quick:
             keep = _per_class(fer_faces, QUICK_FER_PER_CLASS)
             fer_faces = fer_faces.subset(keep).relabel()

@@ -123,3 +123,11 @@ def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
     assert again["fer2013_val_acc"] == figures["fer2013_val_acc"]
     assert again["ckplus_10fold_acc"] == figures["ckplus_10fold_acc"]
     assert "reused" in second.stderr
+    # a run that did not finish (here: its confusion counts are gone) is never reused: it is retrained
+    fold = next((tmp_path / "runs" / "ckplus-seed1").iterdir())
+    (fold / "confusion.json").unlink()
+    third = runner.invoke(_app(), args)
+    assert third.exit_code == 0, third.stderr
+    assert str(fold) not in _last_json(third.stdout)["reused"]
+    assert len(_last_json(third.stdout)["reused"]) == 4
+    assert (fold / "confusion.json").is_file() and (fold / "init.json").is_file()

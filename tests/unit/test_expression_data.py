@@ -85,21 +85,35 @@ def test_jaffe_is_cropped_to_the_face_by_default(jaffe_root: Path) -> None:
     assert np.array_equal(cropped, load_image(path, size=SIZE, crop=(0.28, 0.23, 0.88, 0.77)))
 
 
-def test_fer2013_release_layout_reads_every_split_folder(tmp_path: Path, fer_root: Path) -> None:
+def test_fer2013_release_layout_reads_its_train_folder_only(tmp_path: Path, fer_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = _fer_sample(tmp_path, fer_root, per_class=3)
     for emotion in os.listdir(root / "train"):
         (root / "test" / emotion).mkdir(parents=True)
         first = sorted(os.listdir(root / "train" / emotion))[0]
         (root / "test" / emotion / first).symlink_to(root / "train" / emotion / first)
 
-    faces = load_faces(root, size=SIZE)
+    with caplog.at_level(logging.INFO, logger="fedface.common.data.expressions"):
+        faces = load_faces(root, size=SIZE)
+    test_only = load_faces(root / "test", size=SIZE)
 
+    # the official test part never enters the training folds; it is read on its own
     assert faces.layout == "fer2013"
-    assert len(faces) == 7 * 3 + 7
-    assert set(faces.attributes["part"]) == {"train", "test"}
+    assert len(faces) == 7 * 3
+    assert set(faces.attributes["part"]) == {"train"}
+    assert any("test/ left out" in r.getMessage() for r in caplog.records)
+    assert len(test_only) == 7
+
+
+def test_pixel_identical_copies_share_one_subject(tmp_path: Path, fer_root: Path) -> None:
+    root = _fer_sample(tmp_path, fer_root, per_class=3)
+    first = sorted(os.listdir(root / "train" / "happy"))[0]
+    (root / "train" / "happy" / "copy.jpg").symlink_to(root / "train" / "happy" / first)
+
+    faces = load_faces(root / "train", size=SIZE)
+
     # FER2013 does not say who is who: every image is its own subject, except that a
-    # pixel-identical copy (here each test image is a link to a train image) shares its subject
-    assert faces.num_identities == len(faces) - 7
+    # pixel-identical copy shares its subject
+    assert faces.num_identities == len(faces) - 1
     for g in np.unique(faces.groups):
         assert len(set(faces.labels[faces.groups == g].tolist())) == 1
 

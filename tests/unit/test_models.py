@@ -571,3 +571,28 @@ def test_build_encoder_maps_model_config_fields(faces: torch.Tensor) -> None:
     assert isinstance(encoder.neck.dropout, nn.Dropout)
     assert encoder.neck.dropout.p == pytest.approx(0.1)
     assert encoder.eval()(faces).shape == (faces.shape[0], DIM)
+
+
+@pytest.mark.parametrize(
+    ("trainable", "frozen"),
+    [("all", set()), ("gru", {"stem"}), ("neck", {"stem", "rnns"})],
+)
+def test_freeze_for_keeps_the_named_parts_fixed(trainable: str, frozen: set[str]) -> None:
+    from fedface.common.models import freeze_for
+
+    encoder = _encoder(("rows",), stem=(4,))
+
+    freeze_for(trainable, encoder)
+
+    for name, p in encoder.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] not in frozen), name
+
+
+def test_load_shared_weights_of_another_head_size_names_the_mismatch() -> None:
+    from fedface.common.models import load_shared_weights, shared_weights
+
+    encoder = _encoder(("rows",))
+    weights = shared_weights(encoder, ExpressionHead(DIM, 6))
+
+    with pytest.raises(ValueError, match="server and site configs differ"):
+        load_shared_weights(encoder, ExpressionHead(DIM, 7), weights)
