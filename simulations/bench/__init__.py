@@ -10,6 +10,7 @@ from fedface.simulations.bench.dp import dp
 from fedface.simulations.bench.expression import expression
 from fedface.simulations.bench.federated import federated
 from fedface.simulations.bench.gallery import gallery
+from fedface.simulations.bench.lfw import lfw
 from fedface.simulations.bench.policy import policy
 from fedface.simulations.bench.privacy import privacy
 
@@ -24,6 +25,7 @@ bench_app.command()(dp)
 bench_app.command()(expression)
 bench_app.command()(federated)
 bench_app.command()(gallery)
+bench_app.command()(lfw)
 bench_app.command()(policy)
 bench_app.command()(privacy)
 

@@ -24,10 +24,8 @@ once with `fedface train` and the benchmark pointed at it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -42,9 +40,9 @@ from fedface.common.data import FaceSet, split_open_set_folds
 from fedface.common.eigenfaces import eigenfaces_expression
 from fedface.common.errors import ConfigError
 from fedface.common.evaluation import expression_scores
-from fedface.common.io import atomic_write_json
 from fedface.simulations.bench.common import peak_rss_mb, scenario_config
-from fedface.simulations.centralized import expression_classes, expression_labels, load_config_faces, train_run
+from fedface.simulations.bench.runs import train_or_reuse
+from fedface.simulations.centralized import expression_classes, expression_labels, load_config_faces
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
 
 logger = logging.getLogger(__name__)
@@ -58,68 +56,6 @@ QUICK_FOLDS = 2
 
 def _default_data(name: str) -> Path:
     return Path("..") / "shared" / "data" / name
-
-
-INIT_RECORD = "init.json"  # the digest of the checkpoint a fine-tuned run started from
-
-
-def _same_config(a: TrainConfig, b: TrainConfig) -> bool:
-    """Equal configs, up to how the run was executed (threads, device)."""
-    neutral = {"training.threads": 0, "training.device": "auto"}
-    return a.with_overrides(neutral).model_dump() == b.with_overrides(neutral).model_dump()
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _finished(run_dir: Path, cfg: TrainConfig, faces: FaceSet) -> dict[str, Any] | None:
-    """The final metrics of a **finished** run of ``cfg`` on ``faces`` in ``run_dir``, else None.
-
-    Finished means: its checkpoint (the last file a run writes) holds this config, its
-    metrics hold the final figures, its confusion counts are there, its saved split is the
-    split ``cfg`` makes of ``faces`` now, and a fine-tuned run started from the checkpoint
-    ``training.init-from`` names now (by content digest, not by path).
-    """
-    from fedface.common.checkpoint import load_checkpoint
-    from fedface.common.data import Split
-    from fedface.common.errors import FedFaceError
-    from fedface.simulations.centralized import prepare_task_data
-
-    files = [run_dir / n for n in ("checkpoint.pt", "metrics.json", "confusion.json", "split.json")]
-    if not all(f.is_file() for f in files):
-        return None
-    try:
-        if not _same_config(load_checkpoint(run_dir / "checkpoint.pt").config, cfg):
-            return None
-        summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-        if not summary.get("final") or "wall_s" not in summary:
-            return None
-        data = prepare_task_data(cfg, faces)
-        if Split.load(run_dir / "split.json", data.faces) != data.split:
-            return None
-        if cfg.training.init_from is not None:
-            record = json.loads((run_dir / INIT_RECORD).read_text(encoding="utf-8"))
-            if record.get("sha256") != _digest(Path(cfg.training.init_from)):
-                return None
-    except (FedFaceError, OSError, ValueError, KeyError, TypeError):
-        return None
-    return {"metrics": summary["final"], "wall_s": float(summary["wall_s"])}
-
-
-def _train_or_reuse(cfg: TrainConfig, run_dir: Path, faces: FaceSet, reused: list[str]) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir`` (emptied first), or reuse the finished run of it there."""
-    done = _finished(run_dir, cfg, faces)
-    if done is not None:
-        reused.append(str(run_dir))
-        err_console.print(f"reused {run_dir} (a finished run of the same config, split and starting checkpoint)")
-        return done
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # nothing of an unfinished or other run may be mistaken for this one's
-    run = train_run(cfg, out_dir=run_dir, faces=faces)
-    if cfg.training.init_from is not None:
-        atomic_write_json(run_dir / INIT_RECORD, {"init_from": str(cfg.training.init_from), "sha256": _digest(Path(cfg.training.init_from))})
-    return {"metrics": run.metrics, "wall_s": run.wall_s}
 
 
 def _pooled(folds: list[dict[str, Any]]) -> dict[str, float]:
@@ -155,7 +91,7 @@ def _fold_set(name: str, cfg: TrainConfig, faces: FaceSet, out: Path, init: Path
         k = int(split.params["fold"])
         fold_cfg = cfg.with_overrides({"split.fold": k, "training.init-from": str(init)})
         run_dir = out / f"fold{k}"
-        _train_or_reuse(fold_cfg, run_dir, faces, reused)
+        train_or_reuse(fold_cfg, run_dir, faces, reused)
         y, pred = _fold_predictions(run_dir)
         gru.append({"labels": y, "pred": pred, "classes": expression_classes(faces)})
         eig.append(_eigen(expr_faces, labels, split.train, split.test))
@@ -212,7 +148,7 @@ def expression(
         for seed in seed_list:
             cfg = fer_cfg.with_overrides({"training.seed": seed})
             fer_dir = out / f"fer2013-seed{seed}"
-            fer_run = _train_or_reuse(cfg, fer_dir, fer_faces, reused)
+            fer_run = train_or_reuse(cfg, fer_dir, fer_faces, reused)
             m = fer_run["metrics"]
             err_console.print(
                 f"seed {seed}: FER2013 validation accuracy {m['expression_acc']:.3f}, macro-F1 {m['expression_macro_f1']:.3f} "

@@ -131,3 +131,21 @@ def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
     assert str(fold) not in _last_json(third.stdout)["reused"]
     assert len(_last_json(third.stdout)["reused"]) == 4
     assert (fold / "confusion.json").is_file() and (fold / "init.json").is_file()
+
+
+def test_bench_lfw_quick_prints_held_out_verification_beside_eigenfaces(tmp_path: Path, lfw_root: Path) -> None:
+    args = ["bench", "lfw", "--quick", "--seeds", "1", "--out", str(tmp_path / "runs"), "--lfw", str(lfw_root)]
+
+    result = runner.invoke(_app(), args)
+
+    assert result.exit_code == 0, result.stderr
+    figures = _last_json(result.stdout)
+    for key in ("lfw_heldout_verif_acc", "lfw_heldout_auc", "eigenfaces_verif_acc", "eigenfaces_whitened_verif_acc", "train_s"):
+        assert key in figures, key
+    for key in ("lfw_heldout_verif_acc", "eigenfaces_verif_acc", "eigenfaces_whitened_verif_acc"):
+        assert 0.0 <= figures[key] <= 1.0, key
+    # the held-out people are a tenth of the (quick) 300, and they give genuine pairs
+    assert figures["heldout_people"] == 30 and figures["genuine_pairs"] > 0
+    ckpt = load_checkpoint(tmp_path / "runs" / "lfw-seed1" / "checkpoint.pt")
+    assert ckpt.config.data.crop == (0.26, 0.26, 0.74, 0.74)
+    assert ckpt.config.model.stem == (32, 64, 128)

@@ -1,0 +1,129 @@
+"""`fedface bench lfw`: public pre-training of the identity encoder on Labeled Faces in the Wild,
+measured on people held out of it, next to Eigenfaces on the same pairs.
+
+Trains the packaged recipe (``scenarios/lfw_pretrain.toml``: 2,911 people, fold 0 of 10 of them
+held out) into ``--out`` (one run directory per seed; a finished run of the same config and
+split there is reused, and the output says so), then verifies the held-out people: 10-fold
+accuracy and ROC AUC on their balanced pairs (docs/metrics.md), for the trained encoder and for
+Eigenfaces (PCA fitted on the training people's images) plain and whitened, on exactly the same
+pairs. The figures are medians over the seeds. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import typer
+
+from fedface.common.eigenfaces import Eigenfaces
+from fedface.common.errors import ConfigError
+from fedface.common.metrics import verify
+from fedface.simulations.bench.common import peak_rss_mb, scenario_config
+from fedface.simulations.bench.runs import train_or_reuse
+from fedface.simulations.centralized import load_config_faces, prepare_task_data
+from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
+
+#: What ``--quick`` (for tests) shrinks the benchmark to: people kept (in name order), epochs.
+QUICK_PEOPLE = 300
+QUICK_EPOCHS = 1
+
+
+def _eigen(train_images: np.ndarray, test_images: np.ndarray, labels: np.ndarray, n_folds: int) -> dict[str, float]:
+    """Plain and whitened Eigenfaces' verification on the held-out people's pairs."""
+    out: dict[str, float] = {}
+    for name, whiten in (("eigenfaces", False), ("eigenfaces_whitened", True)):
+        model = Eigenfaces(whiten=whiten).fit(train_images)
+        r = verify(model.embed(test_images), labels, n_folds=n_folds, seed=0)
+        out[f"{name}_verif_acc"] = float(r.accuracy)
+        out[f"{name}_auc"] = float(r.auc)
+    return out
+
+
+def lfw(
+    data: Annotated[Path, typer.Option("--lfw", help="Labeled Faces in the Wild, aligned: <Name>/<Name>_NNNN.jpg.")] = Path("..") / "shared" / "data" / "lfw_dev",
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated; the figures are medians over them.")] = "1,2,3",
+    out: Annotated[Path, typer.Option(help="Directory of the benchmark's run directories; finished runs of the same config there are reused.")] = Path("runs") / "bench-lfw",
+    epochs: Annotated[int, typer.Option(help="Training epochs (0: the recipe's).")] = 0,
+    quick: Annotated[bool, typer.Option(help=f"A small check of the pipeline (for tests): the first {QUICK_PEOPLE} people, {QUICK_EPOCHS} epoch; not a measurement.")] = False,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail.")] = 0,
+) -> None:
+    """Pre-train the identity encoder on LFW; verify people held out of it, against Eigenfaces (plain and whitened)."""
+    setup_logging(verbose, quiet=not verbose)
+    t0 = time.perf_counter()
+    with user_errors():
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+        if not seed_list:
+            raise ConfigError("--seeds names no seed: pass e.g. --seeds 1,2,3")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        overrides: dict[str, object] = {"data.root": str(data), "training.threads": threads}
+        if quick:
+            overrides["training.epochs"] = QUICK_EPOCHS
+        elif epochs > 0:
+            overrides["training.epochs"] = epochs
+        cfg = scenario_config("lfw_pretrain.toml").with_overrides(overrides)
+        faces = load_config_faces(cfg)
+        if quick:
+            faces = faces.subset(np.flatnonzero(faces.labels < QUICK_PEOPLE)).relabel()
+        task = prepare_task_data(cfg, faces)
+        test = task.test
+        genuine = int(sum(c * (c - 1) // 2 for c in np.bincount(test.labels) if c > 1))
+        err_console.print(
+            f"LFW: {len(faces)} images of {faces.num_identities} people; {task.train.num_identities} people train, "
+            f"{len(np.unique(test.labels))} held out ({len(test)} images, {genuine} genuine pairs); seeds {seed_list}; runs in {out}"
+        )
+        eigen = _eigen(task.train.images, test.images, test.labels, cfg.evaluation.n_folds)
+        reused: list[str] = []
+        per_seed: list[dict[str, Any]] = []
+        for seed in seed_list:
+            run = train_or_reuse(cfg.with_overrides({"training.seed": seed}), out / f"lfw-seed{seed}", faces, reused)
+            m = run["metrics"]
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "lfw_heldout_verif_acc": m["verif_acc"],
+                    "lfw_heldout_auc": m["verif_auc"],
+                    "lfw_heldout_tar_far1e-2": m["tar_far1e-2"],
+                    "lfw_heldout_occluded_verif_acc": m.get("occluded_verif_acc"),
+                    "train_s": run["wall_s"],
+                }
+            )
+            err_console.print(f"seed {seed}: held-out verification {m['verif_acc']:.3f} (AUC {m['verif_auc']:.3f}), {run['wall_s'] / 60:.1f} min")
+    medians = {k: float(statistics.median([r[k] for r in per_seed])) for k in ("lfw_heldout_verif_acc", "lfw_heldout_auc", "train_s")}
+    err_console.print(
+        f"median of {len(per_seed)} seed(s): held-out verification {medians['lfw_heldout_verif_acc']:.3f} (AUC {medians['lfw_heldout_auc']:.3f}); "
+        f"Eigenfaces {eigen['eigenfaces_verif_acc']:.3f}, whitened {eigen['eigenfaces_whitened_verif_acc']:.3f}"
+        + (f"; reused {len(reused)} finished run(s)" if reused else "")
+    )
+    print_json(
+        {
+            "bench": "lfw",
+            **medians,
+            **eigen,
+            "heldout_people": int(len(np.unique(test.labels))),
+            "heldout_images": len(test),
+            "genuine_pairs": genuine,
+            "per_seed": per_seed,
+            "seeds": seed_list,
+            "epochs": cfg.training.epochs,
+            "quick": quick,
+            "reused": reused,
+            "runs": str(out),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - t0,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    )
+
+
+__all__ = ["lfw"]

@@ -1,0 +1,81 @@
+"""Benchmark runs that can be resumed: a run directory that holds a finished run of the same
+config, split and starting checkpoint is reused instead of retrained (`fedface bench
+expression`, `fedface bench lfw`: their full runs take hours on a 2-core CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedface.common.config import TrainConfig
+from fedface.common.data import FaceSet
+from fedface.common.io import atomic_write_json
+from fedface.simulations.centralized import train_run
+from fedface.simulations.console import err_console
+
+__all__ = ["INIT_RECORD", "finished", "train_or_reuse"]
+
+
+INIT_RECORD = "init.json"  # the digest of the checkpoint a fine-tuned run started from
+
+
+def _same_config(a: TrainConfig, b: TrainConfig) -> bool:
+    """Equal configs, up to how the run was executed (threads, device)."""
+    neutral = {"training.threads": 0, "training.device": "auto"}
+    return a.with_overrides(neutral).model_dump() == b.with_overrides(neutral).model_dump()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def finished(run_dir: Path, cfg: TrainConfig, faces: FaceSet) -> dict[str, Any] | None:
+    """The final metrics of a **finished** run of ``cfg`` on ``faces`` in ``run_dir``, else None.
+
+    Finished means: its checkpoint (the last file a run writes) holds this config, its
+    metrics hold the final figures, its confusion counts are there, its saved split is the
+    split ``cfg`` makes of ``faces`` now, and a fine-tuned run started from the checkpoint
+    ``training.init-from`` names now (by content digest, not by path).
+    """
+    from fedface.common.checkpoint import load_checkpoint
+    from fedface.common.data import Split
+    from fedface.common.errors import FedFaceError
+    from fedface.simulations.centralized import prepare_task_data
+
+    files = [run_dir / n for n in ("checkpoint.pt", "metrics.json", "confusion.json", "split.json")]
+    if not all(f.is_file() for f in files):
+        return None
+    try:
+        if not _same_config(load_checkpoint(run_dir / "checkpoint.pt").config, cfg):
+            return None
+        summary = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if not summary.get("final") or "wall_s" not in summary:
+            return None
+        data = prepare_task_data(cfg, faces)
+        if Split.load(run_dir / "split.json", data.faces) != data.split:
+            return None
+        if cfg.training.init_from is not None:
+            record = json.loads((run_dir / INIT_RECORD).read_text(encoding="utf-8"))
+            if record.get("sha256") != _digest(Path(cfg.training.init_from)):
+                return None
+    except (FedFaceError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"metrics": summary["final"], "wall_s": float(summary["wall_s"])}
+
+
+def train_or_reuse(cfg: TrainConfig, run_dir: Path, faces: FaceSet, reused: list[str]) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir`` (emptied first), or reuse the finished run of it there."""
+    done = finished(run_dir, cfg, faces)
+    if done is not None:
+        reused.append(str(run_dir))
+        err_console.print(f"reused {run_dir} (a finished run of the same config, split and starting checkpoint)")
+        return done
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # nothing of an unfinished or other run may be mistaken for this one's
+    run = train_run(cfg, out_dir=run_dir, faces=faces)
+    if cfg.training.init_from is not None:
+        atomic_write_json(run_dir / INIT_RECORD, {"init_from": str(cfg.training.init_from), "sha256": _digest(Path(cfg.training.init_from))})
+    return {"metrics": run.metrics, "wall_s": run.wall_s}
