@@ -330,7 +330,9 @@ def train_run(
                 flip_tta=cfg.evaluation.flip_tta,
                 shift_tta=cfg.evaluation.shift_tta,
             )
-            title = f"{Path(cfg.data.root).name}: {len(data.test)} test images, accuracy {metrics.get('expression_acc', float('nan')):.3f}"
+            root = Path(cfg.data.root)
+            name = f"{root.parent.name}/{root.name}" if root.name.lower() in ("train", "test", "val", "validation") else root.name
+            title = f"{name}: {len(data.test)} test images, accuracy {metrics.get('expression_acc', float('nan')):.3f}"
             write_confusion(out_dir, data.test_labels, pred, data.class_names, title)
         Checkpoint(
             config=cfg,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -149,3 +150,61 @@ def test_bench_lfw_quick_prints_held_out_verification_beside_eigenfaces(tmp_path
     ckpt = load_checkpoint(tmp_path / "runs" / "lfw-seed1" / "checkpoint.pt")
     assert ckpt.config.data.crop == (0.26, 0.26, 0.74, 0.74)
     assert ckpt.config.model.stem == (32, 64, 128)
+
+
+# Ray drops its helper processes' Popen objects at shutdown (see tests/integration/test_simulate.py)
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_simulate_expression_shares_the_head_through_secagg_and_evaluates_expressions(tmp_path: Path, ckplus_root: Path) -> None:
+    # a tiny conv-stem model on CK+ (its fixed fold of subjects held out), 3 sites, 2 rounds,
+    # DP-SGD at eps 8 at each site, SecAgg+ on
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        f"""
+[data]
+root = "{ckplus_root}"
+image-size = [16, 16]
+[split]
+kind = "open-set"
+folds = 10
+[model]
+stem = [4]
+passes = ["rows"]
+hidden-size = 8
+embedding-dim = 8
+downsample = 1
+[training]
+task = "expression"
+batch-size = 64
+[evaluation]
+shift-tta = 0
+occlusion-box = 4
+[privacy]
+epsilon = 8.0
+[federation]
+sites = 3
+rounds = 2
+""",
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+
+    result = runner.invoke(
+        _app(), ["simulate", "-c", str(scenario), "--out", str(out), "--ledger-dir", str(tmp_path / "ledgers"), "--format", "json", "-q"]
+    )
+    gc.collect()  # Ray's dropped objects now, under this test's warning filters
+
+    assert result.exit_code == 0, result.stderr
+    summary = _last_json(result.stdout)
+    assert [r["answered"] for r in summary["rounds"]] == [3, 3]
+    assert all(r["secagg"] for r in summary["rounds"])
+    assert 0.0 <= summary["expression_acc"] <= 1.0 and "expression_macro_f1" in summary
+    assert summary["rounds"][-1]["max_epsilon"] <= 8.0
+    ckpt = load_checkpoint(out / "checkpoints" / "round-0002.pt")
+    assert ckpt.task == "expression" and ckpt.head_state and tuple(ckpt.class_names) == EXPRESSION_CLASSES
+    # the shared head is part of the global model: no site keeps one of its own
+    assert not list((out / "sites").glob("*/head.pt"))
+    # and the run's final model evaluates on its own held-out fold
+    evaluated = runner.invoke(_app(), ["evaluate", str(out), "--format", "json", "-q"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert _last_json(evaluated.stdout)["expression_acc"] == pytest.approx(summary["expression_acc"])
