@@ -191,8 +191,7 @@ def _site_for_flwr_run(context: Context) -> Site:
         # the site's own data set name and policy; the scenario's [site-policy] is the server's
         # word and is ignored here
         cfg = cfg.with_overrides({"privacy.dataset": sc.name})
-        crop = tuple(cfg.data.crop) if cfg.data.crop is not None else None
-        faces = load_faces(sc.data, layout=sc.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=crop)  # type: ignore[arg-type]
+        faces = load_faces(sc.data, layout=sc.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=cfg.data.crop)
         return Site(sc.name, cfg, faces, sc.state_dir / "runs" / str(context.run_id), sc.ledger, policy=sc.policy)
     run_dir = Path(str(context.run_config.get("run-dir") or "runs/flwr-run")).resolve()
     return partition_site(cfg, json.dumps(cfg.to_toml_dict(), sort_keys=True), int(context.node_config["partition-id"]), run_dir / "sites")

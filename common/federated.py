@@ -56,8 +56,7 @@ def federation_data(cfg: TrainConfig, faces: FaceSet | None = None) -> Federatio
 
     fc = cfg.federation
     if faces is None:
-        crop = tuple(cfg.data.crop) if cfg.data.crop is not None else None
-        faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=crop)  # type: ignore[arg-type]
+        faces = load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=cfg.data.crop)
     if cfg.training.task == "expression":
         faces, _ = expression_labels(faces, expression_classes(faces))
     if cfg.split.folds:

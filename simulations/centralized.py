@@ -69,8 +69,7 @@ class TaskData:
 
 def load_config_faces(cfg: TrainConfig) -> FaceSet:
     """The faces ``cfg.data`` names, loaded as it says."""
-    crop = tuple(cfg.data.crop) if cfg.data.crop is not None else None
-    return load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=crop)  # type: ignore[arg-type]
+    return load_faces(cfg.data.root, layout=cfg.data.layout, size=cfg.data.image_size, on_error=cfg.data.on_error, crop=cfg.data.crop)
 
 
 def prepare_task_data(

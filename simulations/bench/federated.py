@@ -50,8 +50,7 @@ def _central(cfg: TrainConfig, orl: Path, eps: float | None, ledger: Path) -> di
     from fedface.simulations.centralized import train_run
 
     torch.set_num_threads(1)
-    crop = tuple(cfg.data.crop) if cfg.data.crop is not None else None
-    faces = load_faces(orl, size=cfg.data.image_size, crop=crop)  # type: ignore[arg-type]  # as the federation loads them
+    faces = load_faces(orl, size=cfg.data.image_size, crop=cfg.data.crop)  # as the federation loads them
     split = split_open_set(faces, test_identities=cfg.federation.test_identities, seed=cfg.split.seed)
     over: dict[str, Any] = {"training.epochs": cfg.training.epochs, "training.eval-every": 10_000}
     if eps is None:

@@ -21,10 +21,9 @@ import torch
 import typer
 
 from fedface.common.eigenfaces import Eigenfaces
-from fedface.common.errors import ConfigError
 from fedface.common.metrics import verify
 from fedface.simulations.bench.common import peak_rss_mb, scenario_config
-from fedface.simulations.bench.runs import train_or_reuse
+from fedface.simulations.bench.runs import parse_seeds, train_or_reuse
 from fedface.simulations.centralized import load_config_faces, prepare_task_data
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
 
@@ -57,12 +56,7 @@ def lfw(
     setup_logging(verbose, quiet=not verbose)
     t0 = time.perf_counter()
     with user_errors():
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
-        if not seed_list:
-            raise ConfigError("--seeds names no seed: pass e.g. --seeds 1,2,3")
+        seed_list = parse_seeds(seeds)
         if threads > 0:
             torch.set_num_threads(threads)
         overrides: dict[str, object] = {"data.root": str(data), "training.threads": threads}

@@ -12,11 +12,23 @@ from typing import Any
 
 from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet
+from fedface.common.errors import ConfigError
 from fedface.common.io import atomic_write_json
 from fedface.simulations.centralized import train_run
 from fedface.simulations.console import err_console
 
-__all__ = ["INIT_RECORD", "finished", "train_or_reuse"]
+__all__ = ["INIT_RECORD", "finished", "parse_seeds", "train_or_reuse"]
+
+
+def parse_seeds(seeds: str) -> list[int]:
+    """``--seeds 1,2,3`` as a list; a clear ConfigError for anything else."""
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not seed_list:
+        raise ConfigError("--seeds names no seed: pass e.g. --seeds 1,2,3")
+    return seed_list
 
 
 INIT_RECORD = "init.json"  # the digest of the checkpoint a fine-tuned run started from
