@@ -26,7 +26,10 @@ from fedface.server.run_records import Participation, RoundRecord, RunSummary
 from fedface.server.store import RunStore
 
 #: The server's round metrics the run page charts, in this order (others are listed, not charted).
-CHARTED_METRICS = ("verif_acc", "verif_auc", "verif_eer", "tar_at_far_1e-2", "tar_at_far_1e-3")
+CHARTED_METRICS = (
+    "verif_acc", "verif_auc", "verif_eer", "tar_at_far_1e-2", "tar_at_far_1e-3",
+    "expression_acc", "expression_macro_f1",  # an expression run's (fedface simulate --task expression)
+)
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,26 @@ METRIC_LABELS = {
     "verif_eer": "EER",
     "tar_at_far_1e-2": "TAR @ FAR 1e-2",
     "tar_at_far_1e-3": "TAR @ FAR 1e-3",
+    "expression_acc": "expression accuracy",
+    "expression_macro_f1": "expression macro-F1",
 }
 #: Their column headers on the timeline.
-SHORT_LABELS = {"verif_acc": "Accuracy", "verif_auc": "AUC", "verif_eer": "EER"}
-#: Metrics shown as columns of the timeline (all of them are charted).
+SHORT_LABELS = {"verif_acc": "Accuracy", "verif_auc": "AUC", "verif_eer": "EER", "expression_acc": "Accuracy", "expression_macro_f1": "Macro-F1"}
+#: Metrics shown as columns of the timeline (all of them are charted): an identity run's, and
+#: an expression run's (see :func:`timeline_metrics`).
 TIMELINE_METRICS = ("verif_acc", "verif_auc", "verif_eer")
+EXPRESSION_TIMELINE_METRICS = ("expression_acc", "expression_macro_f1")
+#: The accuracy-against-epsilon chart's metrics, by task.
+ACCURACY_METRICS = ("verif_acc", "verif_auc", "expression_acc", "expression_macro_f1")
+
+
+def timeline_metrics(rows: Sequence[RoundRow]) -> tuple[str, ...]:
+    """The timeline's metric columns: an expression run's when its rounds report expression
+    metrics and no verification, else an identity run's (also for a run with no round yet)."""
+    keys = {k for row in rows for k in row.metrics}
+    if keys & set(EXPRESSION_TIMELINE_METRICS) and not keys & set(TIMELINE_METRICS):
+        return EXPRESSION_TIMELINE_METRICS
+    return TIMELINE_METRICS
 
 
 def utc(value: str | None) -> str:
@@ -164,11 +179,11 @@ def epsilon_chart(report: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_chart(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The privacy page's second chart: the server's verification accuracy and AUC after each
-    round against the run's epsilon so far (the largest of the sites'), from the report's
-    ``accuracy_vs_epsilon``."""
+    """The privacy page's second chart: the server's verification accuracy and AUC (an
+    expression run: expression accuracy and macro-F1) after each round against the run's
+    epsilon so far (the largest of the sites'), from the report's ``accuracy_vs_epsilon``."""
     datasets = []
-    for key in ("verif_acc", "verif_auc"):
+    for key in ACCURACY_METRICS:
         points = [
             {"x": _finite(row.get("max_epsilon_run")), "y": _finite(row.get(key)), "round": row.get("round")}
             for row in report.get("accuracy_vs_epsilon", [])
@@ -209,7 +224,9 @@ def templates() -> Jinja2Templates:
 
 
 __all__ = [
+    "ACCURACY_METRICS",
     "DASH",
+    "EXPRESSION_TIMELINE_METRICS",
     "METRIC_LABELS",
     "SHORT_LABELS",
     "TEMPLATE_DIR",
@@ -226,6 +243,7 @@ __all__ = [
     "seconds",
     "short",
     "templates",
+    "timeline_metrics",
     "utc",
     "utc_short",
     "utc_time",

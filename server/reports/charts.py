@@ -117,27 +117,38 @@ def accuracy_chart(points: Sequence[dict[str, Any]], *, run_id: str) -> bytes:
     return _png(accuracy_figure(points, run_id=run_id))
 
 
+#: The accuracy chart's series: (key, label, colour, marker), an identity run's then an expression run's.
+_ACCURACY_SERIES = (
+    ("verif_acc", "verification accuracy", _LIFETIME, "o"),
+    ("verif_auc", "verification AUC", _RUN, "s"),
+    ("expression_acc", "expression accuracy", _LIFETIME, "o"),
+    ("expression_macro_f1", "expression macro-F1", _RUN, "s"),
+)
+
+
 def accuracy_figure(points: Sequence[dict[str, Any]], *, run_id: str) -> Figure:
-    """A run's verification accuracy and AUC against the largest epsilon over its sites, by round."""
+    """A run's verification accuracy and AUC (an expression run's accuracy and macro-F1)
+    against the largest epsilon over its sites, by round."""
     fig, ax = _figure()
+    series = [s for s in _ACCURACY_SERIES if any(p.get(s[0]) is not None for p in points)]
     rows = [
         p for p in points
         if p["max_epsilon_run"] is not None and math.isfinite(p["max_epsilon_run"])
-        and (p["verif_acc"] is not None or p["verif_auc"] is not None)
+        and any(p.get(key) is not None for key, *_ in series)
     ]
     if not rows:
         _nothing(ax, f"run {run_id}: no round with both a privacy spend and accuracy")
         return fig
     xs = [p["max_epsilon_run"] for p in rows]
-    for key, label, colour, marker in (("verif_acc", "verification accuracy", _LIFETIME, "o"), ("verif_auc", "verification AUC", _RUN, "s")):
-        pairs = [(x, p[key]) for x, p in zip(xs, rows, strict=True) if p[key] is not None]
+    for key, label, colour, marker in series:
+        pairs = [(x, p[key]) for x, p in zip(xs, rows, strict=True) if p.get(key) is not None]
         if pairs:
             ax.plot([x for x, _ in pairs], [y for _, y in pairs], color=colour, marker=marker, linewidth=1.5, label=label)
     for x, p in zip(xs, rows, strict=True):
-        y = p["verif_acc"] if p["verif_acc"] is not None else p["verif_auc"]
+        y = next(p[key] for key, *_ in series if p.get(key) is not None)
         ax.annotate(f"r{p['round']}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7, color="#444444")
     ax.set_xlabel("this run's epsilon after the round (largest over the sites)")
-    ax.set_ylabel("held-out verification")
+    ax.set_ylabel("held-out expression recognition" if series[0][0].startswith("expression") else "held-out verification")
     ax.set_ylim(0, 1.05)
     ax.set_xlim(0, max(xs) * 1.1 if max(xs) > 0 else 1)
     ax.set_title(f"run {run_id}: accuracy against epsilon", loc="left", fontsize=11)

@@ -152,6 +152,9 @@ def _accuracy_vs_epsilon(rows: Sequence[RoundRow], sites: Sequence[dict[str, Any
             "round": row.round,
             "verif_acc": _metric(row.metrics, "verif_acc"),
             "verif_auc": _metric(row.metrics, "verif_auc"),
+            # an expression run's held-out figures (None in an identity run, and the other way round)
+            "expression_acc": _metric(row.metrics, "expression_acc"),
+            "expression_macro_f1": _metric(row.metrics, "expression_macro_f1"),
             "max_epsilon_lifetime": max(life, default=None),
             "max_epsilon_run": None if unknown else max(runs, default=None),
         })

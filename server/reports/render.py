@@ -299,9 +299,14 @@ def _receipts(site: dict[str, Any]) -> Table:
 
 
 def _accuracy(report: dict[str, Any]) -> Table:
-    header = ["round", "verification accuracy", "AUC", "max lifetime epsilon (up)", "max run epsilon (up)"]
-    rows = [[str(p["round"]), _metric(p["verif_acc"]), _metric(p["verif_auc"]), epsilon_text(p["max_epsilon_lifetime"]),
-             epsilon_text(p["max_epsilon_run"])] for p in report["accuracy_vs_epsilon"] or []]
+    points = report["accuracy_vs_epsilon"] or []
+    # an expression run reports expression accuracy and macro-F1 instead of verification
+    expression = any(p.get("expression_acc") is not None for p in points) and not any(p.get("verif_acc") is not None for p in points)
+    keys, names = (("expression_acc", "expression_macro_f1"), ["expression accuracy", "macro-F1"]) if expression else (
+        ("verif_acc", "verif_auc"), ["verification accuracy", "AUC"])
+    header = ["round", *names, "max lifetime epsilon (up)", "max run epsilon (up)"]
+    rows = [[str(p["round"]), *(_metric(p.get(k)) for k in keys), epsilon_text(p["max_epsilon_lifetime"]),
+             epsilon_text(p["max_epsilon_run"])] for p in points]
     return "Accuracy against epsilon (largest over the sites)", header, rows
 
 

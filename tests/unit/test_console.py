@@ -507,6 +507,32 @@ def test_the_run_page_shows_the_timeline_refusals_and_chart_data(client: TestCli
     assert by_key["verif_acc"] == [0.71, 0.74] and by_key["verif_auc"] == [0.8, None]  # NaN as null
 
 
+def test_an_expression_run_page_shows_and_charts_expression_metrics(run_dir: Path, admin_dir: Path) -> None:
+    # Arrange: a federated expression run (fedface simulate --task expression) reports no verification
+    with _store(run_dir) as store:
+        store.start_run("expr", config={"training": {"task": "expression"}}, sites=3, rounds=2, secagg=True,
+                        started_at="2026-05-09T11:00:00+00:00")
+        for rnd, (acc, f1) in enumerate(((0.41, 0.35), (0.47, 0.4)), start=1):
+            store.record_round("expr", rnd, started_at=f"2026-05-09T11:0{rnd}:00+00:00", seconds=90.0, sampled=list(SITES),
+                               participation=[_spent(s, "answered", 1.5 * rnd, examples=2500) for s in SITES],
+                               metrics={"expression_acc": acc, "expression_macro_f1": f1})
+
+    with TestClient(create_app(_settings(run_dir, admin_dir)), follow_redirects=False) as c:
+        _login(c)
+        html = c.get("/runs/expr").text
+        identity = c.get(f"/runs/{RUN}").text
+
+    # its timeline's columns are the expression figures, not empty verification columns
+    rounds = dict(re.findall(r'<tr data-round="(\d+)"[^>]*>(.*?)</tr>', html, re.S))
+    assert 'data-field="expression_acc" data-value="0.47"' in rounds["2"]
+    assert 'data-field="verif_acc"' not in html and ">Macro-F1<" in html
+    chart = json.loads(re.search(r'<script type="application/json" id="chart-metrics-data">(.*?)</script>', html, re.S).group(1))
+    by_key = {d["key"]: d["data"] for d in chart["datasets"]}
+    assert by_key == {"expression_acc": [0.41, 0.47], "expression_macro_f1": [0.35, 0.4]}
+    # an identity run keeps its verification columns
+    assert 'data-field="verif_acc"' in identity and 'data-field="expression_acc"' not in identity
+
+
 def test_an_unknown_run_is_404_not_an_error(client: TestClient) -> None:
     _login(client)
 

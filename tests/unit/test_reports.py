@@ -576,6 +576,27 @@ def _resumed_store(path: Path, spends: tuple[float, float, float, float]) -> Pat
     return path
 
 
+def test_an_expression_run_reports_and_plots_expression_accuracy_against_epsilon(tmp_path: Path) -> None:
+    spends = [compute_epsilon([(1.1, 0.05, 40)] * k, delta=DELTA, accountant="rdp") for k in (1, 2)]
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.start_run("E", config={}, sites=1, rounds=2, secagg=False, started_at="2026-05-09T09:00:00+00:00")
+        for rnd, (eps, acc) in enumerate(zip(spends, (0.41, 0.47), strict=True), start=1):
+            store.record_round("E", rnd, started_at=f"2026-05-09T09:0{rnd}:00+00:00", seconds=1.0, sampled=["site-a"],
+                               participation=[_spend(eps)], metrics={"expression_acc": acc, "expression_macro_f1": acc - 0.1},
+                               reports={"site-a": dict(A_MECH)})
+
+    report = privacy_report_for_run(tmp_path, run_id="E")
+    fig = accuracy_figure(report["accuracy_vs_epsilon"], run_id="E")
+    md = render_report(report, "md")
+
+    points = report["accuracy_vs_epsilon"]
+    assert [p["expression_acc"] for p in points] == [0.41, 0.47] and all(p["verif_acc"] is None for p in points)
+    assert [p["max_epsilon_run"] for p in points] == spends  # exact, never rounded down
+    acc = next(line for line in fig.axes[0].get_lines() if line.get_label() == "expression accuracy")
+    assert list(acc.get_ydata()) == [0.41, 0.47] and list(acc.get_xdata()) == spends
+    assert "| round | expression accuracy | macro-F1 |" in md and "| 2 | 0.4700 | 0.3700 |" in md
+
+
 def test_a_run_resumed_after_a_later_run_reports_the_largest_spend(tmp_path: Path) -> None:
     run_dir = _resumed_store(tmp_path, (1.0, 2.0, 3.0, 4.0))
 
