@@ -12,12 +12,12 @@ from typing import Any
 
 from fedface.common.config import TrainConfig
 from fedface.common.data import FaceSet
-from fedface.common.errors import ConfigError
+from fedface.common.errors import ConfigError, FedFaceError
 from fedface.common.io import atomic_write_json
 from fedface.simulations.centralized import train_run
 from fedface.simulations.console import err_console
 
-__all__ = ["INIT_RECORD", "finished", "parse_seeds", "train_or_reuse"]
+__all__ = ["FEDERATED_RECORD", "INIT_RECORD", "federated_or_reuse", "finished", "parse_seeds", "train_or_reuse"]
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -91,3 +91,48 @@ def train_or_reuse(cfg: TrainConfig, run_dir: Path, faces: FaceSet, reused: list
     if cfg.training.init_from is not None:
         atomic_write_json(run_dir / INIT_RECORD, {"init_from": str(cfg.training.init_from), "sha256": _digest(Path(cfg.training.init_from))})
     return {"metrics": run.metrics, "wall_s": run.wall_s}
+
+
+FEDERATED_RECORD = "bench-result.json"  # a finished federated benchmark run: its config and figures
+
+
+def _init_digest(cfg: TrainConfig) -> str | None:
+    return _digest(Path(cfg.training.init_from)) if cfg.training.init_from is not None else None
+
+
+def federated_or_reuse(cfg: TrainConfig, run_dir: Path, reused: list[str], on_round: Any = None) -> dict[str, Any]:
+    """Run the federation of ``cfg`` into ``run_dir`` (emptied first), or reuse the finished run
+    of the same config and starting checkpoint there.
+
+    The sites' ledgers live in ``run_dir/ledgers``: a benchmark never spends a lifetime budget
+    of the user's own ledgers. A run is finished when it completed every round; only then is
+    its record (:data:`FEDERATED_RECORD`, written last and atomically) there to be reused.
+    """
+    from fedface.simulations.simulate import run_federated
+
+    record = run_dir / FEDERATED_RECORD
+    if record.is_file():
+        try:
+            done = json.loads(record.read_text(encoding="utf-8"))
+            if _same_config(TrainConfig.from_mapping(done["config"]), cfg) and done.get("init_sha256") == _init_digest(cfg):
+                reused.append(str(run_dir))
+                err_console.print(f"reused {run_dir} (a finished federated run of the same config and starting checkpoint)")
+                return done
+        except (FedFaceError, OSError, ValueError, KeyError, TypeError):
+            pass  # not a record of this run: it is run again
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    res = run_federated(cfg, out_dir=run_dir / "run", on_round=on_round, ledger_dir=run_dir / "ledgers")
+    result = {
+        "completed": res.completed,
+        "error": res.error,
+        "config": cfg.to_toml_dict(),
+        "init_sha256": _init_digest(cfg),
+        "initial": res.initial,
+        "final": res.final,
+        "history": res.history,
+        "wall_s": res.wall_s,
+    }
+    if res.completed:  # an unfinished run is never reused: the next benchmark runs it again
+        atomic_write_json(record, result)
+    return result

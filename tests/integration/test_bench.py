@@ -155,6 +155,36 @@ def test_bench_federated_pairs_each_kind_of_round_and_leaves_out_the_first() -> 
     assert _paired_seconds(history, secagg=False) == 1.5  # rounds 2, 4, 6
 
 
+# Ray drops its helper processes' Popen objects at shutdown (see tests/integration/test_simulate.py)
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_bench_federated_no_timing_measures_accuracy_from_a_starting_checkpoint(orl_root: Path, tmp_path: Path) -> None:
+    import gc
+
+    # a tiny encoder, trained one epoch centrally: the starting checkpoint of every variant
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_MODEL + "[training]\nepochs = 1\nbatch-size = 64\n[privacy]\nepsilon = 8.0\n"
+                      "[federation]\nsites = 3\nrounds = 2\nlocal-epochs = 1\n")
+    start = tmp_path / "start"
+    trained = CliRunner().invoke(app, ["train", "-c", str(config), "--data", str(orl_root), "--out", str(start), "--epsilon", "inf", "-q"])
+    assert trained.exit_code == 0, trained.stderr
+
+    result = CliRunner().invoke(app, ["bench", "federated", "--orl", str(orl_root), "--scenario", str(config),
+                                      "--init-from", str(start / "checkpoint.pt"), "--no-timing"])
+    gc.collect()  # Ray's dropped objects now, under this test's warning filters
+
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(figures["federated_dp_per_round"]) == 2 and figures["completed"] is True
+    # the pre-trained start is evaluated, and what federated DP added to it is reported
+    assert figures["init_from"] == str(start / "checkpoint.pt") and 0.0 <= figures["initial_open_verif_acc"] <= 1.0
+    assert figures["federated_dp_minus_initial"] == pytest.approx(figures["federated_dp_open_verif_acc"] - figures["initial_open_verif_acc"])
+    assert 0.0 < figures["federated_dp_max_site_epsilon"] <= 8.0 and 0.0 < figures["central_dp_epsilon_spent"] <= 8.0
+    # no SecAgg+ timing runs: their figures are absent, not made up
+    assert figures["plain_dp_open_verif_acc"] is None and figures["secagg_over_plain"] is None
+    assert figures["secagg_round_s"] is None and "seconds per round" not in result.stderr
+
+
 # --- fedface bench policy -----------------------------------------------------------------------
 
 

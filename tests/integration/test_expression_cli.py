@@ -98,6 +98,9 @@ def test_train_expression_on_identity_data_exits_3_with_one_line(tmp_path: Path,
     assert line.startswith("ConfigError:") and "labelled with expressions" in line and len(line.splitlines()) == 1
 
 
+# Ray drops its helper processes' Popen objects at shutdown (see tests/integration/test_simulate.py)
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
     tmp_path: Path, fer_root: Path, ckplus_root: Path, jaffe_root: Path
 ) -> None:
@@ -107,6 +110,7 @@ def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
     ]
 
     first = runner.invoke(_app(), args)
+    gc.collect()  # Ray's dropped objects now, under this test's warning filters
     second = runner.invoke(_app(), args)
 
     assert first.exit_code == 0, first.stderr
@@ -117,20 +121,35 @@ def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
         assert 0.0 <= figures["eigenfaces"][key] <= 1.0, key
     assert figures["quick"] is True and figures["folds"] == 2
     assert figures["reused"] == []
+    # the private figures: federated DP (SecAgg+, DP at each site) and central DP beside the
+    # non-private recipe, whose run they are measured against
+    for key in ("fed_dp_fer2013_val_acc", "central_dp_fer2013_val_acc", "public_init_fer2013_val_acc"):
+        assert 0.0 <= figures[key] <= 1.0, key
+    assert figures["central_fer2013_val_acc"] == figures["fer2013_val_acc"]
+    assert figures["fed_dp_minus_central"] == pytest.approx(figures["fed_dp_fer2013_val_acc"] - figures["fer2013_val_acc"])
+    assert 0.0 < figures["fed_dp_max_site_epsilon"] <= 8.0
+    assert 0.0 < figures["central_dp_epsilon_spent"] <= 8.0
+    fed_run = tmp_path / "runs" / "fer2013-fed-dp-seed1"
+    assert [r["answered"] for r in json.loads((fed_run / "bench-result.json").read_text())["history"]] == [3]
+    # the benchmark's sites spend in ledgers of its own, never the user's
+    assert list((fed_run / "ledgers").rglob("*.sqlite"))
     # the second run trains nothing: every run directory of the first is reused, same figures
     assert second.exit_code == 0, second.stderr
     again = _last_json(second.stdout)
-    assert len(again["reused"]) == 1 + 2 + 2
+    # FER2013, 2 + 2 folds, the public pre-training, the federated and the central DP runs
+    assert len(again["reused"]) == 1 + 2 + 2 + 3
     assert again["fer2013_val_acc"] == figures["fer2013_val_acc"]
     assert again["ckplus_10fold_acc"] == figures["ckplus_10fold_acc"]
+    assert again["fed_dp_fer2013_val_acc"] == figures["fed_dp_fer2013_val_acc"]
     assert "reused" in second.stderr
     # a run that did not finish (here: its confusion counts are gone) is never reused: it is retrained
     fold = next((tmp_path / "runs" / "ckplus-seed1").iterdir())
     (fold / "confusion.json").unlink()
-    third = runner.invoke(_app(), args)
+    third = runner.invoke(_app(), args + ["--no-federated"])
     assert third.exit_code == 0, third.stderr
     assert str(fold) not in _last_json(third.stdout)["reused"]
     assert len(_last_json(third.stdout)["reused"]) == 4
+    assert "fed_dp_fer2013_val_acc" not in _last_json(third.stdout)
     assert (fold / "confusion.json").is_file() and (fold / "init.json").is_file()
 
 
