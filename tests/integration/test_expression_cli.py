@@ -153,8 +153,9 @@ def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
     assert (fold / "confusion.json").is_file() and (fold / "init.json").is_file()
 
 
-def test_bench_lfw_quick_prints_held_out_verification_beside_eigenfaces(tmp_path: Path, lfw_root: Path) -> None:
-    args = ["bench", "lfw", "--quick", "--seeds", "1", "--out", str(tmp_path / "runs"), "--lfw", str(lfw_root)]
+def test_bench_lfw_quick_prints_held_out_verification_beside_eigenfaces(tmp_path: Path, lfw_root: Path, orl_root: Path, yaleb_root: Path) -> None:
+    args = ["bench", "lfw", "--quick", "--seeds", "1", "--out", str(tmp_path / "runs"), "--lfw", str(lfw_root),
+            "--orl", str(orl_root), "--yaleb", str(yaleb_root)]
 
     result = runner.invoke(_app(), args)
 
@@ -164,6 +165,11 @@ def test_bench_lfw_quick_prints_held_out_verification_beside_eigenfaces(tmp_path
         assert key in figures, key
     for key in ("lfw_heldout_verif_acc", "eigenfaces_verif_acc", "eigenfaces_whitened_verif_acc"):
         assert 0.0 <= figures[key] <= 1.0, key
+    # the pre-trained encoder as it is on ORL and Extended Yale B, each beside the same Eigenfaces
+    for name in ("orl", "extended_yaleb"):
+        for key in (f"{name}_verif_acc", f"{name}_auc", f"{name}_eigenfaces_verif_acc", f"{name}_eigenfaces_whitened_verif_acc"):
+            assert 0.0 <= figures[key] <= 1.0, key
+        assert figures["per_seed"][0][f"{name}_verif_acc"] == figures[f"{name}_verif_acc"]
     # the held-out people are a tenth of the (quick) 300, and they give genuine pairs
     assert figures["heldout_people"] == 30 and figures["genuine_pairs"] > 0
     ckpt = load_checkpoint(tmp_path / "runs" / "lfw-seed1" / "checkpoint.pt")
