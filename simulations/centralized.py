@@ -38,7 +38,7 @@ from fedface.common.data.transforms import AugmentConfig
 from fedface.common.errors import CheckpointError, ConfigError, RunDirError, SplitError
 from fedface.common.evaluation import evaluate_closed_set, evaluate_expression, evaluate_open_set
 from fedface.common.io import atomic_write_json, atomic_write_toml
-from fedface.common.models import ExpressionHead, build_encoder, build_margin_head, freeze_for
+from fedface.common.models import ExpressionHead, build_encoder, build_margin_head, freeze_for, warn_frozen_at_random
 from fedface.common.privacy.accounting import format_epsilon
 from fedface.common.privacy.dpsgd import (
     DPPlan,
@@ -215,6 +215,7 @@ def train_run(
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size).to(device)
     if cfg.training.init_from is not None:
         load_encoder_init(encoder, cfg)
+    warn_frozen_at_random(cfg.privacy.trainable, encoder, initialised=cfg.training.init_from is not None)
     num_classes = len(data.class_names)
     head: nn.Module
     if cfg.training.task == "expression":

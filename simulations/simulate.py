@@ -42,7 +42,7 @@ from fedface.common.config import TrainConfig
 from fedface.common.federated import federation_data
 from fedface.common.errors import ConfigError, RunDirError
 from fedface.common.io import atomic_write_json, atomic_write_toml
-from fedface.common.models import build_encoder
+from fedface.common.models import build_encoder, warn_frozen_at_random
 from fedface.simulations.engine import prompt_dispatch
 
 logger = logging.getLogger(__name__)
@@ -260,6 +260,7 @@ def run_federated(
             if cfg.training.task == "expression":
                 init = load_checkpoint(cfg.training.init_from)
                 head_state = init.head_state if init.task == "expression" else {}
+        warn_frozen_at_random(cfg.privacy.trainable, encoder, initialised=cfg.training.init_from is not None)
         # the faces next, as an absolute path (the run's config then works from any directory):
         # missing or unreadable data is refused before a run directory is made or replaced
         cfg = cfg.with_overrides({"data.root": str(Path(cfg.data.root).resolve())})

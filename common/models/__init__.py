@@ -7,6 +7,7 @@ Build them from typed configs with :func:`build_encoder` and :func:`build_margin
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 from fedface.common.config import HeadConfig, ModelConfig
 from fedface.common.models.encoder import GRUFaceEncoder, standardize
 from fedface.common.models.heads import CosineClassifier, ExpressionHead, MarginHead
+
+logger = logging.getLogger(__name__)
 
 
 def build_encoder(cfg: ModelConfig, *, image_size: tuple[int, int]) -> GRUFaceEncoder:
@@ -80,6 +83,21 @@ def freeze_for(trainable: str, encoder: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def warn_frozen_at_random(trainable: str, encoder: nn.Module, *, initialised: bool) -> None:
+    """Warn when ``privacy.trainable`` freezes parts of an encoder that no checkpoint
+    initialised: they would stay at their random start for the whole run."""
+    stem = ["the convolutional stem"] if getattr(encoder, "stem", None) is not None else []
+    frozen = {"gru": stem, "neck": [*stem, "the GRUs"]}.get(trainable, [])
+    if initialised or not frozen:
+        return
+    logger.warning(
+        "privacy.trainable = %s keeps %s at the random start (no training.init-from): pass --init-from a "
+        "pre-trained checkpoint (e.g. one of scenarios/ckplus_public.toml), or set privacy.trainable = \"all\"",
+        trainable,
+        " and ".join(frozen),
+    )
+
+
 def shared_weights(encoder: nn.Module, head: nn.Module | None) -> list[np.ndarray]:
     """What a federation shares: the encoder's arrays, then (expression task) the expression
     head's. An identity run shares the encoder alone; its class centres never leave a site."""
@@ -127,4 +145,5 @@ __all__ = [
     "prepare_for_dp",
     "shared_weights",
     "standardize",
+    "warn_frozen_at_random",
 ]

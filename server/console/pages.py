@@ -245,7 +245,7 @@ def run_page(request: Request, run_id: str) -> Response:
         "rows": rows,
         "stop": store.stop_requested(run_id),
         "chart": views.metrics_chart(rows, queries.metric_series(rows)),
-        "columns": views.timeline_metrics(rows),
+        "columns": views.timeline_metrics(run.config, rows),
         "notice": _notice(request, run_id),
     }
     return _render(request, "run", context, cursor=cursor)

@@ -45,11 +45,12 @@ EXPRESSION_TIMELINE_METRICS = ("expression_acc", "expression_macro_f1")
 ACCURACY_METRICS = ("verif_acc", "verif_auc", "expression_acc", "expression_macro_f1")
 
 
-def timeline_metrics(rows: Sequence[RoundRow]) -> tuple[str, ...]:
-    """The timeline's metric columns: an expression run's when its rounds report expression
-    metrics and no verification, else an identity run's (also for a run with no round yet)."""
+def timeline_metrics(config: Mapping[str, Any], rows: Sequence[RoundRow]) -> tuple[str, ...]:
+    """The timeline's metric columns: an expression run's (its config's ``training.task``, or
+    rounds that report expression metrics and no verification), else an identity run's."""
+    task = (config.get("training") or {}).get("task")
     keys = {k for row in rows for k in row.metrics}
-    if keys & set(EXPRESSION_TIMELINE_METRICS) and not keys & set(TIMELINE_METRICS):
+    if task == "expression" or (keys & set(EXPRESSION_TIMELINE_METRICS) and not keys & set(TIMELINE_METRICS)):
         return EXPRESSION_TIMELINE_METRICS
     return TIMELINE_METRICS
 
@@ -219,7 +220,7 @@ def templates() -> Jinja2Templates:
         utc=utc, utc_short=utc_short, utc_time=utc_time, eps_up=eps_up, eps_down=eps_down, metric=metric, seconds=seconds, reasons=reasons,
         policy_items=policy_items, short=short, json_safe=json_safe,
     )
-    env.globals.update(METRIC_LABELS=METRIC_LABELS, SHORT_LABELS=SHORT_LABELS, TIMELINE_METRICS=TIMELINE_METRICS, DASH=DASH)
+    env.globals.update(METRIC_LABELS=METRIC_LABELS, SHORT_LABELS=SHORT_LABELS, DASH=DASH)
     return Jinja2Templates(env=env)
 
 

@@ -298,8 +298,10 @@ def _private_fer(
     central = train_or_reuse(dp_cfg, central_dir, fer_faces, reused)
     spent = [r["max_epsilon"] for r in fed["history"] if r.get("max_epsilon") is not None]
     fed_acc = float(fed["final"]["expression_acc"])
+    start = (fed.get("initial") or {}).get("expression_acc")  # the server's round-0 evaluation
+    start_acc = float(start) if start is not None else math.nan
     err_console.print(
-        f"seed {seed}: private FER2013 from CK+ pre-training ({float(fed['initial']['expression_acc']):.3f}): "
+        f"seed {seed}: private FER2013 from CK+ pre-training ({start_acc:.3f}): "
         f"federated DP {fed_acc:.3f}, central DP {central['metrics']['expression_acc']:.3f}"
     )
     return {
@@ -309,7 +311,7 @@ def _private_fer(
         # never 0 for a run that spent privacy without reporting it: inf when no site reported
         "fed_dp_max_site_epsilon": max(spent) if spent else math.inf,
         "fed_dp_wall_s": float(fed["wall_s"]),
-        "public_init_fer2013_val_acc": float(fed["initial"]["expression_acc"]),
+        "public_init_fer2013_val_acc": start_acc,
         "central_dp_fer2013_val_acc": float(central["metrics"]["expression_acc"]),
         "central_dp_fer2013_val_macro_f1": float(central["metrics"]["expression_macro_f1"]),
         "central_dp_epsilon_spent": _central_spent(central_dir),

@@ -15,7 +15,7 @@ the other 30 dealt to ``--sites`` identity-disjoint sites; one split for every v
 - ``central_dp``: one model on all 30 training identities with DP-SGD at the same epsilon;
 - ``central``: the same recipe without privacy.
 
-``--no-timing`` leaves out ``plain`` and ``paired`` (accuracy only: a third of the time).
+``--no-timing`` leaves out ``plain`` and ``paired`` (accuracy only: one federated run of the three).
 
 The non-private variants opt in explicitly: simulated sites refuse clear updates and
 non-private rounds by default (their ``[site-policy]``). The sites' ledgers live in the
@@ -77,6 +77,11 @@ def _untrained_verif_acc(cfg: TrainConfig) -> float:
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
     metrics = evaluate_open_set(encoder, federation_data(cfg).test, cfg.evaluation, device=torch.device("cpu"), with_occlusion=False)
     return float(metrics["verif_acc"])
+
+
+def _minus(a: float | None, b: float | None) -> float:
+    """``a - b``, NaN when either is missing (a real 0.0 stays 0.0)."""
+    return math.nan if a is None or b is None else float(a) - float(b)
 
 
 def _max_site_epsilon(cfg: TrainConfig, history: list[dict[str, Any]]) -> float | None:
@@ -208,11 +213,11 @@ def federated(
         "central_dp_open_verif_acc": central_dp["open_verif_acc"],
         "central_open_verif_acc": central["open_verif_acc"],
         "central_dp_epsilon_spent": central_dp["epsilon_spent"],
-        "federated_minus_central_dp": (fed.final.get("verif_acc") or float("nan")) - central_dp["open_verif_acc"],
-        "federated_dp_minus_untrained": (fed.final.get("verif_acc") or float("nan")) - untrained,
+        "federated_minus_central_dp": _minus(fed.final.get("verif_acc"), central_dp["open_verif_acc"]),
+        "federated_dp_minus_untrained": _minus(fed.final.get("verif_acc"), untrained),
         "central_dp_minus_untrained": central_dp["open_verif_acc"] - untrained,
         # what federated DP fine-tuning adds to the starting (e.g. publicly pre-trained) encoder
-        "federated_dp_minus_initial": (fed.final.get("verif_acc") or float("nan")) - ((fed.initial or {}).get("verif_acc") or float("nan")),
+        "federated_dp_minus_initial": _minus(fed.final.get("verif_acc"), (fed.initial or {}).get("verif_acc")),
         "secagg_round_s": secagg_s if timing else None,
         "plain_round_s": plain_s if timing else None,
         "secagg_over_plain": secagg_s / plain_s if timing and plain_s else None,

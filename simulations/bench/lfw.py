@@ -37,11 +37,10 @@ QUICK_PEOPLE = 300
 QUICK_EPOCHS = 1
 
 
-def _eigen(train_images: np.ndarray, test_images: np.ndarray, labels: np.ndarray, n_folds: int) -> dict[str, float]:
-    """Plain and whitened Eigenfaces' verification on the held-out people's pairs."""
+def _eigen(models: dict[str, Eigenfaces], test_images: np.ndarray, labels: np.ndarray, n_folds: int) -> dict[str, float]:
+    """Plain and whitened Eigenfaces' verification on the pairs of ``labels``' people."""
     out: dict[str, float] = {}
-    for name, whiten in (("eigenfaces", False), ("eigenfaces_whitened", True)):
-        model = Eigenfaces(whiten=whiten).fit(train_images)
+    for name, model in models.items():
         r = verify(model.embed(test_images), labels, n_folds=n_folds, seed=0)
         out[f"{name}_verif_acc"] = float(r.accuracy)
         out[f"{name}_auc"] = float(r.auc)
@@ -68,6 +67,7 @@ def lfw(
     data: Annotated[Path, typer.Option("--lfw", help="Labeled Faces in the Wild, aligned: <Name>/<Name>_NNNN.jpg.")] = Path("..") / "shared" / "data" / "lfw_dev",
     orl: Annotated[Path, typer.Option(help="ORL faces, verified by the pre-trained encoder as it is.")] = Path("..") / "shared" / "data" / "orl",
     yaleb: Annotated[Path, typer.Option(help="Extended Yale B (cropped), likewise.")] = Path("..") / "shared" / "data" / "extended_yaleb",
+    transfer: Annotated[bool, typer.Option(help="Also verify ORL and Extended Yale B with the pre-trained encoder; --no-transfer for LFW only.")] = True,
     seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated; the figures are medians over them.")] = "1,2,3",
     out: Annotated[Path, typer.Option(help="Directory of the benchmark's run directories; finished runs of the same config there are reused.")] = Path("runs") / "bench-lfw",
     epochs: Annotated[int, typer.Option(help="Training epochs (0: the recipe's).")] = 0,
@@ -98,24 +98,26 @@ def lfw(
             f"LFW: {len(faces)} images of {faces.num_identities} people; {task.train.num_identities} people train, "
             f"{len(np.unique(test.labels))} held out ({len(test)} images, {genuine} genuine pairs); seeds {seed_list}; runs in {out}"
         )
-        eigen = _eigen(task.train.images, test.images, test.labels, cfg.evaluation.n_folds)
+        # PCA fitted once on the training people's images, plain and whitened
+        models = {name: Eigenfaces(whiten=whiten).fit(task.train.images) for name, whiten in (("eigenfaces", False), ("eigenfaces_whitened", True))}
+        eigen = _eigen(models, test.images, test.labels, cfg.evaluation.n_folds)
         # the other sets the pre-trained encoder verifies as it is (output key: data)
-        others = {name: load_faces(root, size=cfg.data.image_size) for name, root in (("orl", orl), ("extended_yaleb", yaleb))}
+        others = {name: load_faces(root, size=cfg.data.image_size) for name, root in (("orl", orl), ("extended_yaleb", yaleb))} if transfer else {}
         if quick:  # a few people of each: a check of the pipeline
             others = {n: f.subset(np.flatnonzero(f.labels < 5)).relabel() for n, f in others.items()}
         for name, faces_other in others.items():
-            for key, value in _eigen(task.train.images, faces_other.images, faces_other.labels, cfg.evaluation.n_folds).items():
+            for key, value in _eigen(models, faces_other.images, faces_other.labels, cfg.evaluation.n_folds).items():
                 eigen[f"{name}_{key}"] = value
         reused: list[str] = []
         per_seed: list[dict[str, Any]] = []
         for seed in seed_list:
             run = train_or_reuse(cfg.with_overrides({"training.seed": seed}), out / f"lfw-seed{seed}", faces, reused)
             m = run["metrics"]
-            transfer = _transfer(cfg, out / f"lfw-seed{seed}" / "checkpoint.pt", others)
+            moved = _transfer(cfg, out / f"lfw-seed{seed}" / "checkpoint.pt", others) if others else {}
             per_seed.append(
                 {
                     "seed": seed,
-                    **transfer,
+                    **moved,
                     "lfw_heldout_verif_acc": m["verif_acc"],
                     "lfw_heldout_auc": m["verif_auc"],
                     "lfw_heldout_tar_far1e-2": m["tar_far1e-2"],
@@ -124,8 +126,8 @@ def lfw(
                 }
             )
             err_console.print(
-                f"seed {seed}: held-out verification {m['verif_acc']:.3f} (AUC {m['verif_auc']:.3f}), {run['wall_s'] / 60:.1f} min; "
-                + ", ".join(f"{name} {transfer[f'{name}_verif_acc']:.3f} (Eigenfaces {eigen[f'{name}_eigenfaces_verif_acc']:.3f})" for name in others)
+                f"seed {seed}: held-out verification {m['verif_acc']:.3f} (AUC {m['verif_auc']:.3f}), {run['wall_s'] / 60:.1f} min"
+                + "".join(f"; {name} {moved[f'{name}_verif_acc']:.3f} (Eigenfaces {eigen[f'{name}_eigenfaces_verif_acc']:.3f})" for name in others)
             )
     keys = ["lfw_heldout_verif_acc", "lfw_heldout_auc", "train_s"] + [f"{n}_{k}" for n in others for k in ("verif_acc", "auc")]
     medians = {k: float(statistics.median([r[k] for r in per_seed])) for k in keys}

@@ -17,7 +17,7 @@ from fedface.common.io import atomic_write_json
 from fedface.simulations.centralized import train_run
 from fedface.simulations.console import err_console
 
-__all__ = ["FEDERATED_RECORD", "INIT_RECORD", "federated_or_reuse", "finished", "parse_seeds", "train_or_reuse"]
+__all__ = ["FEDERATED_RECORD", "INIT_RECORD", "federated_or_reuse", "finished", "parse_seeds", "reusable_federated", "train_or_reuse"]
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -100,26 +100,49 @@ def _init_digest(cfg: TrainConfig) -> str | None:
     return _digest(Path(cfg.training.init_from)) if cfg.training.init_from is not None else None
 
 
+def reusable_federated(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The record of a **finished** federated run of ``cfg`` in ``run_dir``, else None: its
+    config is ``cfg``'s, it started from the checkpoint ``training.init-from`` names now (by
+    digest), and its saved split and site partition are those ``cfg`` makes of the data now."""
+    from fedface.common.data import Split
+    from fedface.common.data.partition import SitePartition
+    from fedface.common.federated import federation_data
+
+    record = run_dir / FEDERATED_RECORD
+    if not record.is_file():
+        return None
+    try:
+        done = json.loads(record.read_text(encoding="utf-8"))
+        if not done.get("completed") or not _same_config(TrainConfig.from_mapping(done["config"]), cfg):
+            return None
+        if done.get("init_sha256") != _init_digest(cfg):
+            return None
+        fed = federation_data(cfg.with_overrides({"data.root": str(Path(cfg.data.root).resolve())}))
+        if Split.load(run_dir / "run" / "split.json", fed.faces) != fed.split:
+            return None
+        if SitePartition.load(run_dir / "run" / "partition.json", fed.train) != fed.partition:
+            return None
+    except (FedFaceError, OSError, ValueError, KeyError, TypeError):
+        return None  # not a record of this run: it is run again
+    return done
+
+
 def federated_or_reuse(cfg: TrainConfig, run_dir: Path, reused: list[str], on_round: Any = None) -> dict[str, Any]:
     """Run the federation of ``cfg`` into ``run_dir`` (emptied first), or reuse the finished run
     of the same config and starting checkpoint there.
 
     The sites' ledgers live in ``run_dir/ledgers``: a benchmark never spends a lifetime budget
     of the user's own ledgers. A run is finished when it completed every round; only then is
-    its record (:data:`FEDERATED_RECORD`, written last and atomically) there to be reused.
+    its record (:data:`FEDERATED_RECORD`, written last and atomically) there to be reused
+    (:func:`reusable_federated`).
     """
     from fedface.simulations.simulate import run_federated
 
-    record = run_dir / FEDERATED_RECORD
-    if record.is_file():
-        try:
-            done = json.loads(record.read_text(encoding="utf-8"))
-            if _same_config(TrainConfig.from_mapping(done["config"]), cfg) and done.get("init_sha256") == _init_digest(cfg):
-                reused.append(str(run_dir))
-                err_console.print(f"reused {run_dir} (a finished federated run of the same config and starting checkpoint)")
-                return done
-        except (FedFaceError, OSError, ValueError, KeyError, TypeError):
-            pass  # not a record of this run: it is run again
+    done = reusable_federated(run_dir, cfg)
+    if done is not None:
+        reused.append(str(run_dir))
+        err_console.print(f"reused {run_dir} (a finished federated run of the same config, data, split and starting checkpoint)")
+        return done
     if run_dir.exists():
         shutil.rmtree(run_dir)
     res = run_federated(cfg, out_dir=run_dir / "run", on_round=on_round, ledger_dir=run_dir / "ledgers")

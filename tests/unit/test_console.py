@@ -35,6 +35,7 @@ import pytest
 from argon2 import PasswordHasher
 from typer.testing import CliRunner
 
+from fedface.common import wire
 from fedface.common.errors import KeyFileError
 from fedface.common.privacy.accounting import format_epsilon
 from fedface.server.console import auth
@@ -512,15 +513,17 @@ def test_an_expression_run_page_shows_and_charts_expression_metrics(run_dir: Pat
     with _store(run_dir) as store:
         store.start_run("expr", config={"training": {"task": "expression"}}, sites=3, rounds=2, secagg=True,
                         started_at="2026-05-09T11:00:00+00:00")
+        mechanism = {wire.M_NOISE: 1.1, wire.M_SAMPLE_RATE: 0.1, wire.M_STEPS: 100, wire.M_CLIP: 1.0}
         for rnd, (acc, f1) in enumerate(((0.41, 0.35), (0.47, 0.4)), start=1):
             store.record_round("expr", rnd, started_at=f"2026-05-09T11:0{rnd}:00+00:00", seconds=90.0, sampled=list(SITES),
                                participation=[_spent(s, "answered", 1.5 * rnd, examples=2500) for s in SITES],
-                               metrics={"expression_acc": acc, "expression_macro_f1": f1})
+                               metrics={"expression_acc": acc, "expression_macro_f1": f1}, reports={s: dict(mechanism) for s in SITES})
 
     with TestClient(create_app(_settings(run_dir, admin_dir)), follow_redirects=False) as c:
         _login(c)
         html = c.get("/runs/expr").text
         identity = c.get(f"/runs/{RUN}").text
+        privacy = html_unescape(c.get("/privacy?run=expr").text)
 
     # its timeline's columns are the expression figures, not empty verification columns
     rounds = dict(re.findall(r'<tr data-round="(\d+)"[^>]*>(.*?)</tr>', html, re.S))
@@ -531,6 +534,15 @@ def test_an_expression_run_page_shows_and_charts_expression_metrics(run_dir: Pat
     assert by_key == {"expression_acc": [0.41, 0.47], "expression_macro_f1": [0.35, 0.4]}
     # an identity run keeps its verification columns
     assert 'data-field="verif_acc"' in identity and 'data-field="expression_acc"' not in identity
+    # before its first round, a run's config says which columns it will fill
+    from fedface.server.console.views import EXPRESSION_TIMELINE_METRICS, TIMELINE_METRICS, timeline_metrics
+
+    assert timeline_metrics({"training": {"task": "expression"}}, []) == EXPRESSION_TIMELINE_METRICS
+    assert timeline_metrics({}, []) == TIMELINE_METRICS
+    # the privacy page plots and names the expression figures against epsilon
+    accuracy = json.loads(re.search(r'id="chart-accuracy-epsilon-data">(.*?)</script>', privacy, re.S).group(1))
+    assert [d["key"] for d in accuracy["datasets"]] == ["expression_acc", "expression_macro_f1"]
+    assert "the server's expression accuracy and macro-F1 on held-out images" in privacy and "verification accuracy and AUC" not in privacy
 
 
 def test_an_unknown_run_is_404_not_an_error(client: TestClient) -> None:

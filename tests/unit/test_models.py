@@ -588,6 +588,32 @@ def test_freeze_for_keeps_the_named_parts_fixed(trainable: str, frozen: set[str]
         assert p.requires_grad == (name.split(".")[0] not in frozen), name
 
 
+@pytest.mark.parametrize(
+    ("trainable", "stem", "initialised", "warned"),
+    [
+        ("gru", (4,), False, "the convolutional stem at the random start"),
+        ("neck", (4,), False, "the convolutional stem and the GRUs at the random start"),
+        ("neck", (), False, "the GRUs at the random start"),
+        ("gru", (), False, None),  # no stem: nothing is frozen
+        ("gru", (4,), True, None),  # a checkpoint initialises what stays frozen
+        ("all", (4,), False, None),
+    ],
+)
+def test_parts_frozen_at_their_random_start_are_warned_about(
+    trainable: str, stem: tuple[int, ...], initialised: bool, warned: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedface.common.models import warn_frozen_at_random
+
+    with caplog.at_level("WARNING", logger="fedface.common.models"):
+        warn_frozen_at_random(trainable, _encoder(("rows",), stem=stem), initialised=initialised)
+
+    if warned is None:
+        assert not caplog.records
+    else:
+        [record] = caplog.records
+        assert warned in record.getMessage() and "--init-from" in record.getMessage()
+
+
 def test_load_shared_weights_of_another_head_size_names_the_mismatch() -> None:
     from fedface.common.models import load_shared_weights, shared_weights
 
