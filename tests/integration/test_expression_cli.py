@@ -131,8 +131,11 @@ def test_bench_expression_quick_prints_every_figure_and_reuses_finished_runs(
     assert 0.0 < figures["central_dp_epsilon_spent"] <= 8.0
     fed_run = tmp_path / "runs" / "fer2013-fed-dp-seed1"
     assert [r["answered"] for r in json.loads((fed_run / "bench-result.json").read_text())["history"]] == [3]
-    # the benchmark's sites spend in ledgers of its own, never the user's
+    # the benchmark's sites spend in ledgers of its own, never the user's (the default site
+    # ledger folder is this test's own, from conftest)
     assert list((fed_run / "ledgers").rglob("*.sqlite"))
+    user_ledgers = Path(os.environ["FEDFACE_LEDGER_DIR"])
+    assert not user_ledgers.exists() or not list(user_ledgers.rglob("*.sqlite"))
     # the second run trains nothing: every run directory of the first is reused, same figures
     assert second.exit_code == 0, second.stderr
     again = _last_json(second.stdout)
