@@ -157,5 +157,5 @@ def federated_or_reuse(cfg: TrainConfig, run_dir: Path, reused: list[str], on_ro
         "wall_s": res.wall_s,
     }
     if res.completed:  # an unfinished run is never reused: the next benchmark runs it again
-        atomic_write_json(record, result)
+        atomic_write_json(run_dir / FEDERATED_RECORD, result)
     return result
