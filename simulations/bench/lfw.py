@@ -49,12 +49,12 @@ def _eigen(models: dict[str, Eigenfaces], test_images: np.ndarray, labels: np.nd
 
 def _transfer(cfg: Any, checkpoint: Path, sets: dict[str, Any]) -> dict[str, float]:
     """Open-set verification of a pre-trained encoder, as it is, on every person of other sets."""
-    from fedface.common.checkpoint import load_checkpoint
     from fedface.common.evaluation import evaluate_open_set
     from fedface.common.models import build_encoder
+    from fedface.simulations.centralized import load_encoder_init
 
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
-    encoder.load_state_dict(load_checkpoint(checkpoint).encoder_state)
+    load_encoder_init(encoder, cfg.with_overrides({"training.init-from": str(checkpoint)}))  # checks the shape, says which file
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, float] = {}
     for name, faces in sets.items():

@@ -54,7 +54,6 @@ def finished(run_dir: Path, cfg: TrainConfig, faces: FaceSet) -> dict[str, Any] 
     """
     from fedface.common.checkpoint import load_checkpoint
     from fedface.common.data import Split
-    from fedface.common.errors import FedFaceError
     from fedface.simulations.centralized import prepare_task_data
 
     files = [run_dir / n for n in ("checkpoint.pt", "metrics.json", "confusion.json", "split.json")]
