@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fedface.common.io import atomic_write_json
 from fedface.simulations.centralized import train_run
 from fedface.simulations.console import err_console
 
-__all__ = ["FEDERATED_RECORD", "INIT_RECORD", "federated_or_reuse", "finished", "parse_seeds", "reusable_federated", "train_or_reuse"]
+__all__ = ["FEDERATED_RECORD", "INIT_RECORD", "clear_run_dir", "federated_or_reuse", "finished", "parse_seeds", "reusable_federated", "train_or_reuse"]
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -32,6 +33,7 @@ def parse_seeds(seeds: str) -> list[int]:
 
 
 INIT_RECORD = "init.json"  # the digest of the checkpoint a fine-tuned run started from
+FEDERATED_RECORD = "bench-result.json"  # a finished federated benchmark run: its config and figures
 
 
 def _same_config(a: TrainConfig, b: TrainConfig) -> bool:
@@ -48,15 +50,17 @@ def finished(run_dir: Path, cfg: TrainConfig, faces: FaceSet) -> dict[str, Any] 
     """The final metrics of a **finished** run of ``cfg`` on ``faces`` in ``run_dir``, else None.
 
     Finished means: its checkpoint (the last file a run writes) holds this config, its
-    metrics hold the final figures, its confusion counts are there, its saved split is the
-    split ``cfg`` makes of ``faces`` now, and a fine-tuned run started from the checkpoint
-    ``training.init-from`` names now (by content digest, not by path).
+    metrics hold the final figures, an expression run's confusion counts are there (an identity
+    run writes none), its saved split is the split ``cfg`` makes of ``faces`` now, and a
+    fine-tuned run started from the checkpoint ``training.init-from`` names now (by content
+    digest, not by path).
     """
     from fedface.common.checkpoint import load_checkpoint
     from fedface.common.data import Split
     from fedface.simulations.centralized import prepare_task_data
 
-    files = [run_dir / n for n in ("checkpoint.pt", "metrics.json", "confusion.json", "split.json")]
+    names = ["checkpoint.pt", "metrics.json", "split.json"] + (["confusion.json"] if cfg.training.task == "expression" else [])
+    files = [run_dir / n for n in names]
     if not all(f.is_file() for f in files):
         return None
     try:
@@ -77,22 +81,40 @@ def finished(run_dir: Path, cfg: TrainConfig, faces: FaceSet) -> dict[str, Any] 
     return {"metrics": summary["final"], "wall_s": float(summary["wall_s"])}
 
 
+def clear_run_dir(run_dir: Path) -> Path | None:
+    """Make way for a new run in ``run_dir``; return where a finished run there was moved.
+
+    A directory holding a finished run (a checkpoint or a federated record) that is not the one
+    wanted now (another config, split or start) is renamed beside it,
+    ``<name>.replaced-<UTC time>``, never deleted: such a run can be hours of training. What an
+    interrupted run left (no checkpoint, no record) is removed, so that nothing of it can be
+    mistaken for the new run's.
+    """
+    if not run_dir.exists():
+        return None
+    if (run_dir / "checkpoint.pt").is_file() or (run_dir / FEDERATED_RECORD).is_file():
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        moved = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+        run_dir.rename(moved)
+        err_console.print(f"moved the finished run in {run_dir} (another config, split or starting checkpoint) to {moved}; training anew")
+        return moved
+    shutil.rmtree(run_dir)
+    return None
+
+
 def train_or_reuse(cfg: TrainConfig, run_dir: Path, faces: FaceSet, reused: list[str]) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir`` (emptied first), or reuse the finished run of it there."""
+    """Train ``cfg`` into ``run_dir``, or reuse the finished run of it there (a finished run of
+    something else there is moved aside first: :func:`clear_run_dir`)."""
     done = finished(run_dir, cfg, faces)
     if done is not None:
         reused.append(str(run_dir))
         err_console.print(f"reused {run_dir} (a finished run of the same config, split and starting checkpoint)")
         return done
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # nothing of an unfinished or other run may be mistaken for this one's
+    clear_run_dir(run_dir)
     run = train_run(cfg, out_dir=run_dir, faces=faces)
     if cfg.training.init_from is not None:
         atomic_write_json(run_dir / INIT_RECORD, {"init_from": str(cfg.training.init_from), "sha256": _digest(Path(cfg.training.init_from))})
     return {"metrics": run.metrics, "wall_s": run.wall_s}
-
-
-FEDERATED_RECORD = "bench-result.json"  # a finished federated benchmark run: its config and figures
 
 
 def _init_digest(cfg: TrainConfig) -> str | None:
@@ -127,8 +149,9 @@ def reusable_federated(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None
 
 
 def federated_or_reuse(cfg: TrainConfig, run_dir: Path, reused: list[str], on_round: Any = None) -> dict[str, Any]:
-    """Run the federation of ``cfg`` into ``run_dir`` (emptied first), or reuse the finished run
-    of the same config and starting checkpoint there.
+    """Run the federation of ``cfg`` into ``run_dir``, or reuse the finished run of the same
+    config and starting checkpoint there (a finished run of something else there is moved
+    aside first: :func:`clear_run_dir`).
 
     The sites' ledgers live in ``run_dir/ledgers``: a benchmark never spends a lifetime budget
     of the user's own ledgers. A run is finished when it completed every round; only then is
@@ -142,8 +165,7 @@ def federated_or_reuse(cfg: TrainConfig, run_dir: Path, reused: list[str], on_ro
         reused.append(str(run_dir))
         err_console.print(f"reused {run_dir} (a finished federated run of the same config, data, split and starting checkpoint)")
         return done
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    clear_run_dir(run_dir)
     res = run_federated(cfg, out_dir=run_dir / "run", on_round=on_round, ledger_dir=run_dir / "ledgers")
     result = {
         "completed": res.completed,

@@ -178,6 +178,12 @@ def test_bench_lfw_quick_prints_held_out_verification_beside_eigenfaces(tmp_path
     ckpt = load_checkpoint(tmp_path / "runs" / "lfw-seed1" / "checkpoint.pt")
     assert ckpt.config.data.crop == (0.26, 0.26, 0.74, 0.74)
     assert ckpt.config.model.stem == (32, 64, 128)
+    # run again: the finished pre-training is reused (an identity run writes no confusion
+    # counts; it was once deleted and retrained by every rerun), the same figures
+    again = runner.invoke(_app(), args + ["--no-transfer"])
+    assert again.exit_code == 0, again.stderr
+    assert _last_json(again.stdout)["reused"] == [str(tmp_path / "runs" / "lfw-seed1")]
+    assert _last_json(again.stdout)["lfw_heldout_verif_acc"] == figures["lfw_heldout_verif_acc"]
 
 
 # Ray drops its helper processes' Popen objects at shutdown (see tests/integration/test_simulate.py)

@@ -1,5 +1,6 @@
-"""Which benchmark runs are reused: a federated run's record counts only for the same config,
-starting checkpoint, split and site partition (`fedface.simulations.bench.runs`)."""
+"""Which benchmark runs are reused: a run counts only for the same config, starting checkpoint,
+split (and a federated run's site partition), and a finished run of something else is kept aside,
+never deleted (`fedface.simulations.bench.runs`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from fedface.common.config import TrainConfig
 from fedface.common.federated import federation_data
-from fedface.simulations.bench.runs import FEDERATED_RECORD, reusable_federated
+from fedface.common.data import load_faces
+from fedface.simulations.bench.runs import FEDERATED_RECORD, clear_run_dir, finished, reusable_federated, train_or_reuse
 
 TINY = """
 [model]
@@ -79,3 +81,58 @@ def test_a_run_from_another_starting_checkpoint_is_run_again(tmp_path: Path, cfg
 
     start.write_bytes(b"retrained since")  # same path, other content
     assert reusable_federated(tmp_path / "run", fine_tuned) is None
+
+
+IDENTITY = TINY + """
+[split]
+kind = "open-set"
+[training]
+epochs = 1
+batch-size = 64
+[evaluation]
+flip-tta = false
+shift-tta = 0
+"""
+
+
+def test_a_finished_identity_run_is_reused_and_a_changed_one_is_kept_aside(tmp_path: Path, orl_root: Path) -> None:
+    # an identity run writes no confusion counts: it must still count as finished (a full LFW
+    # pre-training is an hour of training; it was once deleted and retrained on every rerun)
+    path = tmp_path / "identity.toml"
+    path.write_text(IDENTITY, encoding="utf-8")
+    cfg = TrainConfig.from_toml(path).with_overrides({"data.root": str(orl_root)})
+    faces = load_faces(orl_root, size=cfg.data.image_size)
+    run_dir = tmp_path / "runs" / "lfw-seed1"
+    reused: list[str] = []
+    first = train_or_reuse(cfg, run_dir, faces, reused)
+    stamp = (run_dir / "checkpoint.pt").stat().st_mtime_ns
+
+    again = train_or_reuse(cfg.with_overrides({"training.threads": 1}), run_dir, faces, reused)
+
+    assert reused == [str(run_dir)]
+    assert again["metrics"]["verif_acc"] == pytest.approx(first["metrics"]["verif_acc"])
+    assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == stamp  # not retrained
+
+    # another config: trained anew, and the finished run that was there is kept, whole, beside it
+    train_or_reuse(cfg.with_overrides({"training.lr": 5e-4}), run_dir, faces, reused)
+    kept = [p for p in run_dir.parent.iterdir() if p.name.startswith("lfw-seed1.replaced-")]
+    assert len(kept) == 1
+    assert finished(kept[0], cfg, faces) is not None
+    assert finished(run_dir, cfg.with_overrides({"training.lr": 5e-4}), faces) is not None
+
+
+def test_clear_run_dir_removes_only_what_an_interrupted_run_left(tmp_path: Path) -> None:
+    assert clear_run_dir(tmp_path / "absent") is None
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "metrics.json").write_text("{}", encoding="utf-8")
+    assert clear_run_dir(partial) is None
+    assert not partial.exists()
+
+    federated = tmp_path / "fed"
+    federated.mkdir()
+    (federated / FEDERATED_RECORD).write_text('{"completed": true}', encoding="utf-8")
+    moved = clear_run_dir(federated)
+    assert moved is not None and not federated.exists()
+    assert (moved / FEDERATED_RECORD).read_text(encoding="utf-8") == '{"completed": true}'
