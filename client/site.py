@@ -331,6 +331,7 @@ class Site:
                     batches=poisson_batches(len(images), mech.sample_rate, per_epoch, generator=generator, secure=mech.secure_mode),
                     augment_cfg=aug, generator=generator, epoch=epoch + 1,
                     label_smoothing=self.cfg.training.label_smoothing,
+                    augment_multiplicity=self.cfg.privacy.augment_multiplicity,
                 )
                 losses.append(stats.loss)
             encoder.load_state_dict(trained.state_dict())

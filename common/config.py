@@ -220,6 +220,15 @@ class PrivacyConfig(_Section):
         default="all",
         description="all parameters; gru: all but the convolutional stem; neck: the embedding neck and head only (stem and GRUs frozen: fine-tuning)",
     )
+    augment_multiplicity: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "augmentations of each example averaged before clipping (De et al. 2022): each example still gives one clipped "
+            "gradient, so the privacy accounting is unchanged; a step costs about this many times more"
+        ),
+    )
     budget_epsilon: float | None = Field(
         default=None, gt=0, description="the data set's budget, set in the ledger when it has none (at this delta and accountant)"
     )

@@ -261,6 +261,7 @@ def train_run(
                 generator=generator,
                 epoch=epoch,
                 label_smoothing=cfg.training.label_smoothing,
+                augment_multiplicity=cfg.privacy.augment_multiplicity,
             )
         else:
             stats = train_epoch(

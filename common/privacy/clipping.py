@@ -135,6 +135,48 @@ class Materialized:
 Term = OuterSum | Materialized
 
 
+def average_copies(terms: list[Term], copies: int) -> list[Term]:
+    """Terms of ``N * copies`` inputs as terms of ``N`` examples, each example's gradient the
+    mean of its copies' (augmentation multiplicity, De et al. 2022: several augmentations of
+    one example averaged *before* clipping, so that the example still contributes one clipped
+    gradient and the privacy accounting is unchanged).
+
+    The inputs must be laid out copy-major: input ``k * N + n`` is copy ``k`` of example ``n``.
+    An :class:`OuterSum`'s copies become more positions of the same example (its per-example
+    gradient is a sum over positions; the ``1 / copies`` goes on ``g``), so nothing is formed
+    that the term would not form anyway; a :class:`Materialized` term is averaged.
+    """
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    if copies == 1:
+        return terms
+    regrouped: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}  # keep shared blocks shared
+
+    def positions(x: torch.Tensor, scale: float) -> torch.Tensor:
+        hit = regrouped.get((id(x), scale))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        rows, k, nk, d = x.shape
+        if nk % copies:
+            raise ValueError(f"{nk} inputs are not {copies} copies of each example")
+        # (R, K, copies * N, D) -> (R, copies * K, N, D): copy c of position k is position c * K + k
+        value = (x * scale if scale != 1.0 else x).reshape(rows, k, copies, nk // copies, d).transpose(1, 2).reshape(rows, copies * k, nk // copies, d)
+        regrouped[(id(x), scale)] = (x, value)
+        return value
+
+    out: list[Term] = []
+    grams = GramCache()
+    for term in terms:
+        if isinstance(term, OuterSum):
+            out.append(OuterSum(term.params, tuple(positions(b, 1.0 / copies) for b in term.g), positions(term.a, 1.0), grams=grams))
+        else:
+            r, nk = term.values.shape[:2]
+            if nk % copies:
+                raise ValueError(f"{nk} inputs are not {copies} copies of each example")
+            out.append(Materialized(term.params, term.values.reshape(r, copies, nk // copies, *term.values.shape[2:]).mean(dim=1)))
+    return out
+
+
 def set_grad_samples(terms: list[Term]) -> None:
     """Set ``p.grad_sample`` (N, *p.shape) on every parameter of ``terms`` (Opacus' form)."""
     for term in terms:
@@ -159,4 +201,4 @@ def clip_and_sum(terms: list[Term], max_grad_norm: float) -> torch.Tensor:
     return norms
 
 
-__all__ = ["GramCache", "Materialized", "OuterSum", "Term", "clip_and_sum", "set_grad_samples"]
+__all__ = ["GramCache", "Materialized", "OuterSum", "Term", "average_copies", "clip_and_sum", "set_grad_samples"]

@@ -131,10 +131,14 @@ def dp_step(
     labels: torch.Tensor,
     *,
     label_smoothing: float = 0.0,
+    copies: int = 1,
 ) -> PerSampleOutput:
     """One DP-SGD step on a (possibly empty) batch; returns the per-example losses and predictions.
 
-    ``optimizer`` comes from :func:`make_dp_optimizer` (``presummed``).
+    ``optimizer`` comes from :func:`make_dp_optimizer` (``presummed``). With ``copies`` > 1,
+    ``images`` and ``labels`` hold that many augmentations of each example of the batch,
+    copy-major, and each example's gradient is the mean of its copies' before it is clipped
+    (augmentation multiplicity; :func:`~fedface.common.privacy.clipping.average_copies`).
     """
     if not isinstance(optimizer, DPOptimizerFastGradientClipping):
         raise TypeError("dp_step needs make_dp_optimizer(..., presummed=True)")
@@ -146,7 +150,7 @@ def dp_step(
         out = PerSampleOutput(losses=images.new_zeros(0), predictions=labels.new_zeros(0))
     else:
         out, _ = clip_grad_samples(
-            encoder, head, images, labels, optimizer.max_grad_norm, label_smoothing=label_smoothing  # type: ignore[arg-type]
+            encoder, head, images, labels, optimizer.max_grad_norm, label_smoothing=label_smoothing, copies=copies  # type: ignore[arg-type]
         )
     optimizer.step()
     return out
@@ -165,9 +169,18 @@ def train_epoch_dp(
     epoch: int,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     label_smoothing: float = 0.0,
+    augment_multiplicity: int = 1,
 ) -> EpochStats:
     """DP-SGD over ``batches`` (index tensors from :func:`poisson_batches`); as
-    :func:`~fedface.common.training.train_epoch`, with per-example clipping and noise."""
+    :func:`~fedface.common.training.train_epoch`, with per-example clipping and noise.
+
+    ``augment_multiplicity`` > 1 (De et al. 2022): each example of a batch is augmented that
+    many times independently, and the mean of its copies' gradients is what is clipped, so
+    the step's sensitivity (one clipped gradient per sampled example) and the accounting are
+    those of a single copy.
+    """
+    if augment_multiplicity > 1 and augment_cfg is None:
+        raise ValueError("augment_multiplicity > 1 needs augmentation: identical copies average to the gradient of one")
     encoder.train()
     head.train()
     t0 = time.perf_counter()
@@ -177,9 +190,13 @@ def train_epoch_dp(
     for idx in batches:
         idx = idx.to(images.device)
         xb, yb = images[idx], labels[idx]
+        copies = augment_multiplicity if len(idx) > 0 else 1
         if augment_cfg is not None and len(idx) > 0:
-            xb = augment(xb, augment_cfg, generator=generator)
-        out = dp_step(encoder, head, optimizer, xb, yb, label_smoothing=label_smoothing)
+            # copy-major: copy k of example n is input k * len(idx) + n
+            xb = torch.cat([augment(xb, augment_cfg, generator=generator) for _ in range(copies)])
+            yb = yb.repeat(copies)
+        out = dp_step(encoder, head, optimizer, xb, yb, label_smoothing=label_smoothing, copies=copies)
+        yb = labels[idx]
         if scheduler is not None:
             scheduler.step()
         total_loss += float(out.losses.sum())

@@ -36,7 +36,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedface.common.models.encoder import GRUFaceEncoder
 from fedface.common.models.heads import CosineClassifier, MarginHead
-from fedface.common.privacy.clipping import Materialized, OuterSum, Term, clip_and_sum, set_grad_samples
+from fedface.common.privacy.clipping import Materialized, OuterSum, Term, average_copies, clip_and_sum, set_grad_samples
 from fedface.common.privacy.gru import PerSampleGRU
 
 
@@ -320,17 +320,29 @@ def per_sample_terms(
     return terms, PerSampleOutput(losses=losses, predictions=plain.argmax(dim=1))
 
 
+def _of_examples(out: PerSampleOutput, copies: int) -> PerSampleOutput:
+    """The output for ``N * copies`` copy-major inputs as one per example: the mean loss over
+    its copies, the prediction on its first copy."""
+    if copies == 1:
+        return out
+    n = out.losses.shape[0] // copies
+    return PerSampleOutput(losses=out.losses.view(copies, n).mean(dim=0), predictions=out.predictions[:n])
+
+
 def compute_grad_samples(
-    encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0
+    encoder: GRUFaceEncoder, head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0, copies: int = 1
 ) -> PerSampleOutput:
     """Set ``p.grad_sample`` (N, *p.shape) on every trainable parameter (see :func:`per_sample_terms`).
 
     The per-example gradients themselves, the form Opacus' ``DPOptimizer`` clips; DP-SGD in
     fedface uses :func:`clip_grad_samples`, which does not form them where it need not.
+    With ``copies`` > 1, ``x`` and ``y`` hold ``copies`` augmentations of each of N examples,
+    copy-major, and each example's gradient is the mean of its copies'
+    (:func:`~fedface.common.privacy.clipping.average_copies`).
     """
     terms, out = per_sample_terms(encoder, head, x, y, label_smoothing=label_smoothing)
-    set_grad_samples(terms)
-    return out
+    set_grad_samples(average_copies(terms, copies))
+    return _of_examples(out, copies)
 
 
 def clip_grad_samples(
@@ -341,15 +353,18 @@ def clip_grad_samples(
     max_grad_norm: float,
     *,
     label_smoothing: float = 0.0,
+    copies: int = 1,
 ) -> tuple[PerSampleOutput, torch.Tensor]:
     """Clip each example's gradient to ``max_grad_norm`` and leave their sum in ``p.grad``.
 
     Returns the batch's losses and predictions, and each example's gradient norm before
-    clipping. ``p.grad`` is what Opacus' ``DPOptimizerFastGradientClipping`` noises.
+    clipping. ``p.grad`` is what Opacus' ``DPOptimizerFastGradientClipping`` noises. With
+    ``copies`` > 1 (augmentation multiplicity), ``x`` and ``y`` hold ``copies`` augmentations of
+    each example, copy-major; an example's gradient is the mean of its copies', clipped once.
     """
     terms, out = per_sample_terms(encoder, head, x, y, label_smoothing=label_smoothing)
-    norms = clip_and_sum(terms, max_grad_norm)
-    return out, norms
+    norms = clip_and_sum(average_copies(terms, copies), max_grad_norm)
+    return _of_examples(out, copies), norms
 
 
 __all__ = ["PerSampleFaceEncoder", "PerSampleOutput", "clip_grad_samples", "compute_grad_samples", "per_sample_terms", "to_per_sample"]

@@ -239,6 +239,37 @@ def test_private_training_is_charged_to_the_ledger_with_its_plan(orl_root: Path,
     assert 0.0 <= summary["final"]["rank1"] <= 1.0
 
 
+def test_augment_multiplicity_trains_on_copies_but_charges_and_clips_each_example_once(
+    orl_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedface.common.privacy import dpsgd
+    from fedface.simulations.centralized import train_run
+
+    seen: list[tuple[int, int, int]] = []  # (inputs, copies, examples clipped)
+    real = dpsgd.clip_grad_samples
+
+    def spy(encoder, head, x, y, clip, **kw):  # type: ignore[no-untyped-def]
+        out, norms = real(encoder, head, x, y, clip, **kw)
+        seen.append((x.shape[0], kw["copies"], norms.shape[0]))
+        return out, norms
+
+    monkeypatch.setattr(dpsgd, "clip_grad_samples", spy)
+    plain = train_run(_private_cfg(orl_root, tmp_path / "a.sqlite", epsilon=3.0))
+    seen_plain = list(seen)
+    seen.clear()
+    tripled = train_run(_private_cfg(orl_root, tmp_path / "b.sqlite", epsilon=3.0, **{"augment-multiplicity": 3}))
+
+    # every step fed three augmentations of each sampled example, and clipped one gradient per example
+    assert seen and all(inputs == 3 * clipped and copies == 3 for inputs, copies, clipped in seen)
+    assert all(inputs == clipped and copies == 1 for inputs, copies, clipped in seen_plain)
+    # the privacy charged is exactly that of one copy: same sample rate, steps and noise
+    mechanisms = [PrivacyLedger(tmp_path / n).sessions()[0].mechanism for n in ("a.sqlite", "b.sqlite")]
+    assert mechanisms[0] == mechanisms[1]
+    assert tripled.privacy["epsilon"] == plain.privacy["epsilon"] <= 3.0
+    # the epoch's statistics count examples, not copies
+    assert tripled.history[0]["images_per_s"] > 0
+
+
 def test_two_private_runs_compose_in_the_ledger(orl_root: Path, tmp_path: Path) -> None:
     from fedface.simulations.centralized import train_run
 
