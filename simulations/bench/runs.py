@@ -81,22 +81,30 @@ def finished(run_dir: Path, cfg: TrainConfig, faces: FaceSet) -> dict[str, Any] 
     return {"metrics": summary["final"], "wall_s": float(summary["wall_s"])}
 
 
-def clear_run_dir(run_dir: Path) -> Path | None:
-    """Make way for a new run in ``run_dir``; return where a finished run there was moved.
+def _worth_keeping(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything a run cannot give back without training again, or
+    must never lose: a checkpoint (a run's or a federation's round checkpoint), a federated
+    record, or a privacy ledger (a benchmark's sites spend in ledgers of their own)."""
+    return (run_dir / FEDERATED_RECORD).is_file() or any(run_dir.rglob("*.pt")) or any(run_dir.rglob("*.sqlite"))
 
-    A directory holding a finished run (a checkpoint or a federated record) that is not the one
-    wanted now (another config, split or start) is renamed beside it,
-    ``<name>.replaced-<UTC time>``, never deleted: such a run can be hours of training. What an
-    interrupted run left (no checkpoint, no record) is removed, so that nothing of it can be
+
+def clear_run_dir(run_dir: Path) -> Path | None:
+    """Make way for a new run in ``run_dir``; return where what was there was moved.
+
+    A directory holding a checkpoint, a federated record or a privacy ledger (a finished run
+    that is not the one wanted now, or an interrupted federation with its round checkpoints
+    and its sites' ledgers) is renamed beside it, ``<name>.replaced-<UTC time>``, never
+    deleted: it can be hours of training, and a ledger is append-only. What is left otherwise
+    (a run interrupted before its first checkpoint) is removed, so that nothing of it can be
     mistaken for the new run's.
     """
     if not run_dir.exists():
         return None
-    if (run_dir / "checkpoint.pt").is_file() or (run_dir / FEDERATED_RECORD).is_file():
+    if _worth_keeping(run_dir):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         moved = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
         run_dir.rename(moved)
-        err_console.print(f"moved the finished run in {run_dir} (another config, split or starting checkpoint) to {moved}; training anew")
+        err_console.print(f"moved {run_dir} (not reusable for this run: another config, split or start, or unfinished) to {moved}; training anew")
         return moved
     shutil.rmtree(run_dir)
     return None

@@ -136,3 +136,11 @@ def test_clear_run_dir_removes_only_what_an_interrupted_run_left(tmp_path: Path)
     moved = clear_run_dir(federated)
     assert moved is not None and not federated.exists()
     assert (moved / FEDERATED_RECORD).read_text(encoding="utf-8") == '{"completed": true}'
+
+    # an interrupted federation: no record, but round checkpoints and its sites' ledgers
+    for name, inner in (("rounds", "run/checkpoints/round-3.pt"), ("ledgers", "ledgers/site-0/privacy-ledger.sqlite")):
+        run = tmp_path / name
+        (run / inner).parent.mkdir(parents=True)
+        (run / inner).write_bytes(b"kept")
+        kept = clear_run_dir(run)
+        assert kept is not None and (kept / inner).read_bytes() == b"kept", name
