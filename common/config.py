@@ -165,6 +165,12 @@ class AugmentSection(_Section):
             )
         return self
 
+    @property
+    def active(self) -> bool:
+        """Whether any augmentation is on (two draws of an image can differ)."""
+        lo, hi = self.scale_range
+        return any(v > 0 for v in (self.flip_p, self.max_rotate_deg, self.max_translate, self.brightness, self.contrast, self.occlusion_p, self.band_p)) or lo != hi
+
 
 class TrainingConfig(_Section):
     """The optimisation of one training run."""
@@ -360,6 +366,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check_cross(self) -> TrainConfig:
+        # (without DP it has no effect: a non-private baseline of a private scenario keeps it)
+        if self.privacy.augment_multiplicity > 1 and self.privacy.enabled and not self.augment.active:
+            raise ValueError("privacy.augment-multiplicity > 1 needs augmentation: every [augment] strength is 0, so the copies would be identical")
         h, w = self.data.image_size
         d = self.model.downsample
         if h % d or w % d:

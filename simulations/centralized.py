@@ -488,6 +488,7 @@ def _privacy_summary(private: _PrivateTraining | None) -> dict[str, Any]:
             "sampling": m.sampling,
             "secure_mode": m.secure_mode,
             "trainable": private.cfg.privacy.trainable,
+            "augment_multiplicity": private.cfg.privacy.augment_multiplicity,
             "dataset": private.dataset,
             "ledger": str(private.ledger_path),
             "dataset_epsilon_after": private.epsilon_total,

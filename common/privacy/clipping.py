@@ -70,6 +70,7 @@ class OuterSum:
     g: tuple[torch.Tensor, ...]
     a: torch.Tensor
     grams: GramCache = field(default_factory=GramCache)
+    scale: float = 1.0  # every per-example gradient times this (1 / copies: average_copies)
     _full: torch.Tensor | None = field(default=None, repr=False)
 
     def _ghost(self) -> bool:
@@ -88,17 +89,19 @@ class OuterSum:
             self._full = torch.stack(
                 [torch.cat([torch.bmm(b[r].permute(1, 2, 0), self.a[r].transpose(0, 1)) for b in self.g], dim=1) for r in range(rows)]
             )
+            if self.scale != 1.0:
+                self._full = self._full * self.scale
         return self._full
 
     def sq_norms(self) -> torch.Tensor:
         """Each example's squared gradient norm over the ``R`` weights, (N,)."""
         if self.a.shape[1] == 1:
             g2 = sum(b.square().sum(-1) for b in self.g)
-            return (g2 * self.a.square().sum(-1)).sum(dim=(0, 1))  # type: ignore[union-attr]
+            return (g2 * self.a.square().sum(-1)).sum(dim=(0, 1)) * self.scale**2  # type: ignore[union-attr]
         if not self._ghost():
             return self.per_example().square().sum(dim=(2, 3)).sum(dim=0)
         gram_g = sum(self.grams.gram(b) for b in self.g)
-        return (gram_g * self.grams.gram(self.a)).sum(dim=(2, 3)).sum(dim=0)  # type: ignore[operator]
+        return (gram_g * self.grams.gram(self.a)).sum(dim=(2, 3)).sum(dim=0) * self.scale**2  # type: ignore[operator]
 
     def clipped_sum(self, factors: torch.Tensor) -> torch.Tensor:
         """``sum_n factors[n] G_n`` for each weight, (R, O, I)."""
@@ -106,7 +109,7 @@ class OuterSum:
             return torch.einsum("n,rnoi->roi", factors, self._full)
         rows, k, n, i = self.a.shape
         # scale the smaller side by the factors, then one matmul over (step, example)
-        a = (self.a * factors.view(1, 1, n, 1)).view(rows, k * n, i)
+        a = (self.a * (factors * self.scale).view(1, 1, n, 1)).view(rows, k * n, i)
         return torch.cat([torch.bmm(b.reshape(rows, k * n, -1).transpose(1, 2), a) for b in self.g], dim=1)
 
 
@@ -143,32 +146,33 @@ def average_copies(terms: list[Term], copies: int) -> list[Term]:
 
     The inputs must be laid out copy-major: input ``k * N + n`` is copy ``k`` of example ``n``.
     An :class:`OuterSum`'s copies become more positions of the same example (its per-example
-    gradient is a sum over positions; the ``1 / copies`` goes on ``g``), so nothing is formed
-    that the term would not form anyway; a :class:`Materialized` term is averaged.
+    gradient is a sum over positions; the ``1 / copies`` is the term's ``scale``): a view of
+    the same memory, nothing copied. A :class:`Materialized` term is averaged.
     """
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
     if copies == 1:
         return terms
-    regrouped: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}  # keep shared blocks shared
+    regrouped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # keep shared blocks shared
 
-    def positions(x: torch.Tensor, scale: float) -> torch.Tensor:
-        hit = regrouped.get((id(x), scale))
+    def positions(x: torch.Tensor) -> torch.Tensor:
+        hit = regrouped.get(id(x))
         if hit is not None and hit[0] is x:
             return hit[1]
         rows, k, nk, d = x.shape
         if nk % copies:
             raise ValueError(f"{nk} inputs are not {copies} copies of each example")
-        # (R, K, copies * N, D) -> (R, copies * K, N, D): copy c of position k is position c * K + k
-        value = (x * scale if scale != 1.0 else x).reshape(rows, k, copies, nk // copies, d).transpose(1, 2).reshape(rows, copies * k, nk // copies, d)
-        regrouped[(id(x), scale)] = (x, value)
+        # (R, K, copies * N, D) -> (R, K * copies, N, D): position p of copy c is position
+        # p * copies + c of its example (the order of positions does not matter in a sum)
+        value = x.reshape(rows, k * copies, nk // copies, d)
+        regrouped[id(x)] = (x, value)
         return value
 
     out: list[Term] = []
     grams = GramCache()
     for term in terms:
         if isinstance(term, OuterSum):
-            out.append(OuterSum(term.params, tuple(positions(b, 1.0 / copies) for b in term.g), positions(term.a, 1.0), grams=grams))
+            out.append(OuterSum(term.params, tuple(positions(b) for b in term.g), positions(term.a), grams=grams, scale=term.scale / copies))
         else:
             r, nk = term.values.shape[:2]
             if nk % copies:

@@ -320,6 +320,15 @@ def per_sample_terms(
     return terms, PerSampleOutput(losses=losses, predictions=plain.argmax(dim=1))
 
 
+def _check_copies(y: torch.Tensor, copies: int) -> None:
+    """Copy-major inputs repeat the batch's labels ``copies`` times; anything else would mix
+    examples (one example could then reach several clipped gradients)."""
+    if copies == 1:
+        return
+    if y.shape[0] % copies or not bool((y.view(copies, -1) == y[: y.shape[0] // copies]).all()):
+        raise ValueError(f"copies={copies}: the inputs must be {copies} copy-major repeats of the batch (labels y.repeat({copies}))")
+
+
 def _of_examples(out: PerSampleOutput, copies: int) -> PerSampleOutput:
     """The output for ``N * copies`` copy-major inputs as one per example: the mean loss over
     its copies, the prediction on its first copy."""
@@ -340,6 +349,7 @@ def compute_grad_samples(
     copy-major, and each example's gradient is the mean of its copies'
     (:func:`~fedface.common.privacy.clipping.average_copies`).
     """
+    _check_copies(y, copies)
     terms, out = per_sample_terms(encoder, head, x, y, label_smoothing=label_smoothing)
     set_grad_samples(average_copies(terms, copies))
     return _of_examples(out, copies)
@@ -362,6 +372,7 @@ def clip_grad_samples(
     ``copies`` > 1 (augmentation multiplicity), ``x`` and ``y`` hold ``copies`` augmentations of
     each example, copy-major; an example's gradient is the mean of its copies', clipped once.
     """
+    _check_copies(y, copies)
     terms, out = per_sample_terms(encoder, head, x, y, label_smoothing=label_smoothing)
     norms = clip_and_sum(average_copies(terms, copies), max_grad_norm)
     return _of_examples(out, copies), norms

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedface.common.data import load_faces, to_tensor
 from fedface.common.models import ExpressionHead, GRUFaceEncoder, prepare_for_dp
-from fedface.common.privacy.clipping import Materialized, OuterSum, average_copies, clip_and_sum
+from fedface.common.privacy.clipping import Materialized, OuterSum, average_copies
 from fedface.common.privacy.per_sample import clip_grad_samples, compute_grad_samples
 
 N, COPIES, DIM = 4, 3, 8
@@ -71,8 +71,11 @@ def test_an_examples_gradient_is_the_mean_of_its_copies_gradients(views: tuple[t
             torch.testing.assert_close(p.grad_sample[i].double(), expected[i][name], atol=2e-6, rtol=1e-4, msg=f"{name}[{i}]")
 
 
-def test_each_example_is_clipped_once_after_averaging(views: tuple[torch.Tensor, torch.Tensor]) -> None:
+@pytest.mark.parametrize("ghost", [False, True], ids=["formed", "ghost-norms"])
+def test_each_example_is_clipped_once_after_averaging(views: tuple[torch.Tensor, torch.Tensor], ghost: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     x, y = views
+    if ghost:  # the Gram-matrix route for every outer-sum weight (at this size the cost rule forms them)
+        monkeypatch.setattr(OuterSum, "_ghost", lambda self: True)
     encoder, head = _model(stem=True, frozen_grus=False)
     expected = _mean_of_copies(encoder, head, x, y)
     clip = 0.05  # below every example's norm here: each one is scaled
@@ -105,5 +108,34 @@ def test_average_copies_regroups_outer_sums_and_averages_materialized_terms() ->
     assert average_copies([Materialized([b], bias)], 1)[0].values is bias
     with pytest.raises(ValueError, match="copies"):
         average_copies([Materialized([b], bias[:, :5])], 2)
-    with pytest.raises(ValueError):
-        clip_and_sum(average_copies([], 2), 1.0)
+    # the regrouped outer sum is a view of the same memory, its 1/copies a scale
+    assert grouped[0].a.data_ptr() == a.data_ptr() and grouped[0].scale == 0.5
+    torch.testing.assert_close(grouped[0].sq_norms(), grouped[0].per_example().square().sum(dim=(2, 3)).sum(dim=0))
+    factors = torch.rand(N)
+    torch.testing.assert_close(grouped[0].clipped_sum(factors)[0], torch.einsum("n,noi->oi", factors, (full[:N] + full[N:]) / 2))
+
+
+def test_inputs_that_are_not_copy_major_are_refused(views: tuple[torch.Tensor, torch.Tensor]) -> None:
+    # example-major copies (each image's copies side by side) would average different images
+    # together: an image could then reach several clipped gradients
+    x, y = views
+    encoder, head = _model(stem=False, frozen_grus=False)
+    wrong = y[:N].repeat_interleave(COPIES)
+    with pytest.raises(ValueError, match="copy-major"):
+        clip_grad_samples(encoder, head, x, wrong, 1.0, copies=COPIES)
+    with pytest.raises(ValueError, match="copy-major"):
+        compute_grad_samples(encoder, head, x[:-1], y[:-1], copies=COPIES)
+
+
+def test_augment_multiplicity_is_for_private_training_with_augmentation() -> None:
+    from fedface.common.config import TrainConfig
+    from fedface.common.errors import ConfigError
+
+    private = {"privacy.epsilon": 8.0, "privacy.augment-multiplicity": 4}
+    assert TrainConfig().with_overrides(private).privacy.augment_multiplicity == 4
+    no_augment = {f"augment.{k}": 0.0 for k in ("flip-p", "max-rotate-deg", "max-translate", "brightness", "contrast", "occlusion-p", "band-p")}
+    no_augment["augment.scale-range"] = [1.0, 1.0]  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="copies would be identical"):
+        TrainConfig().with_overrides({**private, **no_augment})
+    # a non-private baseline of a private scenario (epsilon inf) keeps the key: it has no effect there
+    assert TrainConfig().with_overrides({**private, **no_augment, "privacy.epsilon": float("inf")}).privacy.augment_multiplicity == 4
