@@ -352,6 +352,27 @@ def test_packaged_baseline_scenario_loads() -> None:
     assert cfg.data.image_size == (64, 64)
 
 
+def _packaged(name: str) -> TrainConfig:
+    resource = importlib.resources.files("fedface.simulations") / "scenarios" / name
+    with importlib.resources.as_file(resource) as path:
+        return TrainConfig.from_toml(path)
+
+
+def test_every_packaged_scenario_loads() -> None:
+    names = sorted(p.name for p in importlib.resources.files("fedface.simulations").joinpath("scenarios").iterdir() if p.name.endswith(".toml"))
+    assert "lfw48_public.toml" in names
+    for name in names:
+        assert isinstance(_packaged(name), TrainConfig), name
+
+
+def test_the_public_starts_of_private_fer2013_chain_into_its_model() -> None:
+    # LFW at 48x48 -> CK+ -> FER2013 (--init-from each time) needs one encoder shape throughout
+    lfw48, ckplus, fer = (_packaged(n) for n in ("lfw48_public.toml", "ckplus_public.toml", "fer2013_federated.toml"))
+    assert lfw48.model == ckplus.model == fer.model
+    assert lfw48.data.image_size == ckplus.data.image_size == fer.data.image_size == (48, 48)
+    assert lfw48.training.task == "identity" and ckplus.training.task == fer.training.task == "expression"
+
+
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
