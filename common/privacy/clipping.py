@@ -146,8 +146,8 @@ def average_copies(terms: list[Term], copies: int) -> list[Term]:
 
     The inputs must be laid out copy-major: input ``k * N + n`` is copy ``k`` of example ``n``.
     An :class:`OuterSum`'s copies become more positions of the same example (its per-example
-    gradient is a sum over positions; the ``1 / copies`` is the term's ``scale``): a view of
-    the same memory, nothing copied. A :class:`Materialized` term is averaged.
+    gradient is a sum over positions; the ``1 / copies`` is the term's ``scale``): a reshape,
+    a view of the same memory wherever the block's layout allows. A :class:`Materialized` term is averaged.
     """
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")

@@ -194,9 +194,7 @@ def train_epoch_dp(
         if augment_cfg is not None and len(idx) > 0:
             # copy-major: copy k of example n is input k * len(idx) + n
             xb = torch.cat([augment(xb, augment_cfg, generator=generator) for _ in range(copies)])
-            yb = yb.repeat(copies)
-        out = dp_step(encoder, head, optimizer, xb, yb, label_smoothing=label_smoothing, copies=copies)
-        yb = labels[idx]
+        out = dp_step(encoder, head, optimizer, xb, yb.repeat(copies), label_smoothing=label_smoothing, copies=copies)
         if scheduler is not None:
             scheduler.step()
         total_loss += float(out.losses.sum())
