@@ -279,7 +279,8 @@ def privacy_page(request: Request) -> Response:
         except FedFaceError as exc:
             context["error"] = f"{type(exc).__name__}: {exc}"
         else:
-            context.update(report=report, chart=views.epsilon_chart(report), accuracy=views.accuracy_chart(report))
+            context.update(report=report, chart=views.epsilon_chart(report), caption=views.epsilon_caption(report),
+                           accuracy=views.accuracy_chart(report))
     return _render(request, "privacy", context, cursor=cursor)
 
 

@@ -179,6 +179,20 @@ def epsilon_chart(report: Mapping[str, Any]) -> dict[str, Any]:
     return {"kind": "epsilon", "labels": labels, "datasets": datasets, "y": {"min": 0}}
 
 
+def epsilon_caption(report: Mapping[str, Any]) -> str:
+    """The line under the epsilon chart: what its solid and dashed lines are, and, where some
+    or all sites have no finite budget (none set, or infinite: no limit), that they have no
+    line, so a missing line is never read as a budget the chart forgot."""
+    sites = report.get("sites", [])
+    drawn = sum(1 for site in sites if _finite((site.get("budget") or {}).get("epsilon")) is not None)
+    solid = "Solid: a site's lifetime epsilon after each round"
+    if drawn == 0:
+        return f"{solid}; no site has a finite budget, so no budget line is drawn."
+    if drawn < len(sites):
+        return f"{solid}; dashed: a budget ({len(sites) - drawn} of {len(sites)} sites have no finite budget, so no line)."
+    return f"{solid}; dashed: its budget."
+
+
 def accuracy_chart(report: Mapping[str, Any]) -> dict[str, Any]:
     """The privacy page's second chart: the server's verification accuracy and AUC (an
     expression run: expression accuracy and macro-F1) after each round against the run's
@@ -235,6 +249,7 @@ __all__ = [
     "accuracy_chart",
     "eps_down",
     "eps_up",
+    "epsilon_caption",
     "epsilon_chart",
     "json_safe",
     "metric",

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import html as html_lib
 import json
+import math
 import re
 import stat
 import time
@@ -592,6 +593,26 @@ def test_the_privacy_page_shows_the_privacy_reports_figures(client: TestClient, 
         assert left.group(2) == format_epsilon(site["budget"]["remaining"], rounding="down")
         assert 'data-field="epsilon-run"' in row
     assert {s["site"]: s["epsilon"]["lifetime"] for s in report["sites"]} == {site: eps[-1] for site, eps in EPS.items()}
+    assert re.search(r'id="chart-epsilon-caption">Solid: a site\'s lifetime epsilon after each round; dashed: its budget\.<', html.replace("&#39;", "'"))
+
+
+def test_the_epsilon_caption_says_which_sites_have_no_budget_line(run_dir: Path) -> None:
+    from fedface.server.console.views import epsilon_caption, epsilon_chart
+
+    report = privacy_report_for_run(run_dir / "runs.sqlite", run_id=RUN)
+    n = len(report["sites"])
+    lines = [d for d in epsilon_chart(report)["datasets"] if d.get("budget")]
+    assert lines and epsilon_caption(report).endswith("dashed: its budget.")
+
+    report["sites"][0]["budget"]["epsilon"] = None  # none set
+    report["sites"][1]["budget"]["epsilon"] = math.inf  # no limit: no line either
+    assert len([d for d in epsilon_chart(report)["datasets"] if d.get("budget")]) == (1 if n > 2 else 0)
+    assert f"(2 of {n} sites have no finite budget, so no line)" in epsilon_caption(report)
+
+    for site in report["sites"]:
+        site["budget"]["epsilon"] = None
+    assert not [d for d in epsilon_chart(report)["datasets"] if d.get("budget")]
+    assert epsilon_caption(report).endswith("no site has a finite budget, so no budget line is drawn.")
 
 
 def test_the_audit_page_lists_the_actions(client: TestClient) -> None:

@@ -15,6 +15,9 @@
 
   var KINDS = ["event", "round", "action", "receipt"];
   var PALETTE = ["#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d", "#dc2626"];
+  // past PALETTE.length series the colours come round again, so each round of them gets its own
+  // marker (the legend shows markers): 8 x 6 = 48 series tell apart before any pair repeats
+  var MARKERS = ["circle", "rect", "triangle", "rectRot", "crossRot", "star"];
   var RETRY_MS = 5000;
   var source = null;
   var lastId = null;
@@ -26,9 +29,11 @@
     el.textContent = text;
   }
 
-  function colourFor(key, keys) {
-    var i = keys.indexOf(key);
-    return PALETTE[(i < 0 ? 0 : i) % PALETTE.length];
+  // a series' colour and marker, by its key's place among the chart's keys (a site's budget line
+  // shares its site's key, so it takes that site's colour)
+  function styleFor(key, keys) {
+    var i = Math.max(0, keys.indexOf(key));
+    return { colour: PALETTE[i % PALETTE.length], marker: MARKERS[Math.floor(i / PALETTE.length) % MARKERS.length] };
   }
 
   function chartConfig(spec) {
@@ -38,12 +43,14 @@
     });
     var scatter = spec.kind === "scatter";
     var datasets = spec.datasets.map(function (d) {
-      var colour = d.key === "budget" ? "#6b7280" : colourFor(d.key, keys);
+      var style = styleFor(d.key, keys);
+      var colour = d.key === "budget" ? "#6b7280" : style.colour;
       return {
         label: d.label,
         data: d.data,
         borderColor: colour,
         backgroundColor: colour,
+        pointStyle: d.budget ? "line" : style.marker,
         borderWidth: d.budget ? 1.5 : 2,
         borderDash: d.budget ? [6, 4] : [],
         pointRadius: d.budget ? 0 : scatter ? 4 : 3,
@@ -79,7 +86,7 @@
         maintainAspectRatio: false,
         interaction: scatter ? { mode: "nearest", intersect: true } : { mode: "index", intersect: false },
         plugins: {
-          legend: { position: "bottom", labels: { color: "#1f2937", boxWidth: 14 } },
+          legend: { position: "bottom", labels: { color: "#1f2937", boxWidth: 14, boxHeight: 8, usePointStyle: true } },
           tooltip: tooltip
         },
         scales: { x: x, y: y }
