@@ -269,7 +269,10 @@ def privacy_page(request: Request) -> Response:
     wanted = request.query_params.get("run") or (runs[0].run.run_id if runs else None)
     context: dict[str, Any] = {"runs": runs, "run_id": wanted, "report": None, "error": None, "chart": None, "accuracy": None,
                                "has_store": store is not None,
-                               "sig_down": lambda value: format_up(value, 4, down=True)}
+                               # the report's rounding, toward more privacy loss: a noise multiplier
+                               # down, a sample rate up (as `fedface report privacy` writes them)
+                               "sig_down": lambda value: format_up(value, 4, down=True),
+                               "sig_up": lambda value: format_up(value, 4)}
     if store is not None and wanted is not None:
         if wanted not in {r.run.run_id for r in runs}:
             return _missing(request, "privacy", f"run {wanted}", cursor)

@@ -44,6 +44,7 @@ from fedface.server.console.app import CSP, create_app
 from fedface.server.console.feed import change_events, encode_cursor, parse_cursor, start_cursor
 from fedface.server.console.sources import Settings, StoreSource
 from fedface.server.reports.privacy import privacy_report_for_run
+from fedface.server.reports.sections import format_up
 from fedface.server.store import Participation, RunStore
 from fedface.simulations.cli import app as cli
 
@@ -594,6 +595,29 @@ def test_the_privacy_page_shows_the_privacy_reports_figures(client: TestClient, 
         assert 'data-field="epsilon-run"' in row
     assert {s["site"]: s["epsilon"]["lifetime"] for s in report["sites"]} == {site: eps[-1] for site, eps in EPS.items()}
     assert re.search(r'id="chart-epsilon-caption">Solid: a site\'s lifetime epsilon after each round; dashed: its budget\.<', html.replace("&#39;", "'"))
+
+
+def test_the_mechanism_table_rounds_the_sample_rate_up_and_the_noise_down(run_dir: Path, admin_dir: Path) -> None:
+    # a sample rate of 1/3 and a noise multiplier of 2/3: neither has a short decimal
+    q, sigma = 1 / 3, 2 / 3
+    with _store(run_dir) as store:
+        store.start_run("mech", config={}, sites=3, rounds=1, secagg=True, started_at="2026-05-09T12:00:00+00:00")
+        mechanism = {wire.M_NOISE: sigma, wire.M_SAMPLE_RATE: q, wire.M_STEPS: 30, wire.M_CLIP: 1.0}
+        store.record_round("mech", 1, started_at="2026-05-09T12:01:00+00:00", seconds=60.0, sampled=list(SITES),
+                           participation=[_spent(s, "answered", 1.0, examples=90) for s in SITES],
+                           metrics={"verif_acc": 0.8}, reports={s: dict(mechanism) for s in SITES})
+
+    with TestClient(create_app(_settings(run_dir, admin_dir)), follow_redirects=False) as c:
+        _login(c)
+        html = c.get("/privacy?run=mech").text
+
+    for site in SITES:
+        row = re.search(rf'<tr data-mechanism-site="{site}">(.*?)</tr>', html, re.S).group(1)  # type: ignore[union-attr]
+        rate = re.search(r'data-field="sample-rate" class="num" data-value="([^"]+)">([^<]+)<', row)
+        assert rate and float(rate.group(1)) == q  # exact in data-value
+        assert rate.group(2) == "0.3334" == format_up(q, 4)  # shown rounded up: more privacy loss, never less
+        noise = re.search(r'class="num" data-value="([^"]+)">([^<]+)<', row)
+        assert noise and float(noise.group(1)) == sigma and noise.group(2) == "0.6666"  # rounded down
 
 
 def test_the_epsilon_caption_says_which_sites_have_no_budget_line(run_dir: Path) -> None:
