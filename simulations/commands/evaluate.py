@@ -30,7 +30,7 @@ def evaluate(
         raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
     setup_logging(verbose, quiet)
     with user_errors():
-        from fedface.simulations.centralized import evaluate_checkpoint
+        from fedface.simulations.evaluation import evaluate_checkpoint
 
         metrics = evaluate_checkpoint(checkpoint, data=data, layout=layout, split_path=split, device_name=device)
     if output_format == "json":
