@@ -289,7 +289,9 @@ class Site:
         global_params = [p.detach().clone() for p in encoder.parameters()]
         if shared_head is not None:
             global_params += [p.detach().clone() for p in head.parameters()]
-        trained: nn.Module = to_per_sample(encoder) if mech is not None else encoder
+        trained: nn.Module = (
+            to_per_sample(encoder, frozen_stem_precision=self.cfg.training.precision) if mech is not None else encoder
+        )
         freeze_for(self.cfg.privacy.trainable, trained)  # fine-tuning: the parts kept fixed get no update
         base = torch.optim.AdamW(
             [p for p in list(trained.parameters()) + list(head.parameters()) if p.requires_grad],

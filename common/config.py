@@ -187,7 +187,11 @@ class TrainingConfig(_Section):
     eval_every: int = Field(default=5, ge=1, description="evaluate on the test part every N epochs (and at the end)")
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="cross-entropy label smoothing (expressions)")
     precision: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="bf16: autocast the training passes to bfloat16 (about 2x faster on CPUs with AVX512-BF16); evaluation stays fp32"
+        default="fp32",
+        description=(
+            "bf16: autocast the training passes to bfloat16 (about 2x faster on CPUs with AVX512-BF16); under DP-SGD only a "
+            "frozen convolutional stem runs in bf16 (per-example gradients stay fp32); evaluation stays fp32"
+        ),
     )
     init_from: Path | None = Field(
         default=None, description="start the encoder from this checkpoint's encoder (same model section), e.g. public pre-training"

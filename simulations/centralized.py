@@ -49,7 +49,7 @@ from fedface.common.privacy.dpsgd import (
     train_epoch_dp,
 )
 from fedface.common.privacy.ledger import PrivacyLedger, default_ledger_path
-from fedface.common.privacy.per_sample import to_per_sample
+from fedface.common.privacy.per_sample import stem_precision, to_per_sample
 from fedface.common.training import EpochStats, predict, select_device, shuffled_batches, train_epoch
 
 logger = logging.getLogger(__name__)
@@ -443,7 +443,7 @@ class _PrivateTraining:
             format_epsilon(session.epsilon_after),
             ledger_path,
         )
-        private_encoder = to_per_sample(encoder).to(device)
+        private_encoder = to_per_sample(encoder, frozen_stem_precision=cfg.training.precision).to(device)
         freeze_for(pc.trainable, private_encoder)
         return cls(cfg, plan, private_encoder, dataset, Path(ledger_path), session.epsilon_after)
 
@@ -489,6 +489,7 @@ def _privacy_summary(private: _PrivateTraining | None) -> dict[str, Any]:
             "secure_mode": m.secure_mode,
             "trainable": private.cfg.privacy.trainable,
             "augment_multiplicity": private.cfg.privacy.augment_multiplicity,
+            "stem_precision": stem_precision(private.encoder),
             "dataset": private.dataset,
             "ledger": str(private.ledger_path),
             "dataset_epsilon_after": private.epsilon_total,

@@ -215,8 +215,13 @@ class GRUFaceEncoder(nn.Module):
             x = F.avg_pool2d(x, self.downsample)
         x = standardize(x)
         if self.stem is not None:
-            x = self.stem(x)
+            x = self._run_stem(x)
         return {name: _to_sequence(x, name, self.patch_size) for name in self.passes}
+
+    def _run_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional stem on standardized faces (a hook for the DP-SGD encoder)."""
+        assert self.stem is not None
+        return self.stem(x)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The GRU passes' pooled outputs, concatenated: (N, 1, H, W) -> (N, features)."""

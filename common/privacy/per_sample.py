@@ -45,7 +45,25 @@ class PerSampleFaceEncoder(GRUFaceEncoder):
 
     Passes whose GRUs and sequences have the same shape (rows and columns of a square face)
     run in one recurrence loop (:meth:`PerSampleGRU.forward_group`); outputs are unchanged.
+
+    ``frozen_stem_precision = "bf16"`` (``training.precision``) runs a convolutional stem
+    whose parameters are all frozen (``privacy.trainable`` "gru" or "neck") under bfloat16
+    autocast while training, its features handed on in float32. No gradient is taken there,
+    so the stem is a fixed feature extractor of each example: its precision changes the
+    features, not what DP-SGD clips (every per-example gradient and norm stays float32 and
+    exact). A trainable stem, and evaluation (``eval()`` mode), stay float32.
     """
+
+    frozen_stem_precision: str = "fp32"
+
+    def _run_stem(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.stem is not None
+        if self.frozen_stem_precision != "bf16" or not self.training or any(p.requires_grad for p in self.stem.parameters()):
+            return self.stem(x)
+        # channels-last input: oneDNN's bf16 convolutions run about 1.2x faster on it (measured)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.stem(x.contiguous(memory_format=torch.channels_last))
+        return out.float().contiguous()
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """As :meth:`GRUFaceEncoder.pooled`, with same-shaped passes grouped."""
@@ -62,11 +80,14 @@ class PerSampleFaceEncoder(GRUFaceEncoder):
         return torch.cat([self._pool(*results[name]) for name in self.passes], dim=1)
 
 
-def to_per_sample(encoder: GRUFaceEncoder) -> PerSampleFaceEncoder:
+def to_per_sample(encoder: GRUFaceEncoder, *, frozen_stem_precision: str = "fp32") -> PerSampleFaceEncoder:
     """A copy of ``encoder`` whose GRUs are :class:`PerSampleGRU` (same names and weights).
 
     Its ``state_dict`` loads into a plain :class:`GRUFaceEncoder` of the same config and back.
+    ``frozen_stem_precision``: see :class:`PerSampleFaceEncoder`.
     """
+    if frozen_stem_precision not in ("fp32", "bf16"):
+        raise ValueError(f"frozen_stem_precision must be fp32 or bf16, got {frozen_stem_precision!r}")
     new = copy.deepcopy(encoder)
     for name, rnn in list(new.rnns.items()):
         if isinstance(rnn, nn.GRU):
@@ -74,7 +95,19 @@ def to_per_sample(encoder: GRUFaceEncoder) -> PerSampleFaceEncoder:
     # Same state, one method more: re-classing the copy avoids re-deriving the constructor's
     # arguments from a built encoder.
     new.__class__ = PerSampleFaceEncoder
+    new.frozen_stem_precision = frozen_stem_precision  # type: ignore[attr-defined]
     return new  # type: ignore[return-value]
+
+
+def stem_precision(encoder: nn.Module) -> str | None:
+    """The precision the convolutional stem of a DP-SGD ``encoder`` trains in: ``"bf16"`` for
+    a frozen stem of a :class:`PerSampleFaceEncoder` asked for it, else ``"fp32"``; ``None``
+    without a stem."""
+    stem = getattr(encoder, "stem", None)
+    if stem is None:
+        return None
+    frozen = not any(p.requires_grad for p in stem.parameters())
+    return "bf16" if frozen and getattr(encoder, "frozen_stem_precision", "fp32") == "bf16" else "fp32"
 
 
 def _head_loss(
@@ -378,4 +411,12 @@ def clip_grad_samples(
     return _of_examples(out, copies), norms
 
 
-__all__ = ["PerSampleFaceEncoder", "PerSampleOutput", "clip_grad_samples", "compute_grad_samples", "per_sample_terms", "to_per_sample"]
+__all__ = [
+    "PerSampleFaceEncoder",
+    "PerSampleOutput",
+    "clip_grad_samples",
+    "compute_grad_samples",
+    "per_sample_terms",
+    "stem_precision",
+    "to_per_sample",
+]

@@ -9,7 +9,14 @@ optimizer step) three ways:
   :class:`~fedface.common.privacy.gru.PerSampleGRU`, clipped, noised and applied by Opacus'
   ``DPOptimizer`` (and once more with ``secure_mode``);
 - ``opacus_dpgru``: Opacus' own route: ``ModuleValidator.fix`` swaps in ``DPGRU``, a
-  ``GradSampleModule`` computes per-example gradients with hooks, the same ``DPOptimizer``.
+  ``GradSampleModule`` computes per-example gradients with hooks, the same ``DPOptimizer``;
+- ``fedface_dp_fp32_stem``, only for a config whose convolutional stem is frozen
+  (``privacy.trainable`` "gru" or "neck") with ``training.precision = "bf16"``: fedface's DP
+  step with the stem in float32, the baseline of ``bf16_stem_speedup`` (``fedface_dp`` runs
+  such a stem in bfloat16, as training does).
+
+Every variant trains the parameters ``privacy.trainable`` leaves trainable, and the
+non-private step runs under ``training.precision`` as non-private training does.
 
 The variants take turns (``--repeats`` rounds of ``--steps`` steps each, after warm-up), so
 drifts of a shared machine hit them alike; the figure of each is the median over rounds of the
@@ -38,10 +45,10 @@ from torch import nn
 
 from fedface.common.config import TrainConfig
 from fedface.common.data import load_faces, to_tensor
-from fedface.common.models import MarginHead, build_encoder, build_margin_head
+from fedface.common.models import MarginHead, build_encoder, build_margin_head, freeze_for
 from fedface.common.privacy.dpsgd import dp_step, make_dp_optimizer
 from fedface.common.privacy.per_sample import to_per_sample
-from fedface.common.training import select_device
+from fedface.common.training import autocast, select_device
 from fedface.simulations.bench.common import peak_rss_mb, process_peak_mb, scenario_config
 from fedface.simulations.console import err_console, print_json, setup_logging, user_errors
 
@@ -69,25 +76,42 @@ def _batch(cfg: TrainConfig, orl: Path, batch_size: int, seed: int) -> tuple[tor
     return to_tensor(faces.images[idx]).clone(), torch.from_numpy(faces.labels[idx]).clone(), faces.num_identities
 
 
+def _trained(*modules: nn.Module) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def variants(cfg: TrainConfig) -> tuple[str, ...]:
+    """The variants timed for ``cfg``: with a frozen stem and ``training.precision = "bf16"``
+    also ``fedface_dp_fp32_stem`` (the same DP step with the stem in float32), the baseline of
+    the bf16 stem's speed-up."""
+    if cfg.model.stem and cfg.privacy.trainable in ("gru", "neck") and cfg.training.precision == "bf16":
+        return (*VARIANTS, "fedface_dp_fp32_stem")
+    return VARIANTS
+
+
 def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, classes: int) -> Step:
     """A closure running one training step of variant ``name`` (fresh models, same init), on ``x``'s device."""
     torch.manual_seed(cfg.training.seed)
     encoder = build_encoder(cfg.model, image_size=cfg.data.image_size).to(x.device)
+    freeze_for(cfg.privacy.trainable, encoder)  # every variant trains the same parameters
     head = build_margin_head(cfg.head, embedding_dim=cfg.model.embedding_dim, num_classes=classes).to(x.device)
     lr, wd = cfg.training.lr, cfg.training.weight_decay
     batch = len(x)
     if name == "nonprivate":
-        opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=wd)
+        opt = torch.optim.AdamW(_trained(encoder, head), lr=lr, weight_decay=wd)
 
         def nonprivate() -> None:
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(head(encoder(x), y), y).backward()
+            with autocast(x.device, cfg.training.precision):  # as non-private training runs
+                loss = F.cross_entropy(head(encoder(x), y).float(), y)
+            loss.backward()
             opt.step()
 
         return nonprivate
-    if name in ("fedface_dp", "fedface_dp_secure"):
-        private = to_per_sample(encoder)
-        base = torch.optim.AdamW(list(private.parameters()) + list(head.parameters()), lr=lr, weight_decay=wd)
+    if name in ("fedface_dp", "fedface_dp_secure", "fedface_dp_fp32_stem"):
+        stem = "fp32" if name == "fedface_dp_fp32_stem" else cfg.training.precision
+        private = to_per_sample(encoder, frozen_stem_precision=stem)
+        base = torch.optim.AdamW(_trained(private, head), lr=lr, weight_decay=wd)
         dp_opt = make_dp_optimizer(
             base,
             noise_multiplier=1.0,
@@ -106,7 +130,7 @@ def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, cl
         from opacus.validators import ModuleValidator
 
         model = GradSampleModule(ModuleValidator.fix(_EncoderWithMargin(copy.deepcopy(encoder), head)))
-        base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+        base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
         dp_opt = make_dp_optimizer(
             base,
             noise_multiplier=1.0,
@@ -176,12 +200,13 @@ def dp(
         f"{', bidirectional' if m.bidirectional else ''}, faces {cfg.data.image_size[0]}x{cfg.data.image_size[1]}"
         f" read at 1/{m.downsample}; batch {batch_size}; {dev.type}" + (f", {threads} CPU thread(s)" if dev.type == "cpu" else "")
     )
-    steps_fns = {name: _make_step(name, cfg, x, y, classes) for name in VARIANTS}
+    names = variants(cfg)
+    steps_fns = {name: _make_step(name, cfg, x, y, classes) for name in names}
     for fn in steps_fns.values():
         for _ in range(warmup):
             fn()
     sync()
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name, fn in steps_fns.items():
             start = time.perf_counter()
@@ -189,7 +214,7 @@ def dp(
                 fn()
             sync()  # CUDA runs asynchronously: a step is done when the device is
             times[name].append((time.perf_counter() - start) / steps)
-        err_console.print(f"round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1000:.1f} ms" for n in VARIANTS))
+        err_console.print(f"round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1000:.1f} ms" for n in names))
     med = {name: statistics.median(v) for name, v in times.items()}
     result: dict[str, Any] = {
         "bench": "dp",
@@ -201,6 +226,8 @@ def dp(
         "secure_over_nonprivate": med["fedface_dp_secure"] / med["nonprivate"],
         "opacus_over_fedface": med["opacus_dpgru"] / med["fedface_dp"],
         "opacus_over_nonprivate": med["opacus_dpgru"] / med["nonprivate"],
+        "trainable": cfg.privacy.trainable,
+        "precision": cfg.training.precision,
         "batch_size": batch_size,
         "device": dev.type,
         "threads": threads,
@@ -208,17 +235,20 @@ def dp(
         "steps_per_repeat": steps,
         "step_s_all": {name: v for name, v in times.items()},
     }
+    if "fedface_dp_fp32_stem" in med:
+        result["fedface_dp_fp32_stem_step_s"] = med["fedface_dp_fp32_stem"]
+        result["bf16_stem_speedup"] = med["fedface_dp_fp32_stem"] / med["fedface_dp"]
     if memory:
         ctx = multiprocessing.get_context("spawn")
         cfg_toml = cfg.to_toml_dict()
         peaks = {}
-        for name in VARIANTS:
+        for name in names:
             # one fresh process per variant, one at a time: its peak is its own
             with ProcessPoolExecutor(1, mp_context=ctx) as pool:
                 peaks[name] = pool.submit(_memory_probe, name, cfg_toml, str(orl), batch_size, threads, warmup + 2, str(dev)).result()
-        result.update({f"{name}_peak_mb": peaks[name][0] for name in VARIANTS})
+        result.update({f"{name}_peak_mb": peaks[name][0] for name in names})
         if dev.type == "cuda":
-            result.update({f"{name}_cuda_peak_mb": peaks[name][1] for name in VARIANTS})
+            result.update({f"{name}_cuda_peak_mb": peaks[name][1] for name in names})
     result["wall_s"] = time.perf_counter() - t0
     result["peak_rss_mb"] = peak_rss_mb()
     err_console.print(

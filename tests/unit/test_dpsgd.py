@@ -239,6 +239,31 @@ def test_private_training_is_charged_to_the_ledger_with_its_plan(orl_root: Path,
     assert 0.0 <= summary["final"]["rank1"] <= 1.0
 
 
+@pytest.mark.parametrize(("trainable", "precision", "expected"), [("gru", "bf16", "bf16"), ("all", "bf16", "fp32"), ("gru", "fp32", "fp32")])
+def test_training_precision_bf16_reaches_only_a_frozen_stem_under_dp(
+    orl_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trainable: str, precision: str, expected: str
+) -> None:
+    from fedface.common.privacy import dpsgd
+    from fedface.simulations.centralized import train_run
+
+    seen: list[tuple[str, bool]] = []  # (the encoder's stem precision, whether its stem trains)
+    real = dpsgd.clip_grad_samples
+
+    def spy(encoder, head, x, y, clip, **kw):  # type: ignore[no-untyped-def]
+        seen.append((encoder.frozen_stem_precision, any(p.requires_grad for p in encoder.stem.parameters())))
+        return real(encoder, head, x, y, clip, **kw)
+
+    monkeypatch.setattr(dpsgd, "clip_grad_samples", spy)
+    cfg = _private_cfg(orl_root, tmp_path / "ledger.sqlite", epsilon=3.0, trainable=trainable).with_overrides(
+        {"model.stem": [4], "training.precision": precision, "training.epochs": 1}
+    )
+    run = train_run(cfg)
+
+    assert seen and {trains for _, trains in seen} == {trainable == "all"}
+    assert {stem for stem, _ in seen} == {precision}  # the encoder is told; it applies bf16 to a frozen stem only
+    assert run.privacy["stem_precision"] == expected  # and metrics.json says what ran
+
+
 def test_augment_multiplicity_trains_on_copies_but_charges_and_clips_each_example_once(
     orl_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

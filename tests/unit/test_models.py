@@ -32,7 +32,7 @@ from fedface.common.models import (
     standardize,
 )
 from fedface.common.privacy import PerSampleGRU
-from fedface.common.privacy.per_sample import compute_grad_samples
+from fedface.common.privacy.per_sample import compute_grad_samples, to_per_sample
 
 SIZE = (32, 32)
 PASSES = ("rows", "columns", "patches")
@@ -383,6 +383,60 @@ def test_frozen_stem_gets_no_per_sample_grads(faces: torch.Tensor, face_labels: 
 
     assert all(getattr(p, "grad_sample", None) is None for p in prepared.stem.parameters())  # type: ignore[union-attr]
     assert prepared.rnns["rows"].weight_ih_l0.grad_sample is not None
+
+
+def test_a_frozen_stem_in_bf16_leaves_every_per_sample_gradient_exact(faces: torch.Tensor, face_labels: torch.Tensor) -> None:
+    # Arrange: training.precision = "bf16" under DP-SGD: the frozen stem runs in bfloat16.
+    # The reference is the float64 per-example loop through the *same* bf16 stem features,
+    # so the clipped gradients are exactly those of the function the model computes.
+    torch.manual_seed(6)
+    plain = _encoder(("rows",), stem=(4, 8))
+    fast = to_per_sample(plain, frozen_stem_precision="bf16")
+    for p in fast.stem.parameters():  # type: ignore[union-attr]
+        p.requires_grad_(False)
+    head = ExpressionHead(DIM, 3)
+    x = standardize(faces)
+    bf16_features = fast._run_stem(x)  # training mode: the bf16 route
+    with torch.no_grad():
+        fp32_features = plain.stem(x)  # type: ignore[misc]
+    assert bf16_features.dtype == torch.float32 and bf16_features.shape == fp32_features.shape
+    assert not torch.equal(bf16_features, fp32_features)  # it did run in bf16 ...
+    torch.testing.assert_close(bf16_features, fp32_features, atol=0.1, rtol=0.05)  # ... and computes the same stem
+    exact_encoder, exact_head = copy.deepcopy(fast).double(), copy.deepcopy(head).double()
+    expected = []
+    for i in range(len(faces)):  # one float64 backward pass per example, from its bf16 features
+        exact_encoder.zero_grad(set_to_none=True)
+        exact_encoder._run_stem = lambda _x, i=i: bf16_features[i : i + 1].double()  # type: ignore[method-assign]
+        F.cross_entropy(exact_head(exact_encoder(faces[i : i + 1].double())), face_labels[i : i + 1], reduction="sum").backward()
+        expected.append({n: p.grad.detach().clone() for n, p in exact_encoder.named_parameters() if p.grad is not None})
+
+    # Act
+    compute_grad_samples(fast, head, faces, face_labels)
+
+    # Assert: every trainable parameter, every example, as exact as in float32
+    trained = [(n, p) for n, p in fast.named_parameters() if p.requires_grad]
+    assert trained and not any(n.startswith("stem.") for n, _ in trained)
+    for name, p in trained:
+        for i in range(faces.shape[0]):
+            torch.testing.assert_close(p.grad_sample[i].double(), expected[i][name], atol=1e-5, rtol=1e-4, msg=f"{name}[{i}]")
+
+
+def test_bf16_applies_to_a_frozen_stem_in_training_only(faces: torch.Tensor) -> None:
+    torch.manual_seed(7)
+    plain = _encoder(("rows",), stem=(4, 8))
+    fast = to_per_sample(plain, frozen_stem_precision="bf16")
+    x = standardize(faces)
+    with torch.no_grad():
+        reference = plain.stem(x)  # type: ignore[misc]
+        # a trainable stem (privacy.trainable = "all"): per-sample gradients flow there, float32
+        assert torch.equal(fast.train()._run_stem(x), reference)
+        for p in fast.stem.parameters():  # type: ignore[union-attr]
+            p.requires_grad_(False)
+        # evaluation stays float32, frozen or not
+        assert torch.equal(fast.eval()._run_stem(x), reference)
+        assert not torch.equal(fast.train()._run_stem(x), reference)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        to_per_sample(plain, frozen_stem_precision="fp16")
 
 
 @pytest.mark.parametrize(
