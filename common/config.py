@@ -283,9 +283,12 @@ class FederationConfig(_Section):
     fraction_fit: float = Field(default=1.0, gt=0, le=1, description="share of sites sampled per round")
     min_sites: int = Field(default=2, ge=1, description="fewest sites a round needs")
     local_epochs: int = Field(default=1, ge=1, description="local epochs per round at each site")
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = "fedavg"
     proximal_mu: float = Field(default=0.01, ge=0, description="FedProx proximal term")
     server_lr: float = Field(default=0.01, gt=0, description="FedAdam server learning rate")
+    server_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="FedAvgM server momentum (its server step stays 1, as FedAvg's; Hsu et al. 2019)"
+    )
     secagg: bool = Field(default=True, description="Flower SecAgg+: the server sees only the masked sum of updates")
     num_shares: int = Field(default=0, ge=0, description="SecAgg+ shares per site (0: all sampled sites, at most 10; else odd, above 2)")
     reconstruction_threshold: int = Field(default=0, ge=0, description="SecAgg+ shares needed to unmask (0: two thirds of the shares; else less than num-shares)")

@@ -33,7 +33,7 @@ from flwr.common import Context, FitIns, FitRes, Parameters, ndarrays_to_paramet
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
@@ -328,7 +328,7 @@ def _float(value: Any) -> float | None:
 def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
     """The Flower strategy of ``rounds.cfg.federation.strategy`` with fedface's bookkeeping."""
     fc = rounds.cfg.federation
-    base: type[FedAvg] = FedAdam if fc.strategy == "fedadam" else FedAvg
+    base: type[FedAvg] = {"fedadam": FedAdam, "fedavgm": FedAvgM}.get(fc.strategy, FedAvg)
 
     class Strategy(base):  # type: ignore[valid-type, misc]
         def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -364,6 +364,9 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
     }
     if fc.strategy == "fedadam":
         kwargs.update({"eta": fc.server_lr, "eta_l": rounds.cfg.training.lr})
+    elif fc.strategy == "fedavgm":
+        # post-processing of the (SecAgg+-summed, already noised) average: no privacy cost
+        kwargs.update({"server_learning_rate": 1.0, "server_momentum": fc.server_momentum})
     return Strategy(**kwargs)
 
 

@@ -26,7 +26,7 @@ def simulate(
     epsilon: Annotated[Optional[float], typer.Option(help="Each site's epsilon for the whole run (noise calibrated once for all rounds); default from the scenario (8 in the packaged one); inf: not private.")] = None,
     delta: Annotated[Optional[float], typer.Option(help="DP delta (default 1e-5).")] = None,
     secagg: Annotated[Optional[bool], typer.Option("--secagg/--no-secagg", help="Flower SecAgg+ (default on): the server sees only the masked sum of updates.")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="fedavg (default), fedprox or fedadam.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="fedavg (default), fedprox, fedadam or fedavgm (server momentum).")] = None,
     local_epochs: Annotated[Optional[int], typer.Option(help="Local epochs per round at each site.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split, the partition and training.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start the global encoder from this checkpoint's encoder (e.g. `fedface train` on a public data set).")] = None,
@@ -56,8 +56,8 @@ def simulate(
         raise typer.BadParameter(f"expected text or json, got {output_format!r}", param_hint="--format")
     if task is not None and task not in ("identity", "expression"):
         raise typer.BadParameter(f"expected identity or expression, got {task!r}", param_hint="--task")
-    if strategy is not None and strategy not in ("fedavg", "fedprox", "fedadam"):
-        raise typer.BadParameter(f"expected fedavg, fedprox or fedadam, got {strategy!r}", param_hint="--strategy")
+    if strategy is not None and strategy not in ("fedavg", "fedprox", "fedadam", "fedavgm"):
+        raise typer.BadParameter(f"expected fedavg, fedprox, fedadam or fedavgm, got {strategy!r}", param_hint="--strategy")
     setup_logging(verbose, quiet)
     if not verbose:
         for name in ("flwr", "ray"):

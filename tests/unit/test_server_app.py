@@ -17,7 +17,7 @@ import pytest
 import torch
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.strategy import FedAdam, FedAvg
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM
 
 from fedface.common import wire
 from fedface.common.checkpoint import load_checkpoint
@@ -424,6 +424,42 @@ def test_make_strategy_picks_fedadam_when_asked(tmp_path: Path, store: RunStore,
     assert strategy.eta_l == 0.004
     fedavg = FedFaceRounds(cfg=_config(), run_id=RUN, run_dir=tmp_path, store=store, test_faces=test_faces)
     assert type(make_strategy(fedavg, _weights(cfg))).__mro__[1] is FedAvg
+
+
+def test_make_strategy_picks_fedavgm_with_its_momentum(tmp_path: Path, store: RunStore, test_faces: FaceSet) -> None:
+    cfg = _config(federation={"strategy": "fedavgm", "server-momentum": 0.5})
+    strategy = make_strategy(_rounds(cfg, store, test_faces, tmp_path), _weights(cfg))
+
+    assert isinstance(strategy, FedAvgM)
+    assert (strategy.server_momentum, strategy.server_learning_rate) == (0.5, 1.0)
+
+
+def test_fedavgm_carries_momentum_across_rounds(tmp_path: Path, store: RunStore, test_faces: FaceSet) -> None:
+    # Arrange: every round the sites move the weights by the same step d; with momentum b the
+    # server moves them by d, then (1 + b) d: the momentum is real, not FedAvg renamed
+    cfg = _config(federation={"strategy": "fedavgm", "server-momentum": 0.5})
+    w0 = _weights(cfg)
+    strategy = make_strategy(_rounds(cfg, store, test_faces, tmp_path), w0)
+    manager = SimpleClientManager()
+    for cid in ("0", "1", "2"):
+        manager.register(_proxy(cid))
+    params = ndarrays_to_parameters(w0)
+    d = [np.full_like(w, 0.01) for w in w0]
+
+    # Act
+    strategy.configure_fit(1, params, manager)
+    moved = [w + s for w, s in zip(w0, d, strict=True)]
+    after1, _ = strategy.aggregate_fit(1, [(_proxy(str(i)), _answered(f"site-{i}", moved, 40)) for i in range(3)], [])
+    w1 = parameters_to_ndarrays(after1)
+    strategy.configure_fit(2, after1, manager)
+    moved = [w + s for w, s in zip(w1, d, strict=True)]
+    after2, _ = strategy.aggregate_fit(2, [(_proxy(str(i)), _answered(f"site-{i}", moved, 40)) for i in range(3)], [])
+    w2 = parameters_to_ndarrays(after2)
+
+    # Assert
+    for a, b, c, step in zip(w0, w1, w2, d, strict=True):
+        np.testing.assert_allclose(b - a, step, atol=1e-6)
+        np.testing.assert_allclose(c - b, 1.5 * step, atol=1e-6)
 
 
 # --- SecAgg+ ---------------------------------------------------------------------------------------
