@@ -2,8 +2,8 @@
 
 Any checkpoint fedface writes: a ``fedface train`` run's ``checkpoint.pt``, a ``fedface
 simulate`` run's round checkpoints (encoder only), an expression model with its head. The
-protocols are those of training (:func:`fedface.simulations.centralized.evaluate_task`) and of
-``common.evaluation``; kept apart from training so that evaluating needs none of it.
+protocols are those of training (:func:`fedface.simulations.centralized.evaluate_task`, whose
+data preparation it shares) and of ``common.evaluation``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,8 @@ from fedface.common.errors import CheckpointError, SplitError
 from fedface.common.evaluation import evaluate_expression, evaluate_open_set
 from fedface.common.models import ExpressionHead, build_encoder
 from fedface.common.training import embed, select_device
-from fedface.simulations.centralized import (
-    evaluate_task,
-    expression_classes,
-    expression_labels,
-    load_config_faces,
-    prepare_task_data,
-)
+from fedface.common.data.expressions import expression_classes, expression_labels
+from fedface.simulations.centralized import evaluate_task, load_config_faces, prepare_task_data
 
 logger = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ class PerSampleFaceEncoder(GRUFaceEncoder):
 
     def _run_stem(self, x: torch.Tensor) -> torch.Tensor:
         assert self.stem is not None
-        if self.frozen_stem_precision != "bf16" or not self.training or any(p.requires_grad for p in self.stem.parameters()):
+        if not self.training or stem_precision(self, x.device) != "bf16":
             return self.stem(x)
         # channels-last input: oneDNN's bf16 convolutions run about 1.2x faster on it (measured)
         with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -99,15 +99,20 @@ def to_per_sample(encoder: GRUFaceEncoder, *, frozen_stem_precision: str = "fp32
     return new  # type: ignore[return-value]
 
 
-def stem_precision(encoder: nn.Module) -> str | None:
+def stem_precision(encoder: nn.Module, device: torch.device | None = None) -> str | None:
     """The precision the convolutional stem of a DP-SGD ``encoder`` trains in: ``"bf16"`` for
-    a frozen stem of a :class:`PerSampleFaceEncoder` asked for it, else ``"fp32"``; ``None``
-    without a stem."""
+    a wholly frozen stem of a :class:`PerSampleFaceEncoder` asked for it, on a device with
+    bfloat16 (any CPU; a CUDA GPU that supports it), else ``"fp32"``; ``None`` without a stem.
+    ``device``: where it runs (default: where its parameters are)."""
     stem = getattr(encoder, "stem", None)
     if stem is None:
         return None
     frozen = not any(p.requires_grad for p in stem.parameters())
-    return "bf16" if frozen and getattr(encoder, "frozen_stem_precision", "fp32") == "bf16" else "fp32"
+    if not frozen or getattr(encoder, "frozen_stem_precision", "fp32") != "bf16":
+        return "fp32"
+    device = device if device is not None else next(stem.parameters()).device
+    # torch turns autocast off (with a warning) on a GPU without bfloat16: say fp32 then
+    return "fp32" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
 
 
 def _head_loss(

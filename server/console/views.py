@@ -186,6 +186,8 @@ def epsilon_caption(report: Mapping[str, Any]) -> str:
     sites = report.get("sites", [])
     drawn = sum(1 for site in sites if _finite((site.get("budget") or {}).get("epsilon")) is not None)
     solid = "Solid: a site's lifetime epsilon after each round"
+    if not any(site.get("rounds") for site in sites):
+        return f"{solid}; no round has reported a spend yet, so nothing is drawn."
     if drawn == 0:
         return f"{solid}; no site has a finite budget, so no budget line is drawn."
     if drawn < len(sites):

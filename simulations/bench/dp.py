@@ -111,6 +111,7 @@ def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, cl
     if name in ("fedface_dp", "fedface_dp_secure", "fedface_dp_fp32_stem"):
         stem = "fp32" if name == "fedface_dp_fp32_stem" else cfg.training.precision
         private = to_per_sample(encoder, frozen_stem_precision=stem)
+        freeze_for(cfg.privacy.trainable, private)  # PerSampleGRU's parameters are new: freeze them again
         base = torch.optim.AdamW(_trained(private, head), lr=lr, weight_decay=wd)
         dp_opt = make_dp_optimizer(
             base,

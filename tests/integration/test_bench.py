@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,6 +84,43 @@ def test_bench_dp_times_all_three_steps_in_one_run(orl_root: Path, tmp_path: Pat
     assert figures["dp_over_nonprivate"] == pytest.approx(figures["fedface_dp_step_s"] / figures["nonprivate_step_s"])
     assert figures["opacus_over_fedface"] == pytest.approx(figures["opacus_dpgru_step_s"] / figures["fedface_dp_step_s"])
     assert figures["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+
+
+@pytest.mark.parametrize("trainable", ["gru", "neck"])
+def test_bench_dp_variants_train_the_same_parameters(trainable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from fedface.common.config import TrainConfig
+
+    dp = importlib.import_module("fedface.simulations.bench.dp")  # the package exports the command under the same name
+
+    cfg = TrainConfig().with_overrides(
+        {"data.image-size": [16, 16], "model.stem": [4], "model.hidden-size": 4, "model.embedding-dim": 8, "model.downsample": 1,
+         "evaluation.occlusion-box": 8, "training.precision": "bf16", "privacy.trainable": trainable}
+    )
+    trained: dict[str, int] = {}
+    real = torch.optim.AdamW
+    current: list[str] = []
+
+    def spy(params, **kw):  # type: ignore[no-untyped-def]
+        params = list(params)
+        trained[current[0]] = sum(p.numel() for p in params if p.requires_grad)
+        return real(params, **kw)
+
+    monkeypatch.setattr(dp.torch.optim, "AdamW", spy)
+    with warnings.catch_warnings():
+        dp._quiet_opacus_hooks()  # as the bench does: Opacus' DPGRU warns on every step
+        _run_variants(dp, cfg, current)
+    assert len(set(trained.values())) == 1, trained  # every variant updates exactly the same parameters
+
+
+def _run_variants(dp: Any, cfg: Any, current: list[str]) -> None:
+    x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
+    names = dp.variants(cfg)
+    assert "fedface_dp_fp32_stem" in names  # a frozen stem in bf16: its fp32 baseline is timed too
+    for name in names:
+        current[:] = [name]
+        dp._make_step(name, cfg, x, y, 3)()
 
 
 def test_bench_dp_refuses_an_unknown_device_in_one_line(orl_root: Path) -> None:

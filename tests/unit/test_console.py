@@ -638,6 +638,11 @@ def test_the_epsilon_caption_says_which_sites_have_no_budget_line(run_dir: Path)
     assert not [d for d in epsilon_chart(report)["datasets"] if d.get("budget")]
     assert epsilon_caption(report).endswith("no site has a finite budget, so no budget line is drawn.")
 
+    for site in report["sites"]:  # no round yet: no line at all, budget or not
+        site["budget"]["epsilon"], site["rounds"] = 8.0, []
+    assert not epsilon_chart(report)["datasets"] or all(not any(v is not None for v in d["data"]) for d in epsilon_chart(report)["datasets"])
+    assert epsilon_caption(report).endswith("no round has reported a spend yet, so nothing is drawn.")
+
 
 def test_the_audit_page_lists_the_actions(client: TestClient) -> None:
     _login(client, password="a wrong password")

@@ -432,6 +432,10 @@ def test_bf16_applies_to_a_frozen_stem_in_training_only(faces: torch.Tensor) -> 
         assert torch.equal(fast.train()._run_stem(x), reference)
         for p in fast.stem.parameters():  # type: ignore[union-attr]
             p.requires_grad_(False)
+        # a stem frozen in part only still takes per-sample gradients: float32
+        next(iter(fast.stem.parameters())).requires_grad_(True)  # type: ignore[union-attr]
+        assert torch.equal(fast.train()._run_stem(x), reference)
+        next(iter(fast.stem.parameters())).requires_grad_(False)  # type: ignore[union-attr]
         # evaluation stays float32, frozen or not
         assert torch.equal(fast.eval()._run_stem(x), reference)
         assert not torch.equal(fast.train()._run_stem(x), reference)
