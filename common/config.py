@@ -186,6 +186,11 @@ class TrainingConfig(_Section):
     threads: int = Field(default=0, ge=0, description="CPU threads for torch; 0 keeps torch's default")
     eval_every: int = Field(default=5, ge=1, description="evaluate on the test part every N epochs (and at the end)")
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="cross-entropy label smoothing (expressions)")
+    ema_decay: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="weight averaging: evaluate and save an exponential moving average of the weights, updated each step "
+        "with this decay (0: off; centralized training only). Under DP-SGD it is post-processing: no privacy cost",
+    )
     precision: Literal["fp32", "bf16"] = Field(
         default="fp32",
         description=(

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +100,7 @@ def train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     label_smoothing: float = 0.0,
     precision: str = "fp32",
+    on_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """Train encoder and head for one pass over ``batches``.
 
@@ -119,6 +120,8 @@ def train_epoch(
         Cross-entropy label smoothing.
     precision
         ``"bf16"`` runs the forward pass under bfloat16 autocast (the loss in float32).
+    on_step
+        Called after each optimizer step (e.g. to update a weight average).
     """
     encoder.train()
     head.train()
@@ -143,6 +146,8 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if on_step is not None:
+            on_step()
         with torch.no_grad():
             plain = head_logits(head, emb.float(), None)
             correct += int((plain.argmax(dim=1) == yb).sum())

@@ -175,6 +175,20 @@ def _simulated_client_app(cfg_json: str, sites_dir: str, ledgers_dir: str, wire_
     return app
 
 
+def check_federated_config(cfg: TrainConfig) -> None:
+    """Refuse keys of ``fedface train`` that a federation would silently not apply."""
+    if cfg.privacy.budget_epsilon is not None:
+        raise ConfigError(
+            "privacy.budget-epsilon is not used by federated sites (it is `fedface train`'s): "
+            "set the sites' lifetime budget as [site-policy] budget-epsilon in the scenario"
+        )
+    if cfg.training.ema_decay > 0:
+        raise ConfigError(
+            "training.ema-decay is not used by a federation (it averages `fedface train`'s weights): set it to 0 "
+            "in the scenario; for smoothing across rounds use [federation] strategy = \"fedavgm\""
+        )
+
+
 def run_federated(
     cfg: TrainConfig,
     *,
@@ -216,11 +230,7 @@ def run_federated(
 
     t0 = time.perf_counter()
     fc = cfg.federation
-    if cfg.privacy.budget_epsilon is not None:
-        raise ConfigError(
-            "privacy.budget-epsilon is not used by federated sites (it is `fedface train`'s): "
-            "set the sites' lifetime budget as [site-policy] budget-epsilon in the scenario"
-        )
+    check_federated_config(cfg)
     first_round = 1
     if resume:
         run_dir = out_dir.resolve()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,6 +170,7 @@ def train_epoch_dp(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     label_smoothing: float = 0.0,
     augment_multiplicity: int = 1,
+    on_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """DP-SGD over ``batches`` (index tensors from :func:`poisson_batches`); as
     :func:`~fedface.common.training.train_epoch`, with per-example clipping and noise.
@@ -177,7 +178,8 @@ def train_epoch_dp(
     ``augment_multiplicity`` > 1 (De et al. 2022): each example of a batch is augmented that
     many times independently, and the mean of its copies' gradients is what is clipped, so
     the step's sensitivity (one clipped gradient per sampled example) and the accounting are
-    those of a single copy.
+    those of a single copy. ``on_step`` is called after each step (a weight average: it reads
+    only the released, noised weights).
     """
     if augment_multiplicity > 1 and augment_cfg is None:
         raise ValueError("augment_multiplicity > 1 needs augmentation: identical copies average to the gradient of one")
@@ -197,6 +199,8 @@ def train_epoch_dp(
         out = dp_step(encoder, head, optimizer, xb, yb.repeat(copies), label_smoothing=label_smoothing, copies=copies)
         if scheduler is not None:
             scheduler.step()
+        if on_step is not None:
+            on_step()
         total_loss += float(out.losses.sum())
         correct += int((out.predictions == yb).sum())
         seen += len(idx)

@@ -93,6 +93,9 @@ def simulate(
         key, label = ("expression_acc", "expression acc") if cfg.training.task == "expression" else ("verif_acc", "verification acc")
         second, second_label = ("expression_macro_f1", "macro-F1") if cfg.training.task == "expression" else ("verif_auc", "AUC")
         run_dir = resume if resume is not None else (out if out is not None else default_run_dir("simulate"))
+        from fedface.simulations.simulate import check_federated_config, run_federated
+
+        check_federated_config(cfg)  # before the banner: a refused config prints one line
         fc = cfg.federation
         err_console.print(
             f"{fc.sites} sites x {fc.rounds} rounds, {fc.strategy}, SecAgg+ {'on' if fc.secagg else 'off'}, "
@@ -119,8 +122,6 @@ def simulate(
                 + (f", {row['failed']} failed" if row["failed"] else "")
                 + f"; {label} {row.get(key, float('nan')):.3f} ({second_label} {row.get(second, float('nan')):.3f}){spent}; {row['seconds']:.1f} s"
             )
-
-        from fedface.simulations.simulate import run_federated
 
         result = run_federated(
             cfg,

@@ -304,6 +304,17 @@ def test_simulate_bad_scenario_key_exits_3_with_one_line(tmp_path: Path, orl_roo
     assert not (tmp_path / "run").exists()
 
 
+def test_simulate_refuses_a_weight_average_it_would_not_apply_in_one_line(tmp_path: Path, orl_root: Path) -> None:
+    scenario = _scenario(tmp_path, orl_root, training={"ema-decay": 0.99})
+
+    result = _simulate(scenario, tmp_path / "run")
+
+    assert result.exit_code == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ConfigError:") and "training.ema-decay" in lines[0] and "fedavgm" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_simulate_on_missing_faces_exits_4_and_leaves_no_run_directory_and_keeps_an_old_one(tmp_path: Path, orl_root: Path) -> None:
     scenario = _scenario(tmp_path, tmp_path / "no-such-faces")
     old = tmp_path / "old"

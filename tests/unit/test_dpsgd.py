@@ -264,6 +264,55 @@ def test_training_precision_bf16_reaches_only_a_frozen_stem_under_dp(
     assert run.privacy["stem_precision"] == expected  # and metrics.json says what ran
 
 
+def test_weight_average_is_the_exponential_moving_average_of_the_steps() -> None:
+    from fedface.simulations.centralized import WeightAverage
+
+    torch.manual_seed(0)
+    enc, head = nn.Linear(3, 2), nn.Linear(2, 2)
+    average = WeightAverage(enc, head, decay=0.75)
+    expected = None
+    for _ in range(4):
+        with torch.no_grad():
+            for p in (*enc.parameters(), *head.parameters()):
+                p.add_(torch.randn_like(p))
+        average.update()
+        live = enc.weight.detach().clone()
+        expected = live if expected is None else 0.75 * expected + 0.25 * live  # the first update copies
+
+    avg_enc, avg_head = average.models(enc, head)
+    torch.testing.assert_close(avg_enc.weight, expected)
+    assert not torch.equal(avg_enc.weight, enc.weight)  # copies: the live module is untouched
+    assert avg_head is not head
+
+
+def test_ema_decay_saves_the_averaged_model_and_charges_the_same(orl_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedface.common.checkpoint import load_checkpoint
+    from fedface.simulations import centralized
+
+    made: list[centralized.WeightAverage] = []
+    real = centralized.WeightAverage
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        made.append(real(*args, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(centralized, "WeightAverage", spy)
+    cfg = _private_cfg(orl_root, tmp_path / "ledger.sqlite", epsilon=3.0)
+    plain = centralized.train_run(cfg, out_dir=tmp_path / "plain")
+    averaged = centralized.train_run(cfg.with_overrides({"training.ema-decay": 0.9}), out_dir=tmp_path / "ema")
+
+    assert len(made) == 1  # none for the run without
+    saved = load_checkpoint(tmp_path / "ema" / "checkpoint.pt").encoder_state
+    average = made[0].average.module["encoder"].state_dict()
+    live = made[0].live["encoder"].state_dict()
+    assert saved.keys() == average.keys()
+    assert all(torch.equal(saved[k], average[k].cpu()) for k in saved)  # the model saved is the average ...
+    assert any(not torch.equal(saved[k], live[k].cpu()) for k in saved)  # ... not the last step's weights
+    # post-processing: the same plan and the same charge as without it
+    assert averaged.privacy["epsilon"] == plain.privacy["epsilon"] and averaged.privacy["steps"] == plain.privacy["steps"]
+    assert json.loads((tmp_path / "ema" / "metrics.json").read_text())["ema_decay"] == 0.9
+
+
 def test_augment_multiplicity_trains_on_copies_but_charges_and_clips_each_example_once(
     orl_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
