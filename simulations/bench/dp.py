@@ -131,7 +131,7 @@ def _make_step(name: str, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, cl
         from opacus.validators import ModuleValidator
 
         model = GradSampleModule(ModuleValidator.fix(_EncoderWithMargin(copy.deepcopy(encoder), head)))
-        base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+        base = torch.optim.AdamW(_trained(model), lr=lr, weight_decay=wd)
         dp_opt = make_dp_optimizer(
             base,
             noise_multiplier=1.0,
