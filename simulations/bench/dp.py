@@ -173,7 +173,7 @@ def _memory_probe(
 
 
 def dp(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Training config whose [model] and [head] are timed (default: the baseline scenario).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Training config whose \\[model] and \\[head] are timed (default: the baseline scenario).")] = None,
     orl: Annotated[Path, typer.Option(help="ORL faces directory (the batch is drawn from it).")] = Path("../shared/data/orl"),
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     steps: Annotated[int, typer.Option(help="Steps per timed round.")] = 5,

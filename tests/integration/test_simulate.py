@@ -304,14 +304,21 @@ def test_simulate_bad_scenario_key_exits_3_with_one_line(tmp_path: Path, orl_roo
     assert not (tmp_path / "run").exists()
 
 
-def test_simulate_refuses_a_weight_average_it_would_not_apply_in_one_line(tmp_path: Path, orl_root: Path) -> None:
-    scenario = _scenario(tmp_path, orl_root, training={"ema-decay": 0.99})
+@pytest.mark.parametrize(
+    ("section", "key", "value", "fix"),
+    [("training", "ema-decay", 0.99, "fedavgm"), ("privacy", "budget-epsilon", 20.0, "[site-policy] budget-epsilon")],
+)
+def test_simulate_refuses_a_train_key_it_would_not_apply_in_one_line(
+    tmp_path: Path, orl_root: Path, section: str, key: str, value: float, fix: str
+) -> None:
+    scenario = _scenario(tmp_path, orl_root, **{section: {key: value}})
 
     result = _simulate(scenario, tmp_path / "run")
 
     assert result.exit_code == 3
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ConfigError:") and "training.ema-decay" in lines[0] and "fedavgm" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("ConfigError:"), result.stderr
+    assert f"{section}.{key}" in lines[0] and fix in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
 
 
