@@ -16,6 +16,7 @@ metrics in ``wire.CLEAR_REPLY_KEYS`` travel in the clear, the margin head never 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -30,10 +31,17 @@ from flwr.common import ConfigRecord, Context, Message, MessageType
 
 from fedface.client.trust import trusted_app_mod
 from fedface.common import wire
+from fedface.common.crypto import masks
 from fedface.common.federated import scenario_from_run_config
 from fedface.common.signing import UntrustedAppError
 
+flower_secaggplus = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")  # the module: its package exports a same-named object
+
 logger = logging.getLogger(__name__)
+
+# Flower's SecAgg+ mod expands its masks with ChaCha20 keyed by the whole agreed key, not with
+# its own 32-bit-seeded Mersenne Twister (fedface.common.crypto.masks; docs/threat-model.md).
+masks.install(flower_secaggplus)
 
 if TYPE_CHECKING:
     from fedface.client.site import Site
@@ -81,7 +89,23 @@ SITE_STATE = "fedface.site"  # this node's own record in the Flower run's Contex
 
 
 class SecAggRequestError(Exception):
-    """A masked-vector request whose key-share list does not match this site's key agreement."""
+    """A SecAgg+ request this site refuses: a set-up that does not ask for fedface's mask
+    scheme, or a masked-vector request whose key-share list does not match this site's key
+    agreement."""
+
+
+def _check_mask_scheme(configs: ConfigRecord) -> None:
+    """Take the mask scheme the server names out of SecAgg+'s set-up configs (Flower's mod
+    does not know the key); refuse a server that names none or another: its masks would not
+    cancel with this site's, and a server that masks with Flower's own generator offers each
+    mask only 32 bits of seed."""
+    asked = configs.pop(masks.MASK_SCHEME_KEY, None)
+    if asked != masks.MASK_SCHEME:
+        found = f"asks for {asked!r}" if asked is not None else "names no mask scheme (a plain Flower SecAgg+ server)"
+        raise SecAggRequestError(
+            f"the server's SecAgg+ set-up {found}; this site masks only with {masks.MASK_SCHEME!r}: "
+            "run the coordinator with fedface's ServerApp of the same version"
+        )
 
 
 def _mark_request(msg: Message, ctxt: Context, *, secagg: bool, peers: int | None) -> None:
@@ -132,17 +156,26 @@ def site_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
 
     The peers are counted at SecAgg+'s masked-vector stage: the sites whose encrypted key
     shares reached this site (their pairwise masks are added to its update) and itself,
-    checked against the keys this site agreed (:func:`_secagg_peers`). Flower's mod checks the
-    stage order against the state it keeps, so a server cannot skip the key exchange. A server
+    checked against the keys this site agreed (:func:`_secagg_peers`). At set-up the server
+    must name fedface's mask scheme, and the reply names it back (:func:`_check_mask_scheme`).
+    Flower's mod checks the stage order against the state it keeps, so a server cannot skip the
+    key exchange. A server
     that makes up neighbours of its own (Sybil keys) is not caught here: docs/threat-model.md.
     """
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-        if configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS:
+        stage = configs.get(Key.STAGE)
+        if stage == Stage.SETUP:
+            _check_mask_scheme(configs)
+        elif stage == Stage.COLLECT_MASKED_VECTORS:
             _mark_request(msg, ctxt, secagg=True, peers=_secagg_peers(msg, ctxt))
-        return secaggplus_mod(msg, ctxt, call_next)
+        reply = secaggplus_mod(msg, ctxt, call_next)
+        if stage == Stage.SETUP and not reply.has_error():
+            # tell the server which masks this site will add (it drops a site that does not say)
+            reply.content.config_records[RECORD_KEY_CONFIGS][masks.MASK_SCHEME_KEY] = masks.MASK_SCHEME
+        return reply
     _mark_request(msg, ctxt, secagg=False, peers=None)
     return call_next(msg, ctxt)
 

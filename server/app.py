@@ -8,8 +8,10 @@ Each round (Flower's compatibility workflow, the only one with SecAgg+ in Flower
    the server unmasks only their weighted sum; each site's reply metrics (status, examples,
    privacy spend) come in the clear;
 3. unless at least ``federation.min-sites-per-aggregate`` sites' updates would enter the sum,
-   abort the round before unmasking (SecAgg+: :class:`GuardedSecAggPlus`) or before averaging
-   (clear rounds), and record why: the sum of fewer updates shows too much of each;
+   abort the round before unmasking (SecAgg+: :class:`~fedface.server.secagg.GuardedSecAggPlus`)
+   or before averaging (clear rounds), and record why: the sum of fewer updates shows too much
+   of each. SecAgg+ masks come from ChaCha20 and an unmasked sum that honest sites could not
+   have produced is refused (:mod:`fedface.server.secagg`);
 4. average (FedAvg weighted by examples; FedAdam as an option; FedProx's proximal term is
    applied at the sites), evaluate the new global encoder on the held-out identities
    (verification accuracy, AUC, TAR@FAR), checkpoint it, and write the round to the run store
@@ -49,6 +51,7 @@ from fedface.common.evaluation import evaluate_expression, evaluate_open_set
 from fedface.common.models import ExpressionHead, build_encoder, load_shared_weights, shared_weights
 from fedface.server import site_reports
 from fedface.server.admin_log import AdminAction
+from fedface.server.secagg import GuardedSecAggPlus, secagg_workflow, too_few_reason
 from fedface.server.store import Participation, RunStore
 
 logger = logging.getLogger(__name__)
@@ -74,14 +77,6 @@ MAX_REASON = 500  # characters of a site's refusal reason kept (it is the site's
 MAX_SITE_NAME = 128  # characters of the name a site reports
 
 ROUND_ABORTED = "round aborted before aggregation: a secure-aggregation stage lost too many sites (run with -v for Flower's log)"
-
-
-def too_few_reason(updates: int, needed: int) -> str:
-    """Why a round with too few updates to sum was aborted (recorded for each site that trained)."""
-    return (
-        f"round aborted before aggregation: only {updates} site update(s) would enter the sum, "
-        f"fewer than min-sites-per-aggregate {needed}"
-    )
 
 
 class FedFaceRounds:
@@ -368,47 +363,6 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
         # post-processing of the (SecAgg+-summed, already noised) average: no privacy cost
         kwargs.update({"server_learning_rate": 1.0, "server_momentum": fc.server_momentum})
     return Strategy(**kwargs)
-
-
-class GuardedSecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow that stops before unmasking when fewer than
-    ``federation.min-sites-per-aggregate`` of the masked vectors carry an update (sites that
-    refused send zeros with weight 0): the unmasked sum of one or two updates shows too much of
-    each. The round is recorded as aborted (:meth:`FedFaceRounds.abort`)."""
-
-    def __init__(self, rounds: FedFaceRounds, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.fedface_rounds = rounds
-
-    def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
-        if not super().collect_masked_vectors_stage(grid, context, state):
-            return False
-        needed = self.fedface_rounds.cfg.federation.min_sites_per_aggregate
-        updates = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
-        if 0 < updates < needed:
-            server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
-            self.fedface_rounds.abort(server_round, state.legacy_results, state.failures, too_few_reason(updates, needed))
-            del state.aggregate_ndarrays  # never unmasked
-            return False
-        return True
-
-
-def secagg_workflow(cfg: TrainConfig, sampled: int, rounds: FedFaceRounds | None = None) -> SecAggPlusWorkflow:
-    """SecAgg+ for about ``sampled`` sites per round.
-
-    Defaults are fractions, so they follow the sites actually asked in each round (fewer when
-    sites have refused for an exhausted budget): every site's masks are shared with all other
-    sampled sites up to 10 (SecAgg+ masks with a k-regular graph of neighbours; k need not grow
-    with the sites, Bell et al. 2020 use O(log n)), and two thirds of a site's shares unmask it.
-    Fixed ``num-shares`` (odd, > 2) and ``reconstruction-threshold`` (< num-shares) are used as given.
-    """
-    fc = cfg.federation
-    # (the config has checked fixed values: odd num-shares above 2, threshold below it)
-    shares: int | float = fc.num_shares if fc.num_shares else min(1.0, 10 / max(1, sampled))
-    threshold: int | float = fc.reconstruction_threshold if fc.reconstruction_threshold else 2 / 3
-    if rounds is None:
-        return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=threshold)
-    return GuardedSecAggPlus(rounds, num_shares=shares, reconstruction_threshold=threshold)
 
 
 class AlternatingFit:

@@ -13,6 +13,7 @@ from fedface.simulations.bench.gallery import gallery
 from fedface.simulations.bench.lfw import lfw
 from fedface.simulations.bench.policy import policy
 from fedface.simulations.bench.privacy import privacy
+from fedface.simulations.bench.secagg import secagg
 
 bench_app = typer.Typer(
     help="Benchmarks: each prints its figures, the last line of stdout one JSON object.",
@@ -28,5 +29,6 @@ bench_app.command()(gallery)
 bench_app.command()(lfw)
 bench_app.command()(policy)
 bench_app.command()(privacy)
+bench_app.command()(secagg)
 
 __all__ = ["bench_app"]

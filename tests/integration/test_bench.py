@@ -273,3 +273,15 @@ def test_bench_console_without_a_run_store_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, ["bench", "console", "--store", str(tmp_path)])
     assert result.exit_code == 9
     assert result.stderr.strip().startswith("RunDirError: no run store at")
+
+
+def test_bench_secagg_times_both_generators_on_each_federated_model() -> None:
+    result = CliRunner().invoke(app, ["bench", "secagg", "--repeats", "1"])
+
+    assert result.exit_code == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("federated", "fer2013_federated"):
+        row = figures[key]
+        assert row["masked_values"] > 100_000 and row["neighbours"] == row["sites"] - 1
+        assert row["flower_mask_s"] > 0 and row["fedface_mask_s"] > 0
+        assert row["site_round_masks_s"]["fedface"] == pytest.approx(row["fedface_mask_s"] * (row["neighbours"] + 1))

@@ -18,6 +18,7 @@ import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedface.common import wire
+from fedface.common.crypto import masks
 from fedface.common.config import TrainConfig
 from fedface.simulations.simulate import run_federated
 
@@ -28,9 +29,10 @@ pytestmark = [
 ]
 
 # What each SecAgg+ stage's reply carries besides fedface's own reply (Flower's protocol):
-# public keys, encrypted key shares, the masked vector, and the shares that unmask the sum.
+# public keys (and the name of the site's mask scheme), encrypted key shares, the masked vector,
+# and the shares that unmask the sum.
 SECAGG_REPLY_KEYS = {
-    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2},
+    Stage.SETUP: {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, masks.MASK_SCHEME_KEY},
     Stage.SHARE_KEYS: {Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST},
     Stage.COLLECT_MASKED_VECTORS: {Key.MASKED_PARAMETERS},
     Stage.UNMASK: {Key.NODE_ID_LIST, Key.SHARE_LIST},

@@ -1,0 +1,266 @@
+"""fedface's SecAgg+ end to end, in one process: Flower's real workflow and mod, fedface's masks,
+mask-scheme check and sum check, over a loopback grid that hands each message to the node's
+ClientApp (no Ray, no network: the protocol is the same messages).
+
+Shown: the unmasked sum is the plain weighted average of the same updates (to the quantisation
+step); a plain Flower client or a plain Flower server fails loudly instead of producing a
+wrong sum; a site that masks with Flower's own generator, or sends values outside the clipping
+range, has its round refused and recorded, and the global model is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Error
+from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common import ConfigRecord, Context, Message, RecordDict, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_generator
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+import flwr.compat.common.recorddict_compat as compat
+
+from fedface.client.app import SecAggRequestError, site_mod
+from fedface.common.crypto import masks
+from fedface.server.secagg import FedFaceSecAggPlus, MaskSchemeError
+
+flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")  # the module: its package exports a same-named object
+
+SHAPES = [(16, 8), (8,), (4, 4, 3)]
+
+
+@pytest.fixture(autouse=True)
+def _flower_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower builds a Message for the run of the process it runs in: give this one a run."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+EXAMPLES = [120, 300, 45, 210]
+
+
+def _updates(node: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(node)
+    return [rng.uniform(-1.5, 1.5, size=s).astype(np.float32) for s in SHAPES]
+
+
+class _FixedClient(NumPyClient):
+    def __init__(self, node: int) -> None:
+        self.node = node
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        return _updates(self.node), EXAMPLES[self.node - 1], {}
+
+
+class LoopbackGrid:
+    """The server's grid, delivering each message to its node's ClientApp in this process; an
+    exception in the ClientApp comes back as an error reply, as from a real SuperNode."""
+
+    def __init__(self, apps: dict[int, ClientApp]) -> None:
+        self.apps = apps
+        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={}) for nid in apps}
+        self.errors: list[str] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for sent in messages:
+            msg = copy.deepcopy(sent)  # each node gets its own copy, as off a wire (the set-up's content is shared)
+            nid = msg.metadata.dst_node_id
+            try:
+                replies.append(copy.deepcopy(self.apps[nid](msg, self.contexts[nid])))
+            except Exception as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
+
+
+class _Rounds:
+    """What fedface's workflow tells the run's bookkeeping when it refuses a round."""
+
+    def __init__(self) -> None:
+        self.aborted: list[tuple[int, str]] = []
+
+    def abort(self, server_round: int, results: Any, failures: Any, reason: str) -> None:
+        self.aborted.append((server_round, reason))
+
+
+def _apps(mods: list[Any]) -> dict[int, ClientApp]:
+    def client_fn(context: Context) -> Any:
+        return _FixedClient(int(context.node_id)).to_client()
+
+    return {nid: ClientApp(client_fn=client_fn, mods=list(mods)) for nid in range(1, len(EXAMPLES) + 1)}
+
+
+def _run(workflow: SecAggPlusWorkflow, apps: dict[int, ClientApp]) -> tuple[list[np.ndarray], LoopbackGrid, LegacyContext]:
+    """One SecAgg+ round over ``apps``; returns the global parameters after it."""
+    grid = LoopbackGrid(apps)
+    manager = SimpleClientManager()
+    for nid in apps:
+        manager.register(GridClientProxy(nid, grid, 1))  # type: ignore[arg-type]
+    initial = [np.zeros(s, dtype=np.float32) for s in SHAPES]
+    n = len(apps)
+    strategy = FedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n, fraction_evaluate=0.0)
+    context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}), ServerConfig(num_rounds=1), strategy, manager)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters(initial), True)
+    workflow(grid, context)  # type: ignore[arg-type]
+    params = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    return parameters_to_ndarrays(params), grid, context
+
+
+def _plain_average() -> list[np.ndarray]:
+    total = sum(EXAMPLES)
+    return [sum(_updates(nid)[k] * EXAMPLES[nid - 1] for nid in range(1, len(EXAMPLES) + 1)) / total for k in range(len(SHAPES))]
+
+
+def _workflow(rounds: _Rounds | None = None) -> FedFaceSecAggPlus:
+    return FedFaceSecAggPlus(rounds, num_shares=1.0, reconstruction_threshold=0.75)  # type: ignore[arg-type]
+
+
+def test_the_unmasked_sum_is_the_plain_weighted_average_of_the_same_updates() -> None:
+    result, grid, _ = _run(_workflow(), _apps([site_mod]))
+
+    assert grid.errors == []
+    # one quantisation step (2 x 8 / 2^22) per site, over the total weight (examples / 1000)
+    tolerance = len(EXAMPLES) * (16 / 2**22) / (sum(EXAMPLES) / 1000)
+    for got, expected in zip(result, _plain_average(), strict=True):
+        np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
+    assert max(float(np.abs(g - e).max()) for g, e in zip(result, _plain_average(), strict=True)) > 0  # quantised, not copied
+
+
+def test_the_masked_vectors_a_site_sends_are_fedfaces_masks_not_flowers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Record every mask a site expands: all from fedface's generator, none from Flower's.
+    used: list[str] = []
+    real = flower_mod.pseudo_rand_gen
+
+    def spy(seed: bytes, num_range: int, dims: list[tuple[int, ...]]) -> list[np.ndarray]:
+        used.append("fedface" if real is masks.mask_arrays else "flower")
+        return real(seed, num_range, dims)
+
+    monkeypatch.setattr(flower_mod, "pseudo_rand_gen", spy)
+
+    _run(_workflow(), _apps([site_mod]))
+
+    # each site: its private mask and one pairwise mask per other site
+    assert used == ["fedface"] * (len(EXAMPLES) * len(EXAMPLES))
+
+
+def test_a_plain_flower_client_is_dropped_at_set_up_with_a_named_failure() -> None:
+    rounds = _Rounds()
+    workflow = _workflow(rounds)
+    failures: list[Exception] = []
+    real_setup = FedFaceSecAggPlus.setup_stage
+
+    def setup(self: FedFaceSecAggPlus, grid: Any, context: Any, state: Any) -> bool:
+        ok = real_setup(self, grid, context, state)
+        failures.extend(state.failures)
+        return ok
+
+    workflow.setup_stage = setup.__get__(workflow)  # type: ignore[method-assign]
+
+    result, grid, _ = _run(workflow, _apps([secaggplus_mod]))  # no fedface mod: Flower's masks, no echo
+
+    assert len(failures) == len(EXAMPLES)
+    assert all(isinstance(f, MaskSchemeError) and masks.MASK_SCHEME in str(f) for f in failures)
+    assert all(np.count_nonzero(a) == 0 for a in result)  # nothing aggregated: the model is as it was
+
+
+def test_a_fedface_site_refuses_a_plain_flower_server_at_set_up() -> None:
+    plain = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=0.75)
+
+    result, grid, _ = _run(plain, _apps([site_mod]))
+
+    assert len(grid.errors) == len(EXAMPLES)
+    assert all(e.startswith("SecAggRequestError") and "names no mask scheme" in e for e in grid.errors)
+    assert all(np.count_nonzero(a) == 0 for a in result)
+
+
+def _lying_mod(alter: Callable[[Message], None] | None = None, *, flower_masks: bool = False) -> Any:
+    """A site that says it masks with fedface's scheme but masks with Flower's generator, or
+    alters its masked vector (``alter``) after masking."""
+
+    def mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        saved = flower_mod.pseudo_rand_gen
+        if flower_masks:
+            flower_mod.pseudo_rand_gen = flower_generator
+        try:
+            reply = site_mod(msg, ctxt, call_next)
+        finally:
+            flower_mod.pseudo_rand_gen = saved
+        if alter is not None and RECORD_KEY_CONFIGS in msg.content.config_records and not reply.has_error():
+            alter(reply)
+        return reply
+
+    return mod
+
+
+def _huge(reply: Message) -> None:
+    configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+    if Key.MASKED_PARAMETERS in configs:
+        from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+        vec = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+        vec = [vec[0]] + [(v + 2**31) % 2**32 for v in vec[1:]]  # an update far outside the clipping range
+        configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in vec]
+
+
+@pytest.mark.parametrize(
+    ("mod", "match"),
+    [
+        pytest.param(_lying_mod(flower_masks=True), "weight factor is", id="flowers-masks-under-fedfaces-name"),
+        pytest.param(_lying_mod(_huge), "unmasked values lie outside", id="values-outside-the-clipping-range"),
+    ],
+)
+def test_a_sum_honest_sites_could_not_produce_is_refused_and_recorded(mod: Any, match: str) -> None:
+    rounds = _Rounds()
+    apps = _apps([site_mod])
+    apps[2] = _apps([mod])[2]  # one site of four misbehaves
+
+    result, grid, _ = _run(_workflow(rounds), apps)
+
+    assert grid.errors == []
+    assert len(rounds.aborted) == 1 and rounds.aborted[0][0] == 1
+    assert rounds.aborted[0][1].startswith("round refused after unmasking") and match in rounds.aborted[0][1]
+    assert all(np.count_nonzero(a) == 0 for a in result)  # the refused sum was not applied
+
+
+def test_the_set_up_message_names_the_scheme_and_the_site_names_it_back() -> None:
+    seen: dict[str, Any] = {}
+
+    def spy_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and configs.get(Key.STAGE) == Stage.SETUP:
+            seen["asked"] = configs.get(masks.MASK_SCHEME_KEY)
+        reply = call_next(msg, ctxt)
+        if configs is not None and "asked" in seen and "echo" not in seen:
+            seen["echo"] = reply.content.config_records[RECORD_KEY_CONFIGS].get(masks.MASK_SCHEME_KEY)
+        return reply
+
+    _run(_workflow(), _apps([spy_mod, site_mod]))
+
+    assert seen == {"asked": masks.MASK_SCHEME, "echo": masks.MASK_SCHEME}
+
+
+def test_a_set_up_naming_another_scheme_is_refused_before_flowers_mod_runs() -> None:
+    msg = Message(
+        RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: Stage.SETUP, masks.MASK_SCHEME_KEY: "flower-mt19937"})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    ctxt = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    with pytest.raises(SecAggRequestError, match="asks for 'flower-mt19937'"):
+        site_mod(msg, ctxt, lambda m, c: pytest.fail("the request reached the ClientApp"))
