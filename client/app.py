@@ -63,7 +63,17 @@ class SiteClient(NumPyClient):
         return shared_weights(build_encoder(cfg.model, image_size=cfg.data.image_size), head)
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Train one round; a refusal answers the weights unchanged with 0 examples."""
+        """Train one round; a refusal answers the weights unchanged with 0 examples.
+
+        Through SecAgg+ the site sends its update, its weights less the round's (zeros when it
+        refuses), not the weights themselves: SecAgg+ clips every value it masks to its
+        clipping range (+-8) after weighting it by ``examples / max_weight``, which would cut
+        the weights of a site with more than 1,000 images (a FER2013 site has 2,591) at +-3.1
+        (the packaged models' stay within +-1.3; other models' need not); an update stays far
+        inside. The server adds the average update to the
+        weights it sent (:mod:`fedface.server.app`).
+        """
+        secagg = bool(config.get(wire.LOCAL_SECAGG, False))  # set by site_mod from what it saw
         result = self.site.train_round(
             parameters,
             run_id=str(config[wire.CFG_RUN_ID]),
@@ -73,10 +83,12 @@ class SiteClient(NumPyClient):
             lr=float(config[wire.CFG_LR]),
             proximal_mu=float(config.get(wire.CFG_PROXIMAL_MU, 0.0)),
             # set by site_mod from what it saw, never by the server (it drops such keys first)
-            secagg=bool(config.get(wire.LOCAL_SECAGG, False)),
+            secagg=secagg,
             peers=int(config[wire.LOCAL_PEERS]) if wire.LOCAL_PEERS in config else None,
             pinned_run_id=str(config[wire.LOCAL_RUN_ID]) if wire.LOCAL_RUN_ID in config else None,
         )
+        if secagg:
+            return wire.update_of(result.weights, parameters), result.examples, result.metrics
         return result.weights, result.examples, result.metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:

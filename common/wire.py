@@ -2,8 +2,9 @@
 of a site's reply metrics, and the statuses a site answers with. Defined once, here, so that
 ``fedface.server`` and ``fedface.client`` (which never import each other) agree.
 
-A site's reply carries its encoder weights (through SecAgg+ when enabled: the server sees only
-their masked sum) and, in the clear, only the metrics in :data:`CLEAR_REPLY_KEYS`: its name
+A site's reply carries its encoder weights, or through SecAgg+ (when enabled) its update, its
+weights less the round's (:func:`update_of`; the server sees only the masked sum and adds the
+average to the weights it sent, :func:`apply_update`), and, in the clear, only the metrics in :data:`CLEAR_REPLY_KEYS`: its name
 and status (and a refusal's reason), how many examples it trained on, its local training
 time, its privacy spend as its ledger computed it, the DP-SGD parameters of the round and the
 signed ledger receipt. Each is justified in docs/threat-model.md ("What a reply carries in the
@@ -16,7 +17,10 @@ SecAgg+ round and fails on any clear value outside this list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final, Literal
+
+import numpy as np
 
 # --- round config: server -> site ---------------------------------------------------------------
 CFG_RUN_ID: Final = "fedface.run-id"
@@ -83,6 +87,25 @@ FINAL_REASONS: Final = frozenset(
     {REASON_BUDGET, REASON_SECAGG, REASON_NON_PRIVATE, REASON_EPSILON_PER_RUN, REASON_DELTA, REASON_RUN_ID}
 )
 
+def update_of(weights: Sequence[np.ndarray], sent: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """What a site sends through SecAgg+: its weights less the weights of the round (float32)."""
+    if len(weights) != len(sent):
+        raise ValueError(f"expected {len(sent)} model arrays, got {len(weights)}: the server and site configs differ")
+    return [(np.asarray(w, dtype=np.float32) - np.asarray(s, dtype=np.float32)) for w, s in zip(weights, sent, strict=True)]
+
+
+def apply_update(sent: Sequence[np.ndarray], update: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The weights of an averaged SecAgg+ update: the round's weights plus it, in their dtypes."""
+    if len(update) != len(sent):
+        raise ValueError(f"expected {len(sent)} model arrays in the aggregate, got {len(update)}")
+    out = []
+    for s, u in zip(sent, update, strict=True):
+        base = np.asarray(s)
+        total = base.astype(np.float64) + np.asarray(u, dtype=np.float64)
+        out.append((np.rint(total) if np.issubdtype(base.dtype, np.integer) else total).astype(base.dtype))
+    return out
+
+
 __all__ = [
     "ANSWERED",
     "CFG_LOCAL_EPOCHS",
@@ -125,4 +148,6 @@ __all__ = [
     "REASON_SECAGG",
     "REFUSED",
     "Status",
+    "apply_update",
+    "update_of",
 ]

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import Context, FitIns, FitRes, Parameters, ndarrays_to_parameters
+from flwr.common import Context, FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -114,6 +114,7 @@ class FedFaceRounds:
         self.history: list[dict[str, Any]] = []
         self.initial: dict[str, float] | None = None  # the starting encoder's metrics (round 0)
         self.secagg_rounds: dict[int, bool] = {}  # rounds whose kind was chosen per round (AlternatingFit)
+        self.sent: dict[int, list[np.ndarray]] = {}  # the weights each round sent (its sites' updates are added to them)
         self.stopped: AdminAction | None = None  # the console's stop request, once seen
         self.encoder = build_encoder(cfg.model, image_size=cfg.data.image_size)
         # an expression run shares its expression head (7 shared classes, no identity) with the
@@ -229,6 +230,10 @@ class FedFaceRounds:
         ]
         logger.warning("round %d: %s; the global encoder is unchanged", self.first_round - 1 + server_round, reason)
 
+    def is_secagg(self, server_round: int) -> bool:
+        """Whether round ``server_round`` runs (ran) through SecAgg+."""
+        return self.secagg_rounds.get(server_round, self.cfg.federation.secagg)
+
     def site_name(self, cid: str) -> str:
         """The name a node reported, or ``node-<id>`` before it has answered."""
         return self.names.get(cid, f"node-{cid}")
@@ -305,7 +310,7 @@ class FedFaceRounds:
             # site's data set (every run it joined), as the sites' ledgers composed them
             "max_epsilon": max(log.run_epsilon.values(), default=None),
             "max_lifetime_epsilon": max((p.epsilon for p in log.participation if p.epsilon is not None), default=None),
-            "secagg": self.secagg_rounds.get(server_round, self.cfg.federation.secagg),
+            "secagg": self.is_secagg(server_round),
             # why sites refused or failed this round, with how many sites gave each reason
             "reasons": dict(Counter(p.reason for p in log.participation if p.reason)),
             **out,
@@ -330,6 +335,7 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
             if rounds.stop_requested():
                 return []  # before sampling: Flower's sampling waits for enough sites, which may be gone
             pairs = super().configure_fit(server_round, parameters, client_manager)
+            rounds.sent = {server_round: parameters_to_ndarrays(parameters)}  # (only the current round's)
             return rounds.filter_sampled(server_round, pairs)
 
         def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
@@ -342,6 +348,15 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
             if total == 0 or not answered:
                 logger.warning("round %d: no site trained (all refused or failed); the global encoder is unchanged", server_round)
                 return None, {}
+            if rounds.is_secagg(server_round):
+                # SecAgg+ carried the sites' updates (their weights less the round's: client/app.py)
+                # and unmasked their weighted average, which every result now holds: added to the
+                # weights the round sent, it is the weighted average of the sites' weights
+                merged = ndarrays_to_parameters(
+                    wire.apply_update(rounds.sent[server_round], parameters_to_ndarrays(answered[0][1].parameters))
+                )
+                for _, res in answered:
+                    res.parameters = merged
             return super().aggregate_fit(server_round, answered, failures)
 
     kwargs: dict[str, Any] = {

@@ -33,6 +33,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 import flwr.compat.common.recorddict_compat as compat
 
 from fedface.client.app import SecAggRequestError, site_mod
+from fedface.common import wire
 from fedface.common.crypto import masks
 from fedface.server.secagg import FedFaceSecAggPlus, MaskSchemeError
 
@@ -57,12 +58,21 @@ def _updates(node: int) -> list[np.ndarray]:
     return [rng.uniform(-1.5, 1.5, size=s).astype(np.float32) for s in SHAPES]
 
 
+Fit = Callable[[int], tuple[list[np.ndarray], int]]
+
+
+def _fixed(node: int) -> tuple[list[np.ndarray], int]:
+    return _updates(node), EXAMPLES[node - 1]
+
+
 class _FixedClient(NumPyClient):
-    def __init__(self, node: int) -> None:
+    def __init__(self, node: int, fit: Fit) -> None:
         self.node = node
+        self._fit = fit
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        return _updates(self.node), EXAMPLES[self.node - 1], {}
+        arrays, examples = self._fit(self.node)
+        return arrays, examples, {}
 
 
 class LoopbackGrid:
@@ -97,9 +107,9 @@ class _Rounds:
         self.aborted.append((server_round, reason))
 
 
-def _apps(mods: list[Any]) -> dict[int, ClientApp]:
+def _apps(mods: list[Any], fit: Fit = _fixed) -> dict[int, ClientApp]:
     def client_fn(context: Context) -> Any:
-        return _FixedClient(int(context.node_id)).to_client()
+        return _FixedClient(int(context.node_id), fit).to_client()
 
     return {nid: ClientApp(client_fn=client_fn, mods=list(mods)) for nid in range(1, len(EXAMPLES) + 1)}
 
@@ -264,3 +274,18 @@ def test_a_set_up_naming_another_scheme_is_refused_before_flowers_mod_runs() -> 
 
     with pytest.raises(SecAggRequestError, match="asks for 'flower-mt19937'"):
         site_mod(msg, ctxt, lambda m, c: pytest.fail("the request reached the ClientApp"))
+
+
+def test_secagg_cuts_the_weights_of_a_site_with_many_images_but_not_its_update() -> None:
+    # Flower weights each masked value by examples / max_weight (1,000) and clips it to +-8: a
+    # FER2013 site's 2,591 images cut its weights at +-8 / 2.591 = +-3.09. fedface's sites send
+    # their update instead (client/app.py): a weight of 5.0 reached from 4.9 comes back exact.
+    sent = [np.full(s, 4.9, dtype=np.float32) for s in SHAPES]
+    weights = [np.full(s, 5.0, dtype=np.float32) for s in SHAPES]
+
+    as_weights, _, _ = _run(_workflow(), _apps([site_mod], lambda node: (weights, 2591)))
+    as_update, _, _ = _run(_workflow(), _apps([site_mod], lambda node: (wire.update_of(weights, sent), 2591)))
+
+    assert all(np.allclose(a, 8 / 2.591, atol=1e-3) for a in as_weights)  # what sending weights would give
+    for got in wire.apply_update(sent, as_update):
+        np.testing.assert_allclose(got, 5.0, rtol=0, atol=1e-4)

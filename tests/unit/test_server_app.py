@@ -343,7 +343,7 @@ def test_aggregate_fit_with_every_site_refused_keeps_the_global_encoder(
 def test_aggregate_fit_averages_only_the_answering_sites_by_examples(
     tmp_path: Path, store: RunStore, test_faces: FaceSet
 ) -> None:
-    cfg = _config()
+    cfg = _config(federation={"secagg": False})  # a clear round: each site's weights reach the strategy
     a, b, c = _weights(cfg, 1), _weights(cfg, 2), _weights(cfg, 3)
     rounds = _rounds(cfg, store, test_faces, tmp_path)
     strategy = make_strategy(rounds, a)
@@ -363,6 +363,29 @@ def test_aggregate_fit_averages_only_the_answering_sites_by_examples(
     assert params is not None
     for got, wa, wc in zip(parameters_to_ndarrays(params), a, c, strict=True):
         np.testing.assert_allclose(got, (10 * wa + 50 * wc) / 60, rtol=1e-5, atol=1e-6)
+
+
+def test_a_secagg_round_adds_the_unmasked_average_update_to_the_weights_it_sent(
+    tmp_path: Path, store: RunStore, test_faces: FaceSet
+) -> None:
+    # Through SecAgg+ the sites send updates; what the strategy averages must be the weights
+    # sent plus the average update, not the update alone (that would zero the model).
+    cfg = _config(federation={"secagg": True})
+    sent = _weights(cfg, 1)
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    strategy = make_strategy(rounds, sent)
+    manager = SimpleClientManager()
+    for cid in ("1", "2", "3"):
+        manager.register(_proxy(cid))
+    strategy.configure_fit(1, ndarrays_to_parameters(sent), manager)
+    update = [np.full_like(w, -0.02) for w in sent]
+    results = _round_results(True, sent, update)
+
+    params, _ = strategy.aggregate_fit(1, results, [])
+
+    assert params is not None
+    for got, w in zip(parameters_to_ndarrays(params), sent, strict=True):
+        np.testing.assert_allclose(got, w - 0.02, rtol=0, atol=1e-6)
 
 
 def test_aggregate_fit_refuses_to_sum_fewer_updates_than_min_sites_per_aggregate(
@@ -434,10 +457,26 @@ def test_make_strategy_picks_fedavgm_with_its_momentum(tmp_path: Path, store: Ru
     assert (strategy.server_momentum, strategy.server_learning_rate) == (0.5, 1.0)
 
 
-def test_fedavgm_carries_momentum_across_rounds(tmp_path: Path, store: RunStore, test_faces: FaceSet) -> None:
+def _round_results(secagg: bool, weights: list[np.ndarray], step: list[np.ndarray]) -> list[tuple[Any, FitRes]]:
+    """Three sites that each moved ``weights`` by ``step``, as the strategy receives them: in a
+    clear round each site's weights; through SecAgg+ the unmasked average of their updates
+    (``step``), one array list shared by every result."""
+    if secagg:
+        shared = _answered("site-0", step, 40).parameters
+        results = [(_proxy(str(i)), _answered(f"site-{i}", step, 40)) for i in range(3)]
+        for _, res in results:
+            res.parameters = shared
+        return results
+    moved = [w + s for w, s in zip(weights, step, strict=True)]
+    return [(_proxy(str(i)), _answered(f"site-{i}", moved, 40)) for i in range(3)]
+
+
+@pytest.mark.parametrize("secagg", [False, True], ids=["clear", "secagg"])
+def test_fedavgm_carries_momentum_across_rounds(tmp_path: Path, store: RunStore, test_faces: FaceSet, secagg: bool) -> None:
     # Arrange: every round the sites move the weights by the same step d; with momentum b the
-    # server moves them by d, then (1 + b) d: the momentum is real, not FedAvg renamed
-    cfg = _config(federation={"strategy": "fedavgm", "server-momentum": 0.5})
+    # server moves them by d, then (1 + b) d: the momentum is real, not FedAvg renamed. Through
+    # SecAgg+ the sites send the step itself and the server adds it to the weights it sent.
+    cfg = _config(federation={"strategy": "fedavgm", "server-momentum": 0.5, "secagg": secagg})
     w0 = _weights(cfg)
     strategy = make_strategy(_rounds(cfg, store, test_faces, tmp_path), w0)
     manager = SimpleClientManager()
@@ -448,12 +487,10 @@ def test_fedavgm_carries_momentum_across_rounds(tmp_path: Path, store: RunStore,
 
     # Act
     strategy.configure_fit(1, params, manager)
-    moved = [w + s for w, s in zip(w0, d, strict=True)]
-    after1, _ = strategy.aggregate_fit(1, [(_proxy(str(i)), _answered(f"site-{i}", moved, 40)) for i in range(3)], [])
+    after1, _ = strategy.aggregate_fit(1, _round_results(secagg, w0, d), [])
     w1 = parameters_to_ndarrays(after1)
     strategy.configure_fit(2, after1, manager)
-    moved = [w + s for w, s in zip(w1, d, strict=True)]
-    after2, _ = strategy.aggregate_fit(2, [(_proxy(str(i)), _answered(f"site-{i}", moved, 40)) for i in range(3)], [])
+    after2, _ = strategy.aggregate_fit(2, _round_results(secagg, w1, d), [])
     w2 = parameters_to_ndarrays(after2)
 
     # Assert
