@@ -230,6 +230,14 @@ class FedFaceRounds:
         ]
         logger.warning("round %d: %s; the global encoder is unchanged", self.first_round - 1 + server_round, reason)
 
+    def reject(self, server_round: int, reasons: dict[str, str]) -> None:
+        """Record the sites of ``reasons`` (name -> why) as failed in round ``server_round``:
+        their clear updates were not ones an honest site sends and were left out of the average."""
+        log = self.rounds[server_round]
+        log.participation = [replace(p, status="failed", reason=reasons[p.site][:MAX_REASON]) if p.site in reasons else p for p in log.participation]
+        for site, why in reasons.items():
+            logger.warning("round %d: the update of %s was left out: %s", self.first_round - 1 + server_round, site, why)
+
     def is_secagg(self, server_round: int) -> bool:
         """Whether round ``server_round`` runs (ran) through SecAgg+."""
         return self.secagg_rounds.get(server_round, self.cfg.federation.secagg)
@@ -321,6 +329,22 @@ class FedFaceRounds:
         return out
 
 
+def update_problem(arrays: list[np.ndarray], sent: list[np.ndarray] | None) -> str | None:
+    """Why a site's clear reply is not a model an honest site sends: other array counts or
+    shapes than the round sent, or a NaN or infinite value (FedAvg would spread it into every
+    weight); None when it is one."""
+    if sent is not None:
+        if len(arrays) != len(sent):
+            return f"update refused: {len(arrays)} arrays where the model has {len(sent)}"
+        for i, (a, s) in enumerate(zip(arrays, sent, strict=True)):
+            if a.shape != s.shape:
+                return f"update refused: array {i} of shape {a.shape}, not {s.shape}"
+    for i, a in enumerate(arrays):
+        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+            return f"update refused: array {i} holds NaN, infinite or non-numeric values"
+    return None
+
+
 def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -340,11 +364,24 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
 
         def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
             answered = [(c, r) for c, r in results if r.num_examples > 0]
+            rejected: dict[str, str] = {}
+            if not rounds.is_secagg(server_round):
+                # a clear round: each site's weights are here to check (SecAgg+ checks its own: server/secagg.py)
+                sent = rounds.sent.get(server_round)
+                for proxy, res in answered:
+                    why = update_problem(parameters_to_ndarrays(res.parameters), sent)
+                    if why is not None:
+                        rejected[str(res.metrics.get(wire.M_SITE, rounds.site_name(proxy.cid)))[:MAX_SITE_NAME]] = why
+                answered = [(c, r) for c, r in answered if str(r.metrics.get(wire.M_SITE, rounds.site_name(c.cid)))[:MAX_SITE_NAME] not in rejected]
             if answered and len(answered) < fc.min_sites_per_aggregate:
                 # a clear round (SecAgg+ rounds stop before unmasking: GuardedSecAggPlus)
                 rounds.abort(server_round, results, failures, too_few_reason(len(answered), fc.min_sites_per_aggregate))
+                if rejected:
+                    rounds.reject(server_round, rejected)
                 return None, {}
             total = rounds.collect(server_round, results, failures)
+            if rejected:
+                rounds.reject(server_round, rejected)
             if total == 0 or not answered:
                 logger.warning("round %d: no site trained (all refused or failed); the global encoder is unchanged", server_round)
                 return None, {}
@@ -507,4 +544,5 @@ __all__ = [
     "run_rounds",
     "secagg_workflow",
     "too_few_reason",
+    "update_problem",
 ]

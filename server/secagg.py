@@ -1,7 +1,7 @@
-"""fedface's SecAgg+ workflow: Flower's, with ChaCha20 masks and two checks of its own.
+"""fedface's SecAgg+ workflow: Flower's, with ChaCha20 masks and checks of its own.
 
 Flower 1.42's ``SecAggPlusWorkflow`` runs the protocol (Bell et al. 2020): key set-up, key
-shares, masked vectors, unmasking. fedface changes three things around it:
+shares, masked vectors, unmasking. fedface changes four things around it:
 
 1. **Masks from a cryptographic stream.** The workflow expands masks with
    :func:`fedface.common.crypto.masks.mask_arrays` (ChaCha20 keyed by the whole agreed key)
@@ -9,7 +9,11 @@ shares, masked vectors, unmasking. fedface changes three things around it:
    (``masks.MASK_SCHEME_KEY``) and a site that does not name it back (a plain Flower ClientApp,
    whose masks would not cancel) is dropped from the round as a failure, before any key is
    shared with it.
-2. **The unmasked sum is checked before it is used** (:class:`UnmaskedSumError`). Every honest
+2. **Each masked vector is checked as it arrives** (:func:`check_masked_vector`): one integer
+   array per shared array, of its shape, every value in the ring. A site that sends anything
+   else (wrong shapes, floats, NaN) is left out of the sum as if it had dropped out, with the
+   reason recorded, instead of failing Flower's summation and with it the round.
+3. **The unmasked sum is checked before it is used** (:class:`UnmaskedSumError`). Every honest
    site quantises each clipped value to an integer in ``[0, quantization_range]`` and adds its
    weight factor ``round(examples / max_weight * quantization_range)`` in front; so the sum of
    ``k`` masked vectors, once unmasked, has a factor equal to the sum of the factors of the
@@ -19,23 +23,25 @@ shares, masked vectors, unmasking. fedface changes three things around it:
    value of enormous norm wraps the ring). Such a round is refused and recorded, and the
    global model is left as it was. What a site can still do unseen: any update whose values
    stay in range (docs/threat-model.md).
-3. **Too few updates are never unmasked**: fewer than ``federation.min-sites-per-aggregate``
+4. **Too few updates are never unmasked**: fewer than ``federation.min-sites-per-aggregate``
    updates in the masked sum stop the round before the unmasking (:class:`GuardedSecAggPlus`).
 
-The check of 2. runs inside Flower's unmasking, on the integers, between removing the masks and
+The check of 3. runs inside Flower's unmasking, on the integers, between removing the masks and
 dequantising: the workflow module's ``factor_extract`` (the call that splits the weight factor
 from the vector) is wrapped while a fedface workflow unmasks (:func:`_checked_factor_extract`).
 """
 
 from __future__ import annotations
 
-import importlib
 import contextvars
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
+from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -116,33 +122,86 @@ def _checked_factor_extract(parameters: list[np.ndarray]) -> tuple[int, list[np.
 flower_workflow.factor_extract = _checked_factor_extract
 
 
-class _MaskSchemeGrid:
-    """The grid as SecAgg+'s set-up stage sees it: each set-up message names fedface's mask
-    scheme, and a reply that does not name it back is kept from the workflow (the site is then
-    out of the round, as if it had not answered) and listed in ``dropped``."""
+class MaskedVectorError(Exception):
+    """A site's masked vector is not one an honest site can send (count, shapes, type, range)."""
 
-    def __init__(self, grid: Any, dropped: list[int]) -> None:
+
+def check_masked_vector(vector: list[np.ndarray], shapes: list[tuple[int, ...]], mod_range: int) -> str | None:
+    """Why ``vector`` (a site's masked vector, as its arrays) is not one an honest site sends:
+    the weight factor and then one integer array of each shared array's shape, every value in
+    ``[0, mod_range)``; None when it is."""
+    if len(vector) != len(shapes):
+        return f"{len(vector)} arrays where the model has {len(shapes)} (with the weight factor)"
+    for i, (arr, shape) in enumerate(zip(vector, shapes, strict=True)):
+        if tuple(arr.shape) != tuple(shape):
+            return f"array {i} of shape {tuple(arr.shape)}, not {tuple(shape)}"
+        if not np.issubdtype(arr.dtype, np.integer):
+            return f"array {i} of type {arr.dtype}, not integers"
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= mod_range):
+            return f"array {i} with values outside [0, {mod_range})"
+    return None
+
+
+class _FedFaceGrid:
+    """The grid as fedface's SecAgg+ stages see it.
+
+    At set-up, each message names fedface's mask scheme, and a reply that does not name it back
+    is kept from the workflow (the site is then out of the round, as if it had not answered).
+    At the masked-vector stage, a reply whose masked vector is not one an honest site can send
+    (:func:`check_masked_vector`: wrong count or shapes, not integers, outside the ring) is
+    kept from the sum likewise: Flower would fail the whole round on it (numpy cannot add
+    arrays of other shapes), and SecAgg+ then removes that site's pairwise masks with its
+    neighbours' shares, as for a site that dropped out. Each is listed in ``dropped`` with why.
+    """
+
+    def __init__(self, grid: Any, dropped: list[Exception], mod_range: int) -> None:
         self._grid = grid
         self.dropped = dropped
+        self.mod_range = mod_range
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Any, *args: Any, **kwargs: Any) -> Any:
         messages = list(messages)
-        for msg in messages:
-            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-            if configs.get(Key.STAGE) == Stage.SETUP:
-                configs[masks.MASK_SCHEME_KEY] = masks.MASK_SCHEME
+        stage = messages[0].content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) if messages else None
+        shapes: list[tuple[int, ...]] = []
+        if stage == Stage.SETUP:
+            for msg in messages:
+                msg.content.config_records[RECORD_KEY_CONFIGS][masks.MASK_SCHEME_KEY] = masks.MASK_SCHEME
+        elif stage == Stage.COLLECT_MASKED_VECTORS:
+            # the weight factor, then the arrays the round sends (the same to every site)
+            fitins = compat.recorddict_to_fitins(messages[0].content, keep_input=True)
+            shapes = [(1,), *(a.shape for a in parameters_to_ndarrays(fitins.parameters))]
         kept = []
         for reply in self._grid.send_and_receive(messages, *args, **kwargs):
-            if not reply.has_error():
-                named = reply.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(masks.MASK_SCHEME_KEY)
-                if named != masks.MASK_SCHEME:
-                    self.dropped.append(reply.metadata.src_node_id)
-                    continue
+            why = None if reply.has_error() else self._refusal(stage, reply, shapes)
+            if why is not None:
+                nid = reply.metadata.src_node_id
+                logger.warning("node %d: %s", nid, why)
+                self.dropped.append((MaskSchemeError if stage == Stage.SETUP else MaskedVectorError)(f"node {nid} {why}"))
+                continue
             kept.append(reply)
         return kept
+
+    def _refusal(self, stage: Any, reply: Any, shapes: list[tuple[int, ...]]) -> str | None:
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if stage == Stage.SETUP:
+            if configs.get(masks.MASK_SCHEME_KEY) == masks.MASK_SCHEME:
+                return None
+            return (
+                f"answered SecAgg+ set-up without naming the mask scheme {masks.MASK_SCHEME!r} "
+                "(a plain Flower ClientApp masks with a 32-bit-seeded generator whose masks would not cancel): "
+                "dropped from the round; the site must run fedface's ClientApp"
+            )
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            try:
+                vector = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+            except Exception as exc:  # whatever a site sent: the reason is recorded, the round goes on
+                return f"sent a masked vector that does not parse ({type(exc).__name__}): left out of the sum"
+            why = check_masked_vector(vector, shapes, self.mod_range)
+            return None if why is None else f"sent a masked vector with {why}: left out of the sum"
+        return None
 
 
 class FedFaceSecAggPlus(SecAggPlusWorkflow):
@@ -155,18 +214,16 @@ class FedFaceSecAggPlus(SecAggPlusWorkflow):
         self.fedface_rounds = rounds
 
     def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
-        dropped: list[int] = []
-        ok = super().setup_stage(_MaskSchemeGrid(grid, dropped), context, state)
-        for nid in dropped:
-            logger.warning("node %d answered SecAgg+ set-up without naming %s: dropped from the round", nid, masks.MASK_SCHEME)
-            state.failures.append(
-                MaskSchemeError(
-                    f"node {nid} answered SecAgg+ set-up without naming the mask scheme {masks.MASK_SCHEME!r} "
-                    "(a plain Flower ClientApp masks with a 32-bit-seeded generator whose masks would not cancel): "
-                    "dropped from the round; the site must run fedface's ClientApp"
-                )
-            )
-        return ok
+        dropped: list[Exception] = []
+        ok = super().setup_stage(_FedFaceGrid(grid, dropped, self.modulus_range), context, state)
+        state.failures.extend(dropped)
+        return bool(ok)
+
+    def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        dropped: list[Exception] = []
+        ok = super().collect_masked_vectors_stage(_FedFaceGrid(grid, dropped, self.modulus_range), context, state)
+        state.failures.extend(dropped)
+        return bool(ok)
 
     def unmask_stage(self, grid: Any, context: Any, state: Any) -> bool:
         max_weight = float(state.max_weight)
@@ -234,7 +291,9 @@ __all__ = [
     "FedFaceSecAggPlus",
     "GuardedSecAggPlus",
     "MaskSchemeError",
+    "MaskedVectorError",
     "UnmaskedSumError",
+    "check_masked_vector",
     "check_unmasked_sum",
     "secagg_workflow",
     "too_few_reason",

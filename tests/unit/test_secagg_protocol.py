@@ -131,13 +131,34 @@ def _run(workflow: SecAggPlusWorkflow, apps: dict[int, ClientApp]) -> tuple[list
     return parameters_to_ndarrays(params), grid, context
 
 
-def _plain_average() -> list[np.ndarray]:
-    total = sum(EXAMPLES)
-    return [sum(_updates(nid)[k] * EXAMPLES[nid - 1] for nid in range(1, len(EXAMPLES) + 1)) / total for k in range(len(SHAPES))]
+def _plain_average(nodes: list[int] | None = None) -> list[np.ndarray]:
+    """The weighted average of the nodes' updates (all four by default), in the clear."""
+    nodes = nodes or list(range(1, len(EXAMPLES) + 1))
+    total = sum(EXAMPLES[n - 1] for n in nodes)
+    return [sum(_updates(n)[k] * EXAMPLES[n - 1] for n in nodes) / total for k in range(len(SHAPES))]
 
 
-def _workflow(rounds: _Rounds | None = None) -> FedFaceSecAggPlus:
-    return FedFaceSecAggPlus(rounds, num_shares=1.0, reconstruction_threshold=0.75)  # type: ignore[arg-type]
+class _Workflow(FedFaceSecAggPlus):
+    """fedface's workflow (every site a neighbour of every other), keeping the failures its
+    stages recorded."""
+
+    def __init__(self, rounds: _Rounds | None = None) -> None:
+        super().__init__(rounds, num_shares=1.0, reconstruction_threshold=0.75)  # type: ignore[arg-type]
+        self.failures: list[Exception] = []
+
+    def setup_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        ok = super().setup_stage(grid, context, state)
+        self.failures = list(state.failures)
+        return ok
+
+    def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        ok = super().collect_masked_vectors_stage(grid, context, state)
+        self.failures = list(state.failures)
+        return ok
+
+
+def _workflow(rounds: _Rounds | None = None) -> _Workflow:
+    return _Workflow(rounds)
 
 
 def test_the_unmasked_sum_is_the_plain_weighted_average_of_the_same_updates() -> None:
@@ -169,20 +190,11 @@ def test_the_masked_vectors_a_site_sends_are_fedfaces_masks_not_flowers(monkeypa
 
 
 def test_a_plain_flower_client_is_dropped_at_set_up_with_a_named_failure() -> None:
-    rounds = _Rounds()
-    workflow = _workflow(rounds)
-    failures: list[Exception] = []
-    real_setup = FedFaceSecAggPlus.setup_stage
-
-    def setup(self: FedFaceSecAggPlus, grid: Any, context: Any, state: Any) -> bool:
-        ok = real_setup(self, grid, context, state)
-        failures.extend(state.failures)
-        return ok
-
-    workflow.setup_stage = setup.__get__(workflow)  # type: ignore[method-assign]
+    workflow = _workflow(_Rounds())
 
     result, grid, _ = _run(workflow, _apps([secaggplus_mod]))  # no fedface mod: Flower's masks, no echo
 
+    failures = workflow.failures
     assert len(failures) == len(EXAMPLES)
     assert all(isinstance(f, MaskSchemeError) and masks.MASK_SCHEME in str(f) for f in failures)
     assert all(np.count_nonzero(a) == 0 for a in result)  # nothing aggregated: the model is as it was
@@ -289,3 +301,69 @@ def test_secagg_cuts_the_weights_of_a_site_with_many_images_but_not_its_update()
     assert all(np.allclose(a, 8 / 2.591, atol=1e-3) for a in as_weights)  # what sending weights would give
     for got in wire.apply_update(sent, as_update):
         np.testing.assert_allclose(got, 5.0, rtol=0, atol=1e-4)
+
+
+def _masked(alter: Callable[[list[np.ndarray]], list[np.ndarray]]) -> Callable[[Message], None]:
+    """Change a site's masked vector after SecAgg+ masked it (a malicious site)."""
+
+    def change(reply: Message) -> None:
+        from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+        configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS in configs:
+            vec = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+            configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(v) for v in alter(vec)]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("alter", "why"),
+    [
+        pytest.param(lambda v: v[:-1], "3 arrays where the model has 4", id="an-array-missing"),
+        pytest.param(lambda v: [v[0], v[1].reshape(8, 16), *v[2:]], "array 1 of shape (8, 16), not (16, 8)", id="a-wrong-shape"),
+        pytest.param(lambda v: [a.astype(np.float64) * np.nan for a in v], "not integers", id="floats-and-nan"),
+        pytest.param(lambda v: [v[0], v[1] + 2**33, *v[2:]], "outside [0, 4294967296)", id="outside-the-ring"),
+    ],
+)
+def test_a_malformed_masked_vector_leaves_its_site_out_and_the_round_sums_the_others_exactly(
+    alter: Callable[[list[np.ndarray]], list[np.ndarray]], why: str
+) -> None:
+    # Flower would fail the whole round adding arrays of other shapes; fedface leaves the site
+    # out as a dropout (its pairwise masks removed with its neighbours' shares) and records why.
+    rounds = _Rounds()
+    workflow = _workflow(rounds)
+    apps = _apps([site_mod])
+    apps[2] = _apps([_lying_mod(_masked(alter))])[2]
+
+    result, grid, _ = _run(workflow, apps)
+    failures = workflow.failures
+
+    assert grid.errors == [] and rounds.aborted == []
+    assert [type(f).__name__ for f in failures] == ["MaskedVectorError"] and why in str(failures[0]) and "node 2" in str(failures[0])
+    survivors = [1, 3, 4]
+    tolerance = len(survivors) * (16 / 2**22) / (sum(EXAMPLES[n - 1] for n in survivors) / 1000)
+    for got, expected in zip(result, _plain_average(survivors), strict=True):
+        np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # numpy's, as in production
+def test_a_nan_in_a_sites_update_is_caught_in_the_unmasked_sum() -> None:
+    # Flower's mod quantises NaN to an integer far outside its range (numpy casts it to
+    # -2^31, with a warning): the unmasked sum shows it.
+    rounds = _Rounds()
+    apps = _apps([site_mod])
+
+    def nan_fit(node: int) -> tuple[list[np.ndarray], int]:
+        arrays, examples = _fixed(node)
+        if node == 3:
+            arrays[0][0, 0] = np.nan
+        return arrays, examples
+
+    apps[3] = _apps([site_mod], nan_fit)[3]
+
+    result, grid, _ = _run(_workflow(rounds), apps)
+
+    assert grid.errors == []
+    assert len(rounds.aborted) == 1 and "unmasked values lie outside" in rounds.aborted[0][1]
+    assert all(np.count_nonzero(a) == 0 for a in result)

@@ -413,6 +413,50 @@ def test_aggregate_fit_refuses_to_sum_fewer_updates_than_min_sites_per_aggregate
         assert participation[site].epsilon == 1.5  # the spend it reported stays on record
 
 
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        pytest.param(lambda w: [w[0] * np.nan, *w[1:]], "array 0 holds NaN, infinite", id="nan"),
+        pytest.param(lambda w: [np.full_like(w[0], np.inf), *w[1:]], "array 0 holds NaN, infinite", id="inf"),
+        pytest.param(lambda w: w[:-1], "arrays where the model has", id="an-array-missing"),
+        pytest.param(lambda w: [w[0].reshape(-1), *w[1:]], "array 0 of shape", id="a-wrong-shape"),
+    ],
+)
+def test_a_clear_round_leaves_out_an_update_no_honest_site_sends_and_averages_the_others(
+    tmp_path: Path, store: RunStore, test_faces: FaceSet, bad: Any, why: str
+) -> None:
+    # A site (malicious or broken) replies with NaN, Inf or other shapes: FedAvg would spread
+    # NaN into every weight or fail on the shapes. It is recorded as failed, with why; the
+    # round averages the three others.
+    cfg = _config(federation={"secagg": False})
+    sent = _weights(cfg, 0)
+    a, c = _weights(cfg, 1), _weights(cfg, 3)
+    rounds = _rounds(cfg, store, test_faces, tmp_path)
+    strategy = make_strategy(rounds, sent)
+    manager = SimpleClientManager()
+    for cid in ("1", "2", "3", "4"):
+        manager.register(_proxy(cid))
+    strategy.configure_fit(1, ndarrays_to_parameters(sent), manager)
+
+    params, _ = strategy.aggregate_fit(
+        1,
+        [
+            (_proxy("1"), _answered("site-a", a, 10)),
+            (_proxy("2"), _answered("site-b", bad(_weights(cfg, 2)), 40)),
+            (_proxy("3"), _answered("site-c", c, 30)),
+            (_proxy("4"), _answered("site-d", c, 20)),
+        ],
+        [],
+    )
+
+    assert params is not None
+    for got, wa, wc in zip(parameters_to_ndarrays(params), a, c, strict=True):
+        np.testing.assert_allclose(got, (10 * wa + 50 * wc) / 60, rtol=1e-5, atol=1e-6)
+    participation = {p.site: p for p in rounds.rounds[1].participation}
+    assert participation["site-b"].status == "failed" and why in (participation["site-b"].reason or "")
+    assert [participation[s].status for s in ("site-a", "site-c", "site-d")] == ["answered"] * 3
+
+
 def test_strategy_configure_fit_skips_exhausted_sites_and_sends_the_round_config(
     tmp_path: Path, store: RunStore, test_faces: FaceSet
 ) -> None:
