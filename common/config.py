@@ -27,11 +27,15 @@ def _kebab(name: str) -> str:
 
 
 class _Section(BaseModel):
+    # NaN and infinity are refused everywhere (a NaN learning rate, an infinite clipping norm:
+    # no clipping, no privacy) except where infinity means something: privacy.epsilon = inf is
+    # "not private" (tests/unit/test_config_fuzz.py tries every float key).
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
         alias_generator=_kebab,
         populate_by_name=True,
+        allow_inf_nan=False,
     )
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -225,7 +229,9 @@ class PrivacyConfig(_Section):
     refuses the training if that would pass the data set's budget.
     """
 
-    epsilon: float | None = Field(default=None, gt=0, description="target epsilon of this training (none or inf: not private)")
+    epsilon: float | None = Field(
+        default=None, gt=0, allow_inf_nan=True, description="target epsilon of this training (none or inf: not private)"
+    )
     noise_multiplier: float | None = Field(default=None, gt=0, description="fixed noise multiplier instead of a target epsilon")
     delta: float = Field(default=1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0, description="per-example gradient clipping norm")
