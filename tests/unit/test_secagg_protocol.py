@@ -367,3 +367,54 @@ def test_a_nan_in_a_sites_update_is_caught_in_the_unmasked_sum() -> None:
     assert grid.errors == []
     assert len(rounds.aborted) == 1 and "unmasked values lie outside" in rounds.aborted[0][1]
     assert all(np.count_nonzero(a) == 0 for a in result)
+
+
+def _lost_at(stage: str) -> Any:
+    """A site that stops answering at ``stage`` (its process killed: the server gets an error reply)."""
+
+    def mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and configs.get(Key.STAGE) == stage:
+            raise ConnectionError(f"site lost at {stage}")
+        return site_mod(msg, ctxt, call_next)
+
+    return mod
+
+
+@pytest.mark.parametrize(
+    ("lost", "stage", "in_sum"),
+    [
+        pytest.param([2], Stage.COLLECT_MASKED_VECTORS, [1, 3, 4], id="one-lost-before-its-masked-vector"),
+        pytest.param([2], Stage.UNMASK, [1, 2, 3, 4], id="one-lost-after-its-masked-vector"),
+    ],
+)
+def test_with_survivors_at_the_threshold_the_round_is_the_exact_sum_of_what_was_sent(lost: list[int], stage: str, in_sum: list[int]) -> None:
+    # Four sites, threshold 3. A site lost before its masked vector leaves is out of the sum
+    # (its pairwise masks removed with the others' shares); one lost after it is in the sum
+    # (its private mask rebuilt from the others' shares). Either way the unmasked result is the
+    # plain average of exactly the updates that entered it.
+    apps = _apps([site_mod])
+    for node in lost:
+        apps[node] = _apps([_lost_at(stage)])[node]
+    rounds = _Rounds()
+
+    result, grid, _ = _run(_workflow(rounds), apps)
+
+    assert len(grid.errors) == len(lost) and rounds.aborted == []
+    tolerance = len(in_sum) * (16 / 2**22) / (sum(EXAMPLES[n - 1] for n in in_sum) / 1000)
+    for got, expected in zip(result, _plain_average(in_sum), strict=True):
+        np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("stage", [Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK])
+def test_below_the_threshold_the_round_stops_cleanly_and_nothing_is_applied(stage: str) -> None:
+    # Two of four sites lost (threshold 3): SecAgg+ cannot unmask; the round halts without an
+    # exception and the model stays as it was (the run records it as aborted: test_server_app).
+    apps = _apps([site_mod])
+    for node in (2, 3):
+        apps[node] = _apps([_lost_at(stage)])[node]
+
+    result, grid, _ = _run(_workflow(_Rounds()), apps)
+
+    assert len(grid.errors) == 2
+    assert all(np.count_nonzero(a) == 0 for a in result)
