@@ -87,6 +87,12 @@ class SiteClient(NumPyClient):
             peers=int(config[wire.LOCAL_PEERS]) if wire.LOCAL_PEERS in config else None,
             pinned_run_id=str(config[wire.LOCAL_RUN_ID]) if wire.LOCAL_RUN_ID in config else None,
         )
+        if not all(np.isfinite(w).all() for w in result.weights):
+            # never sent: under SecAgg+ one NaN would spoil the whole sum (the server then refuses
+            # it), in the clear it would be dropped; failing here leaves the round to the others
+            raise DivergedUpdateError(
+                "the site's trained weights hold NaN or infinity (training diverged): not sent; lower training.lr"
+            )
         if secagg:
             return wire.update_of(result.weights, parameters), result.examples, result.metrics
         return result.weights, result.examples, result.metrics
@@ -98,6 +104,10 @@ class SiteClient(NumPyClient):
 
 FIT_CONFIG = "fitins.config"  # where Flower's compatibility layer keeps a FitIns' config
 SITE_STATE = "fedface.site"  # this node's own record in the Flower run's Context.state
+
+
+class DivergedUpdateError(Exception):
+    """The site's training ended with NaN or infinite weights: nothing is sent."""
 
 
 class SecAggRequestError(Exception):
@@ -197,7 +207,7 @@ class SiteFailure(Exception):
 
 
 #: Errors whose text the server may see (they say nothing about the site's data).
-PUBLIC_ERRORS: tuple[type[Exception], ...] = (UntrustedAppError, SecAggRequestError)
+PUBLIC_ERRORS: tuple[type[Exception], ...] = (UntrustedAppError, SecAggRequestError, DivergedUpdateError)
 
 
 def private_errors_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
@@ -263,6 +273,7 @@ app = ClientApp(
 )
 
 __all__ = [
+    "DivergedUpdateError",
     "FIT_CONFIG",
     "PUBLIC_ERRORS",
     "SITE_STATE",

@@ -231,9 +231,11 @@ class FedFaceRounds:
         logger.warning("round %d: %s; the global encoder is unchanged", self.first_round - 1 + server_round, reason)
 
     def reject(self, server_round: int, reasons: dict[str, str]) -> None:
-        """Record the sites of ``reasons`` (name -> why) as failed in round ``server_round``:
-        their clear updates were not ones an honest site sends and were left out of the average."""
+        """Record the nodes of ``reasons`` (node id -> why) as failed in round ``server_round``:
+        their clear updates were not ones an honest site sends and were left out of the average.
+        (By node, not by the name a site reports: a site cannot have another's update dropped.)"""
         log = self.rounds[server_round]
+        reasons = {self.site_name(cid): why for cid, why in reasons.items()}
         log.participation = [replace(p, status="failed", reason=reasons[p.site][:MAX_REASON]) if p.site in reasons else p for p in log.participation]
         for site, why in reasons.items():
             logger.warning("round %d: the update of %s was left out: %s", self.first_round - 1 + server_round, site, why)
@@ -340,8 +342,8 @@ def update_problem(arrays: list[np.ndarray], sent: list[np.ndarray] | None) -> s
             if a.shape != s.shape:
                 return f"update refused: array {i} of shape {a.shape}, not {s.shape}"
     for i, a in enumerate(arrays):
-        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
-            return f"update refused: array {i} holds NaN, infinite or non-numeric values"
+        if not np.issubdtype(a.dtype, np.floating) or a.dtype.itemsize < 4 or not np.isfinite(a).all():
+            return f"update refused: array {i} holds NaN, infinite or non-float32/64 values ({a.dtype})"
     return None
 
 
@@ -364,15 +366,15 @@ def make_strategy(rounds: FedFaceRounds, initial: list[np.ndarray]) -> FedAvg:
 
         def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
             answered = [(c, r) for c, r in results if r.num_examples > 0]
-            rejected: dict[str, str] = {}
+            rejected: dict[str, str] = {}  # node id -> why its clear update was left out
             if not rounds.is_secagg(server_round):
                 # a clear round: each site's weights are here to check (SecAgg+ checks its own: server/secagg.py)
                 sent = rounds.sent.get(server_round)
                 for proxy, res in answered:
                     why = update_problem(parameters_to_ndarrays(res.parameters), sent)
                     if why is not None:
-                        rejected[str(res.metrics.get(wire.M_SITE, rounds.site_name(proxy.cid)))[:MAX_SITE_NAME]] = why
-                answered = [(c, r) for c, r in answered if str(r.metrics.get(wire.M_SITE, rounds.site_name(c.cid)))[:MAX_SITE_NAME] not in rejected]
+                        rejected[proxy.cid] = why
+                answered = [(c, r) for c, r in answered if c.cid not in rejected]
             if answered and len(answered) < fc.min_sites_per_aggregate:
                 # a clear round (SecAgg+ rounds stop before unmasking: GuardedSecAggPlus)
                 rounds.abort(server_round, results, failures, too_few_reason(len(answered), fc.min_sites_per_aggregate))

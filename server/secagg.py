@@ -204,6 +204,28 @@ class _FedFaceGrid:
         return None
 
 
+def _forget_lost(state: Any) -> None:
+    """Take the sites lost at set-up or key sharing out of the round's protocol state.
+
+    Flower 1.42 fixes the sampled sites and their neighbours before set-up and never updates
+    them: a site lost at set-up or key sharing stays "sampled" and is unmasked as a dead
+    neighbour, whose key shares nobody holds (it never sent any), so every other site fails
+    the unmasking (a ``KeyError`` in Flower's mod) and the round is lost after all of them
+    trained. No site has agreed a mask or holds a share with a site lost this early (key
+    sharing forwards only to sites still active; masks are added only for sites whose shares
+    arrived), so it can be forgotten, which is what the protocol intends.
+    """
+    lost = set(state.sampled_node_ids) - set(state.active_node_ids)
+    if not lost:
+        return
+    state.sampled_node_ids = set(state.active_node_ids)
+    for nid in lost:
+        state.nid_to_neighbours.pop(nid, None)
+    for neighbours in state.nid_to_neighbours.values():
+        neighbours -= lost
+    logger.info("SecAgg+: %d site(s) lost before sending their masked vectors are out of this round", len(lost))
+
+
 class FedFaceSecAggPlus(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow with fedface's masks, the mask-scheme check at set-up and the
     check of the unmasked sum (module docstring). ``rounds``, when given, records a refused
@@ -217,6 +239,12 @@ class FedFaceSecAggPlus(SecAggPlusWorkflow):
         dropped: list[Exception] = []
         ok = super().setup_stage(_FedFaceGrid(grid, dropped, self.modulus_range), context, state)
         state.failures.extend(dropped)
+        _forget_lost(state)
+        return bool(ok)
+
+    def share_keys_stage(self, grid: Any, context: Any, state: Any) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        _forget_lost(state)
         return bool(ok)
 
     def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
@@ -230,6 +258,18 @@ class FedFaceSecAggPlus(SecAggPlusWorkflow):
         qr = int(state.quantization_range)
         # each site's factor, as Flower's mod computes it from the examples it reports
         factor = sum(round(int(res.num_examples) / max_weight * qr) for _, res in state.legacy_results)
+        if factor >= int(state.mod_range):
+            # the factor would wrap the ring and the unmasked average be scaled by a wrong total
+            server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+            reason = (
+                f"round refused before unmasking: the sites' weights sum to {factor} quantised units, past SecAgg+'s ring "
+                f"({int(state.mod_range)}): too many examples in one round for max_weight {max_weight:g}"
+            )
+            logger.error("round %d: %s", server_round, reason)
+            if self.fedface_rounds is not None:
+                self.fedface_rounds.abort(server_round, state.legacy_results, state.failures, reason)
+            del state.aggregate_ndarrays
+            return False
         bounds = _SumBounds(vectors=len(state.active_node_ids), factor=factor, quantization_range=qr, mod_range=int(state.mod_range))
         token = _BOUNDS.set(bounds)
         try:

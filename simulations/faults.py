@@ -29,7 +29,6 @@ import json
 import multiprocessing
 import os
 import random
-import signal
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -185,7 +184,7 @@ def ledger_kills(orl: Path, work: Path, *, kills: int = 100, window_s: float = 1
         child = ctx.Process(target=_child, args=(cfg, faces, state, left_path), daemon=True)
         child.start()
         time.sleep(rng.uniform(0.0, window_s))
-        os.kill(child.pid or 0, signal.SIGKILL)
+        child.kill()  # SIGKILL
         child.join()
         report.kills += 1
         sessions, left, lost, checked, problems = _check(state, left_path)

@@ -395,3 +395,23 @@ def test_planning_and_charging_wait_for_the_ledger_lock(faces: FaceSet, tmp_path
 
     assert done and done[0].metrics[wire.M_STATUS] == wire.ANSWERED
     assert _sessions(site.ledger_path) == 1
+
+
+@pytest.mark.parametrize("secagg", [True, False], ids=["secagg", "clear"])
+def test_a_site_whose_training_diverged_sends_nothing(secagg: bool) -> None:
+    # NaN weights would spoil a SecAgg+ sum for every site (the server refuses it) and mean
+    # nothing in the clear: the site fails the round with a public error instead of sending them.
+    from types import SimpleNamespace
+
+    from fedface.client.app import DivergedUpdateError, SiteClient
+    from fedface.client.site import RoundResult
+
+    cfg = _config()
+    sent = _weights(cfg)
+    diverged = [w.copy() for w in sent]
+    diverged[0][0] = np.nan
+    site = SimpleNamespace(train_round=lambda *a, **k: RoundResult(weights=diverged, examples=40, metrics={}))
+    config = {wire.CFG_RUN_ID: "run", wire.CFG_ROUND: 1, wire.CFG_ROUNDS: 2, wire.CFG_LOCAL_EPOCHS: 1, wire.CFG_LR: 0.01, wire.LOCAL_SECAGG: secagg}
+
+    with pytest.raises(DivergedUpdateError, match="not sent"):
+        SiteClient(site).fit(sent, config)  # type: ignore[arg-type]
