@@ -273,10 +273,10 @@ app = ClientApp(
 )
 
 __all__ = [
-    "DivergedUpdateError",
     "FIT_CONFIG",
     "PUBLIC_ERRORS",
     "SITE_STATE",
+    "DivergedUpdateError",
     "SecAggRequestError",
     "SiteClient",
     "SiteFailure",
